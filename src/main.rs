@@ -1,1 +1,140 @@
-fn main(){}
+//! `llmgate`: the reference proxy.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use llmgate::{
+    Gateway,
+    config::Config,
+    mock_upstream::{MockOptions, MockUpstream},
+};
+
+#[derive(Parser)]
+#[command(name = "llmgate", version, about = "An LLM gateway built from composable Tower layers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The YAML config file (optional: embedded defaults otherwise).
+        #[arg(long, env = "LLMGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config and print what `serve` would run.
+    CheckConfig {
+        /// The YAML config file.
+        #[arg(long, env = "LLMGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run the OpenAI-compatible mock upstream used by tests, the quickstart and benchmarks.
+    MockUpstream {
+        /// Port to listen on (0 picks one).
+        #[arg(long, default_value_t = 4010)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Delay before every response head, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Content chunks per streamed response.
+        #[arg(long, default_value_t = 5)]
+        chunks: usize,
+        /// Pause between streamed chunks, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+        /// Answer every Nth chat request with 429.
+        #[arg(long)]
+        rate_limit_every: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("llmgate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("llmgate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Config, llmgate::config::ConfigError> {
+    Config::load(config.as_deref(), &|name| std::env::var(name).ok())
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
+    match command {
+        Command::CheckConfig { config } => {
+            let config = load(config)?;
+            print!("configuration OK\n{}", config.describe());
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = load(config)?;
+            init_logging(&config.log_filter);
+            let listen = config.listen;
+            let gateway = Gateway::from_config(config).await?;
+            let listener = llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            tracing::info!("llmgate listening on http://{}", listener.local_addr()?);
+            gateway.serve(listener, shutdown_signal()).await;
+            Ok(())
+        }
+        Command::MockUpstream { port, host, delay_ms, chunks, chunk_delay_ms, rate_limit_every } => {
+            init_logging("info");
+            let options = MockOptions {
+                delay: Duration::from_millis(delay_ms),
+                chunks,
+                chunk_delay: Duration::from_millis(chunk_delay_ms),
+                rate_limit_every,
+            };
+            let mock = MockUpstream::start_on(SocketAddr::new(host, port), options).await?;
+            println!("mock upstream listening on {}", mock.url());
+            shutdown_signal().await;
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,542 @@
+//! Configuration: a YAML file plus environment variables, the environment winning.
+//!
+//! With no file and no environment at all the gateway still starts: in-memory stores, Langfuse
+//! export off, upstream `https://api.openai.com/v1` in `openai` mode, listening on
+//! `127.0.0.1:4000`. Unknown keys and bad values are rejected at start with a message naming
+//! the key and the file line.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use llmgate_core::{
+    catalog::ModelSpec,
+    ext::{Secret, UpstreamMode, UpstreamTarget},
+};
+use serde::Deserialize;
+
+/// The embedded default upstream.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.openai.com/v1";
+
+/// A configuration error, with the file line where one is known.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// === The file ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    request_timeout_secs: Option<f64>,
+    drain_timeout_secs: Option<f64>,
+    body_limit_bytes: Option<usize>,
+    upstreams: Option<BTreeMap<String, UpstreamFile>>,
+    default_upstream: Option<String>,
+    #[serde(default)]
+    models: Vec<ModelSpec>,
+    redis: Option<RedisFile>,
+    langfuse: Option<LangfuseFile>,
+    encoded_base_url: Option<EncodedBaseUrlFile>,
+    auth: Option<AuthFile>,
+    rate_limit: Option<RateLimitFile>,
+    insertion_id: Option<InsertionIdFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    url: String,
+    #[serde(default)]
+    mode: UpstreamMode,
+    api_key_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisFile {
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LangfuseFile {
+    host: Option<String>,
+    secrets_path: Option<PathBuf>,
+    api: Option<LangfuseApi>,
+    emit: Option<Emit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncodedBaseUrlFile {
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    #[serde(default)]
+    api_keys: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFile {
+    max_wait_seconds: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InsertionIdFile {
+    prefix: Option<String>,
+    ttl_secs: Option<u64>,
+    record_timeout_ms: Option<u64>,
+}
+
+/// Which Langfuse read API the traces endpoints use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LangfuseApi {
+    /// The legacy `/api/public/traces` API.
+    V3,
+    /// `/api/public/v2/observations`.
+    #[default]
+    V4,
+}
+
+/// What the Langfuse layer exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Emit {
+    /// Traces, generations and events.
+    All,
+    /// Only the request span and the fallback events.
+    Events,
+    /// Nothing.
+    Off,
+}
+
+// === The resolved configuration ===
+
+/// The configuration the gateway runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Connect and response-head timeout for upstream calls (`REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// How long graceful shutdown waits for in-flight requests and streams.
+    pub drain_timeout: Duration,
+    /// The chat request body limit.
+    pub body_limit: usize,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, UpstreamTarget>,
+    /// The upstream used for unknown models and the catch-all.
+    pub default_upstream: String,
+    /// Models configured in the file (extending the default catalogue).
+    pub models: Vec<ModelSpec>,
+    /// The Redis URL, if any (else in-memory stores).
+    pub redis_url: Option<Secret>,
+    /// The Langfuse host, if any.
+    pub langfuse_host: Option<String>,
+    /// The secrets file with per-project Langfuse keys.
+    pub secrets_path: Option<PathBuf>,
+    /// The Langfuse read API.
+    pub langfuse_api: LangfuseApi,
+    /// What to export to Langfuse; `None` means by upstream mode (all for openai, events for litellm).
+    pub emit: Option<Emit>,
+    /// Allowed `encoded_base_url` prefixes.
+    pub encoded_base_url_allow: Vec<String>,
+    /// Static API keys; empty means no auth.
+    pub api_keys: Vec<Secret>,
+    /// The longest wait for a rate limit before falling back.
+    pub max_wait: Duration,
+    /// Insertion-id key prefix.
+    pub insertion_prefix: String,
+    /// Insertion-id set TTL.
+    pub insertion_ttl: Duration,
+    /// How long a response waits for its insertion record before going on.
+    pub record_timeout: Duration,
+    /// The log filter (`LOG_LEVEL`, or `RUST_LOG` when set).
+    pub log_filter: String,
+}
+
+impl Config {
+    /// The default upstream's target.
+    pub fn default_target(&self) -> &UpstreamTarget {
+        // `load` guarantees the default upstream exists.
+        &self.upstreams[&self.default_upstream]
+    }
+
+    /// Loads `path` (if any) and applies the environment read through `env`.
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
+                Self::from_yaml(&text, path, env)
+            }
+            None => Self::resolve(FileConfig::default(), None, env),
+        }
+    }
+
+    /// Parses YAML `text` (errors name `origin` and the line) and applies the environment.
+    pub fn from_yaml(text: &str, origin: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let file: FileConfig = if text.trim().is_empty() {
+            FileConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError(format!("{}: {e}", origin.display())))?
+        };
+        Self::resolve(file, Some((origin.to_path_buf(), text.to_string())), env)
+    }
+
+    fn resolve(file: FileConfig, text: Option<(PathBuf, String)>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let at = |key: &str, value: &str| locate(text.as_ref(), key, value);
+        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+
+        let host = env("HOST");
+        let port = env("PORT");
+        let listen_text = match (file.listen.as_deref(), host, port) {
+            (_, Some(h), Some(p)) => format!("{}:{p}", bracket(&h)),
+            (Some(listen), None, None) => listen.to_string(),
+            (Some(listen), h, p) => {
+                let addr: SocketAddr = listen
+                    .parse()
+                    .map_err(|e| ConfigError(format!("{}invalid `listen` {listen:?}: {e}", at("listen", listen))))?;
+                let host = h.unwrap_or_else(|| addr.ip().to_string());
+                let port = p.unwrap_or_else(|| addr.port().to_string());
+                format!("{}:{port}", bracket(&host))
+            }
+            (None, h, p) => format!(
+                "{}:{}",
+                bracket(&h.unwrap_or_else(|| "127.0.0.1".into())),
+                p.unwrap_or_else(|| "4000".into())
+            ),
+        };
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|e| ConfigError(format!("invalid listen address {listen_text:?} (HOST/PORT/listen): {e}")))?;
+
+        let request_timeout = match env("REQUEST_TIMEOUT") {
+            Some(v) => seconds("REQUEST_TIMEOUT", &v)?,
+            None => positive_secs(file.request_timeout_secs, 300.0, "request_timeout_secs", &at)?,
+        };
+        let drain_timeout = positive_secs(file.drain_timeout_secs, 30.0, "drain_timeout_secs", &at)?;
+
+        let mut upstreams = BTreeMap::new();
+        for (name, upstream) in file.upstreams.iter().flatten() {
+            let api_key = match &upstream.api_key_env {
+                Some(var) => Some(Secret::new(env(var).ok_or_else(|| {
+                    ConfigError(format!(
+                        "{}upstream '{name}': api_key_env names {var}, which is not set",
+                        at("api_key_env", var)
+                    ))
+                })?)),
+                None => None,
+            };
+            let url = base_url(&upstream.url).map_err(|e| ConfigError(format!("{}upstream '{name}': {e}", at("url", &upstream.url))))?;
+            upstreams.insert(name.clone(), UpstreamTarget { name: name.as_str().into(), base_url: url.into(), mode: upstream.mode, api_key });
+        }
+        let default_upstream = file.default_upstream.clone().unwrap_or_else(|| {
+            if upstreams.len() == 1 { upstreams.keys().next().cloned().unwrap_or_default() } else { "default".into() }
+        });
+        let env_url = env("LITELLM_URL").map(|u| (u, UpstreamMode::LiteLlm)).or_else(|| env("UPSTREAM_URL").map(|u| (u, UpstreamMode::OpenAi)));
+        let env_mode = match env("UPSTREAM_MODE") {
+            Some(m) => Some(match m.to_ascii_lowercase().as_str() {
+                "openai" => UpstreamMode::OpenAi,
+                "litellm" => UpstreamMode::LiteLlm,
+                other => return Err(ConfigError(format!("UPSTREAM_MODE must be openai or litellm, not {other:?}"))),
+            }),
+            None => None,
+        };
+        match upstreams.get_mut(&default_upstream) {
+            Some(target) => {
+                if let Some((url, _)) = &env_url {
+                    target.base_url = base_url(url).map_err(|e| ConfigError(format!("LITELLM_URL/UPSTREAM_URL: {e}")))?.into();
+                }
+                if let Some(mode) = env_mode {
+                    target.mode = mode;
+                }
+            }
+            None if file.upstreams.as_ref().is_some_and(|u| !u.is_empty()) || file.default_upstream.is_some() => {
+                return Err(ConfigError(format!(
+                    "{}default_upstream '{default_upstream}' is not one of the configured upstreams",
+                    at("default_upstream", &default_upstream)
+                )));
+            }
+            None => {
+                let (url, mode) = env_url.unwrap_or_else(|| (DEFAULT_UPSTREAM_URL.into(), UpstreamMode::OpenAi));
+                let url = base_url(&url).map_err(|e| ConfigError(format!("LITELLM_URL/UPSTREAM_URL: {e}")))?;
+                upstreams.insert(
+                    default_upstream.clone(),
+                    UpstreamTarget { name: default_upstream.as_str().into(), base_url: url.into(), mode: env_mode.unwrap_or(mode), api_key: None },
+                );
+            }
+        }
+
+        let mut names = std::collections::HashSet::new();
+        for model in &file.models {
+            if !names.insert(model.name.as_str()) {
+                return Err(ConfigError(format!("{}model '{}' is defined twice", at("name", &model.name), model.name)));
+            }
+            if let Some(up) = &model.upstream {
+                if !upstreams.contains_key(up) {
+                    return Err(ConfigError(format!("{}model '{}': unknown upstream '{up}'", at("upstream", up), model.name)));
+                }
+            }
+        }
+
+        let redis_url = match env("REDIS_URL") {
+            Some(url) => Some(url),
+            None => match env("REDIS_HOST") {
+                Some(host) => {
+                    let port = env("REDIS_PORT").unwrap_or_else(|| "6379".into());
+                    Some(match env("REDIS_PASSWORD") {
+                        Some(password) => format!("redis://:{password}@{host}:{port}"),
+                        None => format!("redis://{host}:{port}"),
+                    })
+                }
+                None => file.redis.as_ref().map(|r| r.url.clone()),
+            },
+        };
+
+        let langfuse = file.langfuse.as_ref();
+        let max_wait = match file.rate_limit.as_ref().and_then(|r| r.max_wait_seconds) {
+            Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+            Some(s) => return Err(ConfigError(format!("{}rate_limit.max_wait_seconds must be ≥ 0, not {s}", at("max_wait_seconds", &s.to_string())))),
+            None => Duration::ZERO,
+        };
+        let insertion = file.insertion_id.as_ref();
+        let log_filter = env("RUST_LOG").or_else(|| env("LOG_LEVEL").map(|l| l.to_ascii_lowercase())).unwrap_or_else(|| "info".into());
+
+        Ok(Config {
+            listen,
+            request_timeout,
+            drain_timeout,
+            body_limit: file.body_limit_bytes.unwrap_or(llmgate_core::json::DEFAULT_BODY_LIMIT),
+            upstreams,
+            default_upstream,
+            models: file.models,
+            redis_url: redis_url.map(Secret::new),
+            langfuse_host: env("LANGFUSE_HOST").or_else(|| langfuse.and_then(|l| l.host.clone())),
+            secrets_path: env("SECRETS_PATH").map(PathBuf::from).or_else(|| langfuse.and_then(|l| l.secrets_path.clone())),
+            langfuse_api: langfuse.and_then(|l| l.api).unwrap_or_default(),
+            emit: langfuse.and_then(|l| l.emit),
+            encoded_base_url_allow: file.encoded_base_url.map(|e| e.allow).unwrap_or_default(),
+            api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
+            max_wait,
+            insertion_prefix: insertion.and_then(|i| i.prefix.clone()).unwrap_or_default(),
+            insertion_ttl: Duration::from_secs(insertion.and_then(|i| i.ttl_secs).unwrap_or(86_400)),
+            record_timeout: Duration::from_millis(insertion.and_then(|i| i.record_timeout_ms).unwrap_or(250)),
+            log_filter,
+        })
+    }
+
+    /// What `check-config` prints: the effective settings, secrets redacted.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line(format!("listen: {}", self.listen));
+        line(format!("request_timeout: {:?}, drain_timeout: {:?}, body_limit: {} bytes", self.request_timeout, self.drain_timeout, self.body_limit));
+        for (name, target) in &self.upstreams {
+            let default = if *name == self.default_upstream { " (default)" } else { "" };
+            let key = if target.api_key.is_some() { ", server-side API key" } else { ", client's Authorization forwarded" };
+            line(format!("upstream {name}{default}: {} mode {:?}{key}", target.base_url, target.mode));
+        }
+        line(format!("models configured: {}", self.models.len()));
+        line(format!("stores: {}", if self.redis_url.is_some() { "Redis" } else { "in-memory (no Redis configured)" }));
+        line(match &self.langfuse_host {
+            Some(host) => format!("langfuse: {host}, read API {:?}, secrets {:?}", self.langfuse_api, self.secrets_path),
+            None => "langfuse: export off (no LANGFUSE_HOST or langfuse.host)".into(),
+        });
+        line(format!("auth: {}", if self.api_keys.is_empty() { "none".to_string() } else { format!("{} static API key(s)", self.api_keys.len()) }));
+        line(format!("encoded_base_url allowlist: {:?}", self.encoded_base_url_allow));
+        line(format!("rate_limit.max_wait_seconds: {}", self.max_wait.as_secs_f64()));
+        out
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() }
+}
+
+fn seconds(name: &str, value: &str) -> Result<Duration, ConfigError> {
+    match value.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(ConfigError(format!("{name} must be a positive number of seconds, not {value:?}"))),
+    }
+}
+
+fn positive_secs(value: Option<f64>, default: f64, key: &str, at: &dyn Fn(&str, &str) -> String) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(Duration::from_secs_f64(default)),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(ConfigError(format!("{}{key} must be a positive number of seconds, not {s}", at(key, &s.to_string())))),
+    }
+}
+
+/// Checks a base URL: http or https, a host, no query; the trailing slash is dropped.
+pub fn base_url(url: &str) -> Result<String, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("URL {url:?} must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("URL {url:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("URL {url:?} must not have a query string"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// `"{file}:{line}: "` for the first line that sets `key` to `value`, or the first line naming
+/// `key`; empty without a file. Used for errors serde cannot place (cross-references, env).
+fn locate(text: Option<&(PathBuf, String)>, key: &str, value: &str) -> String {
+    let Some((path, text)) = text else { return String::new() };
+    let names_key = |l: &str| {
+        let l = l.trim_start().trim_start_matches("- ");
+        l.starts_with(key) && l[key.len()..].trim_start().starts_with(':')
+    };
+    let line = text
+        .lines()
+        .position(|l| names_key(l) && l.contains(value))
+        .or_else(|| text.lines().position(names_key));
+    match line {
+        Some(n) => format!("{}: line {}: ", path.display(), n + 1),
+        None => format!("{}: ", path.display()),
+    }
+}
+
+/// The config shared by the running gateway.
+pub type SharedConfig = Arc<Config>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn with(text: &str) -> Self {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let path = std::env::temp_dir().join(format!("llmgate-config-{}-{n}.yaml", std::process::id()));
+                std::fs::write(&path, text).unwrap();
+                Self(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let config = Config::load(None, &no_env).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(&*config.default_target().base_url, DEFAULT_UPSTREAM_URL);
+        assert_eq!(config.default_target().mode, UpstreamMode::OpenAi);
+        assert_eq!(config.request_timeout, Duration::from_secs(300));
+        assert!(config.redis_url.is_none() && config.langfuse_host.is_none());
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let file = write("listen: \"0.0.0.0:9000\"\nrequest_timeout_secs: 10\n");
+        let env = |k: &str| match k {
+            "PORT" => Some("4100".to_string()),
+            "LITELLM_URL" => Some("http://litellm:4000/".to_string()),
+            "REQUEST_TIMEOUT" => Some("2.5".to_string()),
+            "REDIS_HOST" => Some("r".to_string()),
+            "REDIS_PASSWORD" => Some("pw".to_string()),
+            _ => None,
+        };
+        let config = Config::load(Some(&file.0), &env).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:4100");
+        assert_eq!(&*config.default_target().base_url, "http://litellm:4000");
+        assert_eq!(config.default_target().mode, UpstreamMode::LiteLlm);
+        assert_eq!(config.request_timeout, Duration::from_millis(2500));
+        assert_eq!(config.redis_url.unwrap().expose(), "redis://:pw@r:6379");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let file = write("listen: \"127.0.0.1:1\"\nupstreams:\n  a:\n    url: http://a\n    colour: red\n");
+        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        assert!(err.contains("colour") && err.contains("line 5"), "{err}");
+
+        let file = write("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n");
+        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        assert!(err.contains("default_upstream 'b'") && err.contains("line 3"), "{err}");
+
+        let file = write("models:\n  - name: m\n    limits: {rpm: -5}\n");
+        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        assert!(err.contains("invalid limit -5") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let file = write(
+            r#"
+listen: "127.0.0.1:4000"
+request_timeout_secs: 60
+upstreams:
+  openai: {url: "https://api.openai.com/v1", mode: openai, api_key_env: OPENAI_API_KEY}
+  litellm: {url: "http://localhost:4001", mode: litellm}
+default_upstream: litellm
+models:
+  - name: gpt-4o
+    upstream: openai
+    upstream_model: gpt-4o-2024-08-06
+    context_window: 128000
+    max_output_tokens: 16384
+    limits: {rpm: 500, tpm: null, rpd: -1}
+    pricing: {input_per_1m: 2.5, output_per_1m: 10}
+    fallbacks: [gpt-4o-mini]
+redis: {url: "redis://127.0.0.1:6379"}
+langfuse: {host: "https://cloud.langfuse.com", secrets_path: secrets.yaml, api: v3, emit: events}
+encoded_base_url: {allow: ["https://api.fireworks.ai/inference/v1"]}
+auth: {api_keys: ["k1"]}
+rate_limit: {max_wait_seconds: 2}
+"#,
+        );
+        let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-x".to_string());
+        let config = Config::load(Some(&file.0), &env).unwrap();
+        assert_eq!(config.default_upstream, "litellm");
+        assert_eq!(config.upstreams["openai"].api_key.as_ref().unwrap().expose(), "sk-x");
+        assert_eq!(config.models[0].limits.rpm, Some(500));
+        assert_eq!(config.langfuse_api, LangfuseApi::V3);
+        assert_eq!(config.emit, Some(Emit::Events));
+        assert!(!config.describe().contains("sk-x"));
+    }
+}

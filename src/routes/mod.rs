@@ -1,0 +1,106 @@
+//! The reference proxy's routes: `/health`, chat routes, the traces routes and the catch-all.
+//!
+//! Dispatch follows the [`RouteMeta`] that the path-metadata layer wrote: chat routes go to the
+//! chat stack, anything without route metadata to the catch-all, which forwards it unchanged.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::{Method, Request, Response, StatusCode};
+use llmgate_core::{
+    BoxError, GatewayBody,
+    body::json_response,
+    ext::{RouteKind, RouteMeta},
+};
+use serde_json::json;
+use tower::{Service, ServiceExt, util::BoxCloneService};
+
+/// A boxed stack.
+pub type BoxStack = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, BoxError>;
+
+/// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.
+pub fn health() -> Response<GatewayBody> {
+    json_response(StatusCode::OK, &json!({"status": "healthy", "service": "metadata-proxy"}))
+}
+
+/// Whether `req` is `GET /health` (the one route outside auth).
+pub fn is_health(req: &Request<GatewayBody>) -> bool {
+    req.method() == Method::GET && req.uri().path() == "/health"
+}
+
+/// Dispatches on [`RouteMeta`]: chat stack, traces service, or catch-all.
+#[derive(Clone)]
+pub struct Dispatch {
+    /// Chat routes.
+    pub chat: BoxStack,
+    /// `/traces` and `/traces/pointwise`; `None` answers 404.
+    pub traces: Option<BoxStack>,
+    /// Everything else.
+    pub catch_all: BoxStack,
+}
+
+impl Service<Request<GatewayBody>> for Dispatch {
+    type Response = Response<GatewayBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Each branch is made ready on its own clone in `call` (waiting for all of them here
+        // would be `tower::steer`'s problem).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        let kind = req.extensions().get::<RouteMeta>().map(|m| m.kind);
+        let branch = match kind {
+            Some(RouteKind::ChatCompletions) => self.chat.clone(),
+            Some(RouteKind::Traces | RouteKind::TracesPointwise) => match &self.traces {
+                Some(traces) => traces.clone(),
+                None => {
+                    return Box::pin(async {
+                        Ok(json_response(StatusCode::NOT_FOUND, &json!({"detail": "Trace endpoints need Langfuse (set LANGFUSE_HOST)"})))
+                    });
+                }
+            },
+            None => self.catch_all.clone(),
+        };
+        Box::pin(branch.oneshot(req))
+    }
+}
+
+/// The outermost router: `/health` without auth, everything else through `rest`.
+#[derive(Clone)]
+pub struct Router<S> {
+    rest: S,
+}
+
+impl<S> Router<S> {
+    /// A router sending everything but `/health` to `rest`.
+    pub fn new(rest: S) -> Self {
+        Self { rest }
+    }
+}
+
+impl<S> Service<Request<GatewayBody>> for Router<S>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<GatewayBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        if is_health(&req) {
+            return Box::pin(async { Ok(health()) });
+        }
+        Box::pin(self.rest.clone().oneshot(req))
+    }
+}

@@ -1,0 +1,3 @@
+//! Hosts: serve a stack on a socket.
+
+pub mod hyper;

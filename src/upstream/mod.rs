@@ -1,0 +1,143 @@
+//! Upstreams: the innermost service of a stack, forwarding to an OpenAI-compatible base URL.
+//!
+//! Both engines share the URL joining and the header hygiene here: hop-by-hop headers are
+//! dropped in both directions, framing headers are recomputed rather than forwarded stale, and
+//! the query string is kept.
+
+pub mod hyper;
+
+use std::{
+    future::Future as _,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, header};
+use http_body::{Body, Frame, SizeHint};
+use llmgate_core::{BoxError, GatewayError};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+pub use self::hyper::HyperUpstream;
+
+/// Joins a base URL and a request path (with its query) without doubling a shared prefix:
+/// `http://h/v1` + `/v1/models` → `http://h/v1/models`; `http://h/v1` + `/chat/completions` →
+/// `http://h/v1/chat/completions`; `http://h` + `/v1/models` → `http://h/v1/models`.
+pub fn join_url(base: &str, path_and_query: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let base_path = base
+        .find("://")
+        .and_then(|scheme_end| base[scheme_end + 3..].find('/').map(|i| &base[scheme_end + 3 + i..]))
+        .unwrap_or("");
+    let path = path_and_query.split(['?', '#']).next().unwrap_or("");
+    let shares_prefix = !base_path.is_empty()
+        && path.starts_with(base_path)
+        && matches!(path.as_bytes().get(base_path.len()), None | Some(b'/'));
+    let origin = &base[..base.len() - base_path.len()];
+    if shares_prefix { format!("{origin}{path_and_query}") } else { format!("{base}{path_and_query}") }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the framing
+/// headers the engine recomputes.
+const HOP_BY_HOP: [header::HeaderName; 8] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+];
+
+/// Drops hop-by-hop headers, those named in `Connection`, and `content-length` (the engine
+/// derives it from the body's exact size when there is one).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| name.trim().parse().ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+pin_project! {
+    /// A response body that fails when the upstream sends nothing for `idle`, so a stalled
+    /// stream ends with an error instead of hanging the client.
+    pub struct IdleTimeout<B> {
+        #[pin]
+        inner: B,
+        idle: Duration,
+        timer: Pin<Box<Sleep>>,
+    }
+}
+
+impl<B> IdleTimeout<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)) }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.timer.as_mut().reset(Instant::now() + *this.idle);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(GatewayError::UpstreamTimeout(Some(*this.idle)).into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_without_doubling_the_shared_prefix() {
+        assert_eq!(join_url("http://h/v1", "/v1/models"), "http://h/v1/models");
+        assert_eq!(join_url("http://h", "/v1/models?x=1"), "http://h/v1/models?x=1");
+        assert_eq!(join_url("http://h/v1/", "/chat/completions"), "http://h/v1/chat/completions");
+        assert_eq!(join_url("http://h/v1", "/v10/x"), "http://h/v1/v10/x");
+        assert_eq!(join_url("http://h:8/api/v1", "/api/v1?q"), "http://h:8/api/v1?q");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [("connection", "close, x-private"), ("x-private", "1"), ("keep-alive", "5"), ("transfer-encoding", "chunked"), ("content-length", "3"), ("x-kept", "1")] {
+            headers.insert(k, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+}

@@ -1,0 +1,146 @@
+//! The harness: start the gateway and the mock upstream in-process, talk to them over HTTP.
+
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use llmgate::{
+    Gateway,
+    config::Config,
+    mock_upstream::{MockOptions, MockUpstream},
+    observe::GatewayMetrics,
+};
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// A gateway serving on an ephemeral port.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub metrics: Arc<GatewayMetrics>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestGateway {
+    /// Starts a gateway with `yaml` as its config file and `env` as its whole environment.
+    pub async fn start(yaml: &str, env: &[(&str, &str)]) -> Self {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
+        let gateway = Gateway::from_config(config).await.expect("gateway builds");
+        let metrics = gateway.metrics().clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Self { addr, metrics, shutdown: Some(tx), task }
+    }
+
+    /// A gateway in front of `mock` (openai mode) with extra YAML appended.
+    pub async fn in_front_of(mock: &MockUpstream, extra_yaml: &str) -> Self {
+        let yaml = format!("upstreams:\n  mock: {{url: \"{}\", mode: openai}}\n{extra_yaml}", mock.url());
+        Self::start(&yaml, &[]).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts graceful shutdown and returns the serving task, which ends after the drain.
+    pub fn begin_shutdown(&mut self) -> &mut JoinHandle<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        &mut self.task
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn mock() -> MockUpstream {
+    MockUpstream::start(MockOptions::default()).await.expect("mock starts")
+}
+
+/// A real HTTP client (hyper-util's pooled client).
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(Full::new(body.into())).expect("request")
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let response = open(request(method, url, headers, body)).await;
+    let (parts, body) = response.into_parts();
+    let body = within(body.collect()).await.expect("body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+/// POSTs JSON.
+pub async fn post_json(url: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    send(Method::POST, url, &all, body.to_string()).await
+}
+
+/// Sends a request and returns the response head with the body still streaming.
+pub async fn open(req: Request<Full<Bytes>>) -> Response<Incoming> {
+    within(client().request(req)).await.expect("response")
+}
+
+/// A guard against hangs (not a timing assertion): fails the test after 20 s.
+pub async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), future).await.expect("did not finish within 20 s")
+}
+
+/// Polls `condition` until it holds (fails after 20 s).
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+}
