@@ -14,7 +14,8 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use llmgate_core::{
-    BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer, catalog::Catalog,
+    BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer,
+    catalog::Catalog,
 };
 //PM use llmgate_path_metadata::PathMetadataLayer;
 use tokio::net::TcpListener;
@@ -57,7 +58,11 @@ impl Gateway {
         let config = Arc::new(config);
         let metrics = Arc::new(GatewayMetrics::default());
         let client = http_client(config.request_timeout);
-        let upstream = HyperUpstream::with_client(client, config.default_target().clone(), config.request_timeout);
+        let upstream = HyperUpstream::with_client(
+            client,
+            config.default_target().clone(),
+            config.request_timeout,
+        );
         let targets = Arc::new(Targets {
             upstreams: config.upstreams.clone(),
             default_upstream: config.default_upstream.clone(),
@@ -75,15 +80,26 @@ impl Gateway {
                 .service(per_attempt),
         );
         let catch_all: BoxStack = BoxCloneService::new(upstream);
-        let dispatch = Dispatch { chat, traces: None, catch_all };
+        let dispatch = Dispatch {
+            chat,
+            traces: None,
+            catch_all,
+        };
 
         let service = ServiceBuilder::new()
             .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                panic_response,
+            ))
             .layer(RescueLayer::new())
-//PM            .layer(PathMetadataLayer::new())
+            //PM            .layer(PathMetadataLayer::new())
             .service(Router::new(dispatch));
-        Ok(Self { service: BoxCloneService::new(service), metrics, background: Arc::new(Background::default()), config })
+        Ok(Self {
+            service: BoxCloneService::new(service),
+            metrics,
+            background: Arc::new(Background::default()),
+            config,
+        })
     }
 
     /// The gateway as a `tower::Service`.
@@ -103,8 +119,17 @@ impl Gateway {
 
     /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for up to the
     /// configured drain timeout, then flushes background work.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        let Gateway { service, background, config, .. } = self;
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let Gateway {
+            service,
+            background,
+            config,
+            ..
+        } = self;
         server::hyper::serve(listener, service, shutdown, config.drain_timeout).await;
         background.flush(config.drain_timeout).await;
     }

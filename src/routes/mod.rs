@@ -23,7 +23,10 @@ pub type BoxStack = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>,
 
 /// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.
 pub fn health() -> Response<GatewayBody> {
-    json_response(StatusCode::OK, &json!({"status": "healthy", "service": "metadata-proxy"}))
+    json_response(
+        StatusCode::OK,
+        &json!({"status": "healthy", "service": "metadata-proxy"}),
+    )
 }
 
 /// Whether `req` is `GET /health` (the one route outside auth).
@@ -61,7 +64,10 @@ impl Service<Request<GatewayBody>> for Dispatch {
                 Some(traces) => traces.clone(),
                 None => {
                     return Box::pin(async {
-                        Ok(json_response(StatusCode::NOT_FOUND, &json!({"detail": "Trace endpoints need Langfuse (set LANGFUSE_HOST)"})))
+                        Ok(json_response(
+                            StatusCode::NOT_FOUND,
+                            &json!({"detail": "Trace endpoints need Langfuse (set LANGFUSE_HOST)"}),
+                        ))
                     });
                 }
             },
@@ -86,7 +92,10 @@ impl<S> Router<S> {
 
 impl<S> Service<Request<GatewayBody>> for Router<S>
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError> + Clone + Send + 'static,
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<GatewayBody>;

@@ -20,7 +20,12 @@ use crate::stack::GatewayService;
 /// Serves `service` on `listener` until `shutdown` resolves, then drains for up to `drain`.
 ///
 /// Returns once every connection has finished or the drain timeout passed.
-pub async fn serve(listener: TcpListener, service: GatewayService, shutdown: impl Future<Output = ()>, drain: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    service: GatewayService,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
@@ -49,13 +54,20 @@ pub async fn serve(listener: TcpListener, service: GatewayService, shutdown: imp
         });
     }
     drop(listener);
-    tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        "shutting down: draining in-flight requests for up to {:?}",
+        drain
+    );
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout passed; closing the remaining connections");
     }
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
 
 /// Calls the stack with the body boxed. The boxed future erases the body's error type before
 /// `tokio::spawn` checks `Send` (which otherwise trips over the `dyn Error` lifetime).

@@ -129,12 +129,19 @@ impl GatewayError {
         let mut response = json_response(self.status(), &body);
         match self {
             Self::MethodNotAllowed { allow } => {
-                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            Self::RateLimited { retry_after: Some(after), .. } => {
+            Self::RateLimited {
+                retry_after: Some(after),
+                ..
+            } => {
                 // Round up: a client that waits the advertised time must find budget.
                 let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }
@@ -172,13 +179,21 @@ impl fmt::Display for GatewayError {
             Self::MethodNotAllowed { allow } => {
                 write!(f, "Method not allowed on this route; allowed: {allow}")
             }
-            Self::ContextLengthExceeded { estimate, max, model } => write!(
+            Self::ContextLengthExceeded {
+                estimate,
+                max,
+                model,
+            } => write!(
                 f,
                 "The request needs about {estimate} tokens, more than the context window of \
                  '{model}' and of every model that could take it (the largest available holds {max})"
             ),
             Self::RateLimited { retry_after, tried } => {
-                write!(f, "All models are rate limited; tried: {}", tried.join(", "))?;
+                write!(
+                    f,
+                    "All models are rate limited; tried: {}",
+                    tried.join(", ")
+                )?;
                 if let Some(after) = retry_after {
                     write!(f, "; retry after {:.1} s", after.as_secs_f64())?;
                 }
@@ -186,11 +201,18 @@ impl fmt::Display for GatewayError {
             }
             Self::UpstreamUnavailable(m) => write!(f, "Upstream unavailable: {m}"),
             Self::UpstreamTimeout(Some(after)) => {
-                write!(f, "Upstream did not answer within {} s", after.as_secs_f64())
+                write!(
+                    f,
+                    "Upstream did not answer within {} s",
+                    after.as_secs_f64()
+                )
             }
             Self::UpstreamTimeout(None) => f.write_str("Upstream did not answer in time"),
             Self::MissingContext(what) => {
-                write!(f, "Internal error: the stack is missing the '{what}' context")
+                write!(
+                    f,
+                    "Internal error: the stack is missing the '{what}' context"
+                )
             }
         }
     }
@@ -217,7 +239,10 @@ mod tests {
             }
         }
         let err: BoxError = Box::new(Wrapper(GatewayError::NotFound("x".into())));
-        assert_eq!(GatewayError::find(&*err), Some(&GatewayError::NotFound("x".into())));
+        assert_eq!(
+            GatewayError::find(&*err),
+            Some(&GatewayError::NotFound("x".into()))
+        );
     }
 
     #[test]
