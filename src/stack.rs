@@ -56,6 +56,12 @@ impl Gateway {
     /// Builds the canonical stack for `config`.
     pub async fn from_config(config: Config) -> Result<Self, BoxError> {
         let config = Arc::new(config);
+        if config.langfuse_host.is_none() {
+            tracing::info!("Langfuse export is off: no LANGFUSE_HOST or langfuse.host configured");
+        }
+        if config.redis_url.is_none() {
+            tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
+        }
         let metrics = Arc::new(GatewayMetrics::default());
         let client = http_client(config.request_timeout);
         let upstream = HyperUpstream::with_client(
