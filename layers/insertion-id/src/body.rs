@@ -1,0 +1,248 @@
+//! The response body: passes every frame through, except that on a 2xx SSE stream the frame
+//! holding `data: [DONE]` (or the last frame, when the stream has no `[DONE]`) waits until the
+//! record is written.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// The record of an SSE stream, started when its end is in sight.
+pub(crate) type RecordFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Builds the record future (once).
+pub(crate) type StartRecord = Box<dyn FnOnce() -> RecordFuture + Send>;
+
+pin_project! {
+    /// The response body of [`InsertionId`](crate::InsertionId): the inner body, frame by frame.
+    pub struct RecordBody<B> {
+        #[pin]
+        inner: B,
+        state: State,
+    }
+}
+
+enum State {
+    /// Nothing to do: not a rollout, not a 2xx SSE stream, or already recorded.
+    Pass,
+    /// A 2xx SSE stream whose end has not been seen yet.
+    Watch { scanner: DoneScanner, start: StartRecord },
+    /// The end was seen: the record runs, `held` waits for it (`None`: the end of the stream).
+    Record { record: RecordFuture, held: Option<Frame<Bytes>> },
+    /// The record is written; the held end of stream comes next.
+    Ended,
+}
+
+impl<B> RecordBody<B> {
+    pub(crate) fn pass(inner: B) -> Self {
+        Self { inner, state: State::Pass }
+    }
+
+    pub(crate) fn sse(inner: B, start: StartRecord) -> Self {
+        Self { inner, state: State::Watch { scanner: DoneScanner::default(), start } }
+    }
+}
+
+impl<B> Body for RecordBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.as_mut().project();
+        loop {
+            match this.state {
+                State::Pass => return this.inner.poll_frame(cx),
+                State::Ended => return Poll::Ready(None),
+                State::Record { record, held } => {
+                    ready!(record.as_mut().poll(cx));
+                    let held = held.take();
+                    *this.state = if held.is_some() { State::Pass } else { State::Ended };
+                    return Poll::Ready(held.map(Ok));
+                }
+                State::Watch { scanner, .. } => {
+                    let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(error)) => {
+                            // Cut short: never recorded.
+                            *this.state = State::Pass;
+                            return Poll::Ready(Some(Err(error)));
+                        }
+                        None => {
+                            start_record(this.state, None);
+                            continue;
+                        }
+                    };
+                    let done = frame.data_ref().is_some_and(|data| scanner.feed(data));
+                    if done || this.inner.is_end_stream() {
+                        start_record(this.state, Some(frame));
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self.state {
+            State::Pass => self.inner.is_end_stream(),
+            State::Ended => true,
+            // A frame or the record is still to come.
+            State::Watch { .. } | State::Record { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Ended => SizeHint::with_exact(0),
+            _ => self.inner.size_hint(),
+        }
+    }
+}
+
+fn start_record(state: &mut State, held: Option<Frame<Bytes>>) {
+    if let State::Watch { start, .. } = std::mem::replace(state, State::Ended) {
+        *state = State::Record { record: start(), held };
+    }
+}
+
+impl<B> fmt::Debug for RecordBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Pass => "pass",
+            State::Watch { .. } => "watch",
+            State::Record { .. } => "record",
+            State::Ended => "ended",
+        };
+        f.debug_struct("RecordBody").field("state", &state).finish()
+    }
+}
+
+// === DoneScanner ===
+
+/// Finds a `data: [DONE]` (or `data:[DONE]`) line as frames pass, also across frame boundaries.
+///
+/// Only line starts are examined (located with `memchr`), at most 12 bytes each, and nothing is
+/// copied or allocated.
+#[derive(Debug)]
+pub(crate) struct DoneScanner {
+    /// Progress of the match at the current line start; `None` when the line cannot match.
+    progress: Option<Progress>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Progress {
+    /// Bytes of `data:` matched (0..=5).
+    prefix: u8,
+    /// Whether the optional space after `data:` was seen.
+    space: bool,
+    /// Bytes of `[DONE]` matched (0..=6).
+    done: u8,
+}
+
+const PREFIX: &[u8] = b"data:";
+const DONE: &[u8] = b"[DONE]";
+
+impl Default for DoneScanner {
+    fn default() -> Self {
+        // The stream starts at a line start.
+        Self { progress: Some(Progress::default()) }
+    }
+}
+
+impl DoneScanner {
+    /// Feeds one frame; `true` once the frame completes a `[DONE]` line.
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> bool {
+        let mut rest = chunk;
+        loop {
+            if let Some(progress) = self.progress.take() {
+                match progress.advance(rest) {
+                    Step::Done => return true,
+                    Step::NeedMore(progress) => {
+                        self.progress = Some(progress);
+                        return false;
+                    }
+                    Step::NoMatch => {}
+                }
+            }
+            match memchr::memchr2(b'\n', b'\r', rest) {
+                Some(i) => {
+                    rest = &rest[i + 1..];
+                    self.progress = Some(Progress::default());
+                }
+                None => return false,
+            }
+        }
+    }
+}
+
+enum Step {
+    Done,
+    NeedMore(Progress),
+    NoMatch,
+}
+
+impl Progress {
+    fn advance(mut self, bytes: &[u8]) -> Step {
+        for &byte in bytes {
+            if usize::from(self.prefix) < PREFIX.len() {
+                if byte != PREFIX[usize::from(self.prefix)] {
+                    return Step::NoMatch;
+                }
+                self.prefix += 1;
+            } else if self.done == 0 && !self.space && byte == b' ' {
+                self.space = true;
+            } else {
+                if byte != DONE[usize::from(self.done)] {
+                    return Step::NoMatch;
+                }
+                self.done += 1;
+                if usize::from(self.done) == DONE.len() {
+                    return Step::Done;
+                }
+            }
+        }
+        Step::NeedMore(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DoneScanner;
+
+    fn feed_all(chunks: &[&str]) -> Option<usize> {
+        let mut scanner = DoneScanner::default();
+        chunks.iter().position(|c| scanner.feed(c.as_bytes()))
+    }
+
+    #[test]
+    fn finds_done_lines() {
+        assert_eq!(feed_all(&["data: {\"a\":1}\n\n", "data: [DONE]\n\n"]), Some(1));
+        assert_eq!(feed_all(&["data:[DONE]\n\n"]), Some(0));
+        assert_eq!(feed_all(&["data: {}\r\n\r\ndata: [DONE]\r\n\r\n"]), Some(0));
+        // Split across frames, at every position.
+        let text = "data: {\"x\":2}\n\ndata: [DONE]\n\n";
+        for split in 1..text.len() {
+            let (a, b) = text.split_at(split);
+            let expect = if split >= text.find("[DONE]").unwrap() + 6 { 0 } else { 1 };
+            assert_eq!(feed_all(&[a, b]), Some(expect), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn ignores_lookalikes() {
+        assert_eq!(feed_all(&["data: {\"content\":\"data: [DONE]\"}\n\n"]), None);
+        assert_eq!(feed_all(&["data: [DON", "E\n"]), None);
+        assert_eq!(feed_all(&["xdata: [DONE]\n"]), None);
+        assert_eq!(feed_all(&["data:  [DONE]\n"]), None);
+        assert_eq!(feed_all(&["data: {}\n\n"]), None);
+    }
+}
