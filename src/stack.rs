@@ -17,7 +17,7 @@ use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer,
     catalog::Catalog,
 };
-//PM use llmgate_path_metadata::PathMetadataLayer;
+use llmgate_path_metadata::PathMetadataLayer;
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, util::BoxCloneService};
 
@@ -60,7 +60,9 @@ impl Gateway {
             tracing::info!("Langfuse export is off: no LANGFUSE_HOST or langfuse.host configured");
         }
         if config.redis_url.is_none() {
-            tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
+            tracing::info!(
+                "no Redis configured: insertion ids and rate limits use in-memory stores"
+            );
         }
         let metrics = Arc::new(GatewayMetrics::default());
         let client = http_client(config.request_timeout);
@@ -98,7 +100,7 @@ impl Gateway {
                 panic_response,
             ))
             .layer(RescueLayer::new())
-            //PM            .layer(PathMetadataLayer::new())
+            .layer(PathMetadataLayer::new())
             .service(Router::new(dispatch));
         Ok(Self {
             service: BoxCloneService::new(service),

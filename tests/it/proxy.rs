@@ -35,7 +35,7 @@ async fn json_passthrough_reports_usage_once() {
         )
         .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        assert_eq!(reply.json()["usage"]["total_tokens"], 9);
+        assert_eq!(reply.json()["usage"]["total_tokens"], 8);
         assert_eq!(reply.headers.get_all("date").iter().count(), 1);
         let seen = mock.requests().pop().unwrap();
         assert_eq!(seen.uri, "/v1/chat/completions");
