@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
 use llmgate_core::ext::{
-    BodyEdits, EditScope, InsertionId as InsertionIdExt, LlmRequest, RolloutIds, RolloutTags, RouteMeta, UpstreamMode,
+    BodyEdits, EditScope, InsertionId as InsertionIdExt, LlmRequest, RolloutIds, RolloutTags,
+    RouteMeta, UpstreamMode,
 };
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -156,15 +157,24 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let rollout = req.extensions().get::<RouteMeta>().and_then(|meta| meta.rollout.as_ref());
+        let rollout = req
+            .extensions()
+            .get::<RouteMeta>()
+            .and_then(|meta| meta.rollout.as_ref());
         let Some(ids) = rollout else {
-            return ResponseFuture { inner: self.inner.call(req), state: FutureState::Pass };
+            return ResponseFuture {
+                inner: self.inner.call(req),
+                state: FutureState::Pass,
+            };
         };
         let id = Uuid::now_v7();
         let insertion_id = id.hyphenated().to_string();
         let tags = rollout_tags(ids, &insertion_id);
         let rollout_id: Arc<str> = Arc::from(ids.rollout_id.as_str());
-        let metadata = req.extensions().get::<LlmRequest>().map(|request| litellm_metadata(request, &tags));
+        let metadata = req
+            .extensions()
+            .get::<LlmRequest>()
+            .map(|request| litellm_metadata(request, &tags));
 
         let extensions = req.extensions_mut();
         extensions.insert(InsertionIdExt(id));
@@ -188,7 +198,12 @@ where
             timeout: self.record_timeout,
             retry: self.retry,
         };
-        ResponseFuture { inner: self.inner.call(req), state: FutureState::Rollout { record: Some(record) } }
+        ResponseFuture {
+            inner: self.inner.call(req),
+            state: FutureState::Rollout {
+                record: Some(record),
+            },
+        }
     }
 }
 
@@ -207,7 +222,12 @@ pub fn rollout_tags(ids: &RolloutIds, insertion_id: &str) -> Vec<String> {
 /// The client's `metadata` with `tags` = the client's tags followed by `tags` (the `litellm`
 /// body); other keys and their order are kept.
 pub fn litellm_metadata(request: &LlmRequest, tags: &[String]) -> Value {
-    let mut metadata = request.json().get("metadata").and_then(Value::as_object).cloned().unwrap_or_else(Map::new);
+    let mut metadata = request
+        .json()
+        .get("metadata")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_else(Map::new);
     let mut all = match metadata.get_mut("tags").map(Value::take) {
         Some(Value::Array(client)) => client,
         _ => Vec::with_capacity(tags.len()),
@@ -228,7 +248,10 @@ struct Record {
 
 impl Record {
     fn future(self) -> RecordFuture {
-        Box::pin(self.recorder.record(self.rollout_id, self.insertion_id, self.timeout, self.retry))
+        Box::pin(
+            self.recorder
+                .record(self.rollout_id, self.insertion_id, self.timeout, self.retry),
+        )
     }
 }
 
@@ -249,7 +272,10 @@ enum FutureState<B> {
     /// Waiting for the inner response of a rollout request.
     Rollout { record: Option<Record> },
     /// A 2xx non-SSE response waits for its record.
-    Waiting { record: RecordFuture, response: Option<Response<B>> },
+    Waiting {
+        record: RecordFuture,
+        response: Option<Response<B>>,
+    },
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B>
@@ -295,7 +321,10 @@ where
                 if future.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(response.map(RecordBody::pass)));
                 }
-                *this.state = FutureState::Waiting { record: future, response: Some(response) };
+                *this.state = FutureState::Waiting {
+                    record: future,
+                    response: Some(response),
+                };
                 Poll::Pending
             }
         }
@@ -307,5 +336,9 @@ fn is_sse<B>(response: &Response<B>) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
 }
