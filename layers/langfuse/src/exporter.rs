@@ -1,0 +1,565 @@
+//! The background OTLP/HTTP exporter: a bounded span queue, per-project batches, gzip, retries.
+//!
+//! Spans are handed over with [`LangfuseExporter::enqueue`], which never waits: it is a
+//! `try_send` on a bounded queue (default 2048 spans). **When the queue is full the new span is
+//! dropped** (like OpenTelemetry's `BatchSpanProcessor`) and counted in `dropped`.
+//!
+//! One background task drains the queue into one batch per project (credentials are per
+//! project, so spans of different projects never share an export), and exports a project's
+//! batch when it reaches `max_batch_spans` (512) or every `schedule_delay` (5 s). An export is
+//! an `ExportTraceServiceRequest` encoded with prost, gzipped, and POSTed to
+//! `{host}/api/public/otel/v1/traces` with the project's Basic auth and
+//! `x-langfuse-ingestion-version: 4`. 429/502/503/504, timeouts and connection errors are
+//! retried with exponential backoff that honours `Retry-After`; 400/401/403 and other statuses
+//! drop the batch (`failed`), 401/403 logged at error level. At most `max_concurrent_exports`
+//! exports run at once; past that the drain task waits, the queue fills and new spans are
+//! dropped, so memory stays bounded during an outage.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::Full;
+use llmgate_core::ext::LangfuseKeys;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Span},
+};
+use prost::Message as _;
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    time::Instant,
+};
+
+use crate::{LangfuseClient, client, span::kv_str};
+
+/// The OTLP path under the Langfuse host.
+pub const OTEL_TRACES_PATH: &str = "/api/public/otel/v1/traces";
+const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+// === ExporterConfig ===
+
+/// Exporter settings. Defaults follow the official SDKs.
+#[derive(Clone, Debug)]
+pub struct ExporterConfig {
+    host: String,
+    max_queue_spans: usize,
+    max_batch_spans: usize,
+    max_batch_bytes: usize,
+    schedule_delay: Duration,
+    export_timeout: Duration,
+    max_retries: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    max_concurrent_exports: usize,
+}
+
+impl ExporterConfig {
+    /// Exports to `host` (e.g. `https://cloud.langfuse.com`, no trailing path).
+    pub fn new(host: impl Into<String>) -> Self {
+        Self {
+            host: host.into().trim_end_matches('/').to_owned(),
+            max_queue_spans: 2048,
+            max_batch_spans: 512,
+            max_batch_bytes: 3 * 1024 * 1024,
+            schedule_delay: Duration::from_secs(5),
+            export_timeout: Duration::from_secs(30),
+            max_retries: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_concurrent_exports: 2,
+        }
+    }
+
+    /// Queue capacity in spans (default 2048); a full queue drops the new span.
+    pub fn max_queue_spans(mut self, n: usize) -> Self {
+        self.max_queue_spans = n.max(1);
+        self
+    }
+
+    /// Spans per export (default 512).
+    pub fn max_batch_spans(mut self, n: usize) -> Self {
+        self.max_batch_spans = n.max(1);
+        self
+    }
+
+    /// Uncompressed bytes per export before a batch is split (default 3 MiB; Cloud takes 5 MB).
+    pub fn max_batch_bytes(mut self, n: usize) -> Self {
+        self.max_batch_bytes = n.max(1);
+        self
+    }
+
+    /// How long a span waits for its batch to fill (default 5 s).
+    pub fn schedule_delay(mut self, d: Duration) -> Self {
+        self.schedule_delay = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Timeout of one export attempt (default 30 s).
+    pub fn export_timeout(mut self, d: Duration) -> Self {
+        self.export_timeout = d;
+        self
+    }
+
+    /// Retries after the first attempt (default 5).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// First backoff (default 500 ms), doubled per retry up to `max_backoff` (default 30 s);
+    /// a `Retry-After` replaces it, capped at `max_backoff`.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+
+    /// Exports in flight at once (default 2).
+    pub fn max_concurrent_exports(mut self, n: usize) -> Self {
+        self.max_concurrent_exports = n.max(1);
+        self
+    }
+}
+
+// === Counters ===
+
+/// Exporter counters, read by the metrics endpoint. All counts are spans.
+#[derive(Debug, Default)]
+pub struct Counters {
+    exported: AtomicU64,
+    retried: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// A copy of the [`Counters`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// Spans Langfuse accepted (2xx).
+    pub exported: u64,
+    /// Span sends retried (a batch of n spans retried twice counts 2n).
+    pub retried: u64,
+    /// Spans dropped because the queue was full.
+    pub dropped: u64,
+    /// Spans given up: non-retryable status, or retries exhausted.
+    pub failed: u64,
+    /// Requests not recorded because they had no `Project`.
+    pub skipped: u64,
+    /// Spans waiting in the queue now.
+    pub queue_depth: u64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+// === LangfuseExporter ===
+
+/// One span bound for one project.
+struct Queued {
+    keys: LangfuseKeys,
+    span: Span,
+}
+
+/// Handle to the background exporter. Cheap to clone; the task ends when every handle is
+/// dropped (after exporting what is left) .
+#[derive(Clone)]
+pub struct LangfuseExporter {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    spans: mpsc::Sender<Queued>,
+    control: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    counters: Arc<Counters>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for LangfuseExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LangfuseExporter")
+            .field("counters", &self.snapshot())
+            .finish()
+    }
+}
+
+impl LangfuseExporter {
+    /// Starts the background exporter on the current Tokio runtime.
+    pub fn spawn(config: ExporterConfig, client: LangfuseClient) -> Self {
+        let (spans, rx) = mpsc::channel(config.max_queue_spans);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
+        let endpoint = format!("{}{}", config.host, OTEL_TRACES_PATH)
+            .parse::<Uri>()
+            .ok();
+        if endpoint.is_none() {
+            tracing::error!(host = %config.host, "invalid Langfuse host: nothing will be exported");
+        }
+        let worker = Worker {
+            semaphore: Arc::new(Semaphore::new(config.max_concurrent_exports)),
+            config: Arc::new(config.clone()),
+            endpoint,
+            client,
+            counters: counters.clone(),
+            pending: HashMap::new(),
+        };
+        tokio::spawn(worker.run(rx, control_rx));
+        Self {
+            inner: Arc::new(Shared {
+                spans,
+                control,
+                counters,
+                capacity: config.max_queue_spans,
+            }),
+        }
+    }
+
+    /// Queues `span` for the project of `keys` without waiting. Returns `false` (and counts
+    /// it as dropped) when the queue is full or the exporter stopped.
+    pub fn enqueue(&self, keys: &LangfuseKeys, span: Span) -> bool {
+        match self.inner.spans.try_send(Queued {
+            keys: keys.clone(),
+            span,
+        }) {
+            Ok(()) => true,
+            Err(_) => {
+                Counters::add(&self.inner.counters.dropped, 1);
+                false
+            }
+        }
+    }
+
+    /// Counts a request that was not recorded because it had no project.
+    pub(crate) fn count_skipped(&self) {
+        Counters::add(&self.inner.counters.skipped, 1);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let c = &self.inner.counters;
+        CountersSnapshot {
+            exported: c.exported.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            skipped: c.skipped.load(Ordering::Relaxed),
+            queue_depth: self
+                .inner
+                .capacity
+                .saturating_sub(self.inner.spans.capacity()) as u64,
+        }
+    }
+
+    /// Exports everything queued so far and waits for those exports (retries included) until
+    /// `deadline`. Returns `true` if all finished in time. Call it on graceful shutdown.
+    pub async fn flush(&self, deadline: Instant) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.control.send(tx).is_err() {
+            return true;
+        }
+        matches!(tokio::time::timeout_at(deadline, rx).await, Ok(Ok(())))
+    }
+}
+
+// === Worker ===
+
+struct Worker {
+    config: Arc<ExporterConfig>,
+    endpoint: Option<Uri>,
+    client: LangfuseClient,
+    counters: Arc<Counters>,
+    semaphore: Arc<Semaphore>,
+    /// Batches by Basic auth header (one per project key pair).
+    pending: HashMap<Bytes, Vec<Span>>,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Queued>,
+        mut control: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.schedule_delay);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                Some(reply) = control.recv() => {
+                    while let Ok(queued) = rx.try_recv() {
+                        self.push(queued).await;
+                    }
+                    self.export_all().await;
+                    let all = self.config.max_concurrent_exports as u32;
+                    let semaphore = self.semaphore.clone();
+                    // Wait for the exports in flight without blocking the drain loop.
+                    tokio::spawn(async move {
+                        if let Ok(permits) = semaphore.acquire_many(all).await {
+                            drop(permits);
+                        }
+                        let _ = reply.send(());
+                    });
+                }
+                queued = rx.recv() => match queued {
+                    Some(queued) => self.push(queued).await,
+                    None => {
+                        self.export_all().await;
+                        let all = self.config.max_concurrent_exports as u32;
+                        let _ = self.semaphore.acquire_many(all).await;
+                        return;
+                    }
+                },
+                _ = tick.tick() => self.export_all().await,
+            }
+        }
+    }
+
+    async fn push(&mut self, queued: Queued) {
+        let Some(auth) = client::basic_auth(&queued.keys) else {
+            Counters::add(&self.counters.failed, 1);
+            return;
+        };
+        let key = Bytes::copy_from_slice(auth.as_bytes());
+        let batch = self.pending.entry(key.clone()).or_default();
+        batch.push(queued.span);
+        if batch.len() >= self.config.max_batch_spans {
+            let spans = std::mem::take(batch);
+            self.dispatch(key, spans).await;
+        }
+    }
+
+    async fn export_all(&mut self) {
+        let batches: Vec<_> = self
+            .pending
+            .drain()
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        for (key, spans) in batches {
+            self.dispatch(key, spans).await;
+        }
+    }
+
+    /// Splits by size and starts the exports, waiting for a free export slot.
+    async fn dispatch(&mut self, auth: Bytes, spans: Vec<Span>) {
+        for chunk in split_by_size(spans, self.config.max_batch_bytes) {
+            let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
+                return;
+            };
+            let job = Export {
+                config: self.config.clone(),
+                endpoint: self.endpoint.clone(),
+                client: self.client.clone(),
+                counters: self.counters.clone(),
+                auth: auth.clone(),
+            };
+            tokio::spawn(async move {
+                job.run(chunk).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+fn split_by_size(spans: Vec<Span>, max_bytes: usize) -> Vec<Vec<Span>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for span in spans {
+        let len = span.encoded_len();
+        if !current.is_empty() && size + len > max_bytes {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(span);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The OTLP request for one project's spans.
+pub fn export_request(spans: Vec<Span>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    kv_str("service.name", "llmgate"),
+                    kv_str("service.version", SDK_VERSION),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "llmgate-langfuse".into(),
+                    version: SDK_VERSION.into(),
+                    attributes: Vec::<KeyValue>::new(),
+                    dropped_attributes_count: 0,
+                }),
+                spans,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+/// Encodes and gzips an export request.
+pub fn encode_gzip(request: &ExportTraceServiceRequest) -> std::io::Result<Bytes> {
+    let raw = request.encode_to_vec();
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(raw.len() / 4 + 64),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(&raw)?;
+    Ok(Bytes::from(gz.finish()?))
+}
+
+struct Export {
+    config: Arc<ExporterConfig>,
+    endpoint: Option<Uri>,
+    client: LangfuseClient,
+    counters: Arc<Counters>,
+    auth: Bytes,
+}
+
+enum Attempt {
+    Done,
+    Retry(Option<Duration>, String),
+    GiveUp,
+}
+
+impl Export {
+    async fn run(self, spans: Vec<Span>) {
+        let n = spans.len();
+        let (Some(endpoint), Ok(auth)) = (
+            self.endpoint.clone(),
+            HeaderValue::from_maybe_shared(self.auth.clone()),
+        ) else {
+            Counters::add(&self.counters.failed, n);
+            return;
+        };
+        let body = match encode_gzip(&export_request(spans)) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::warn!(%error, "could not gzip a Langfuse export");
+                Counters::add(&self.counters.failed, n);
+                return;
+            }
+        };
+        let mut backoff = self.config.initial_backoff;
+        for attempt in 0..=self.config.max_retries {
+            match self.attempt(&endpoint, &auth, body.clone()).await {
+                Attempt::Done => {
+                    Counters::add(&self.counters.exported, n);
+                    return;
+                }
+                Attempt::GiveUp => break,
+                Attempt::Retry(retry_after, why) => {
+                    if attempt == self.config.max_retries {
+                        tracing::warn!(spans = n, reason = %why, "Langfuse export failed after retries");
+                        break;
+                    }
+                    Counters::add(&self.counters.retried, n);
+                    let wait = retry_after.unwrap_or(backoff).min(self.config.max_backoff);
+                    tracing::debug!(spans = n, reason = %why, ?wait, "retrying Langfuse export");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+            }
+        }
+        Counters::add(&self.counters.failed, n);
+    }
+
+    async fn attempt(&self, endpoint: &Uri, auth: &HeaderValue, body: Bytes) -> Attempt {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(endpoint.clone())
+            .header(header::AUTHORIZATION, auth.clone())
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .header(header::CONTENT_ENCODING, "gzip")
+            .header("x-langfuse-ingestion-version", "4")
+            .header("x-langfuse-sdk-name", "llmgate")
+            .header("x-langfuse-sdk-version", SDK_VERSION)
+            .body(Full::new(body));
+        let Ok(request) = request else {
+            return Attempt::GiveUp;
+        };
+        let sent = tokio::time::timeout(self.config.export_timeout, async {
+            let response = self.client.send(request).await?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers());
+            // Read the (small) body so the connection goes back to the pool.
+            let body = client::read_capped(response.into_body(), 64 * 1024)
+                .await
+                .unwrap_or_default();
+            Ok::<_, llmgate_core::BoxError>((status, retry_after, body))
+        })
+        .await;
+        match sent {
+            Err(_) => Attempt::Retry(None, "timeout".into()),
+            Ok(Err(error)) => Attempt::Retry(None, format!("connection error: {error}")),
+            Ok(Ok((status, _, _))) if status.is_success() => Attempt::Done,
+            Ok(Ok((status, retry_after, _)))
+                if matches!(status.as_u16(), 429 | 502 | 503 | 504) =>
+            {
+                Attempt::Retry(retry_after, format!("HTTP {status}"))
+            }
+            Ok(Ok((status, _, body))) => {
+                let message = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                    tracing::error!(%status, %message, "Langfuse rejected the project's keys or the project is suspended: spans dropped");
+                } else {
+                    tracing::warn!(%status, %message, "Langfuse rejected an export: spans dropped");
+                }
+                Attempt::GiveUp
+            }
+        }
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not used by Langfuse).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs: f64 = value.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_parses_seconds() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn batches_are_split_by_size() {
+        let span = Span {
+            name: "x".repeat(100),
+            ..Default::default()
+        };
+        let chunks = split_by_size(vec![span.clone(), span.clone(), span], 250);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
+    }
+}
