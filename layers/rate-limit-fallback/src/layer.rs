@@ -1,0 +1,418 @@
+//! The layer and its service: check the budget per attempt, wait a little or walk the chain.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use llmgate_core::{
+    BoxError, GatewayBody, GatewayError, body,
+    catalog::{Catalog, Limits, ModelSpec},
+    ext::{
+        BodyEdits, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice, ServedBy,
+        TokenEstimate, UpstreamMode,
+    },
+    usage,
+};
+use serde_json::Value;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    classify::{Upstream429, classify_429, retry_after},
+    stats::Stats,
+    store::{Decision, RateStore},
+};
+
+/// How much of an upstream 429 body is read to classify it.
+pub const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Layer that applies [`RateLimitFallback`].
+#[derive(Clone)]
+pub struct RateLimitFallbackLayer {
+    catalog: Arc<Catalog>,
+    store: Arc<dyn RateStore>,
+    max_wait: Duration,
+    max_attempts: u32,
+    default_retry_after: Duration,
+    stats: Arc<Stats>,
+}
+
+// === impl RateLimitFallbackLayer ===
+
+impl RateLimitFallbackLayer {
+    /// A layer over `catalog`'s limits and chains, with budgets in `store`: no waiting
+    /// (`max_wait` 0), at most 5 upstream attempts per request.
+    pub fn new(catalog: Arc<Catalog>, store: Arc<dyn RateStore>) -> Self {
+        Self {
+            catalog,
+            stats: Arc::new(Stats::new(store.clone())),
+            store,
+            max_wait: Duration::ZERO,
+            max_attempts: 5,
+            default_retry_after: Duration::from_secs(60),
+        }
+    }
+
+    /// The longest wait for budget accepted before falling back (`max_wait_seconds`).
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// The most upstream attempts per request (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The cooldown after an upstream 429 that names no wait (default 60 s).
+    pub fn default_retry_after(mut self, after: Duration) -> Self {
+        self.default_retry_after = after;
+        self
+    }
+
+    /// The counters (shared by every service this layer makes).
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+}
+
+impl std::fmt::Debug for RateLimitFallbackLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitFallbackLayer")
+            .field("max_wait", &self.max_wait)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for RateLimitFallbackLayer {
+    type Service = RateLimitFallback<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimitFallback {
+            inner,
+            config: Arc::new(self.clone()),
+        }
+    }
+}
+
+/// Sends each chat request to the first model of its chain that has budget; see the crate docs.
+#[derive(Clone)]
+pub struct RateLimitFallback<S> {
+    inner: S,
+    config: Arc<RateLimitFallbackLayer>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for RateLimitFallback<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitFallback")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+// === impl RateLimitFallback ===
+
+impl<S, F> Service<Request<GatewayBody>> for RateLimitFallback<S>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
+{
+    type Response = Response<GatewayBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        // The ready service moves into the future; the clone stays for the next call.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        Box::pin(route(self.config.clone(), ready, req))
+    }
+}
+
+/// One request: the loop over its candidates.
+fn route<S, F>(
+    config: Arc<RateLimitFallbackLayer>,
+    inner: S,
+    req: Request<GatewayBody>,
+) -> impl Future<Output = Result<Response<GatewayBody>, BoxError>> + Send
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F> + Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
+{
+    route_inner(config, inner, req)
+}
+
+async fn route_inner<S, F>(
+    config: Arc<RateLimitFallbackLayer>,
+    mut inner: S,
+    req: Request<GatewayBody>,
+) -> Result<Response<GatewayBody>, BoxError>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F> + Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
+{
+    let stats = &config.stats;
+    let Some(llm) = req.extensions().get::<LlmRequest>().cloned() else {
+        // Not a parsed chat request: nothing to route.
+        return inner.call(req).await.map_err(Into::into);
+    };
+    Stats::bump(&stats.total_requests);
+    let entry = req.extensions().get::<ModelChoice>().cloned();
+    if entry.as_ref().is_some_and(|c| !c.is_primary()) {
+        Stats::bump(&stats.context_fallbacks);
+    }
+    let current: Option<Arc<str>> = match &entry {
+        Some(choice) => Some(choice.current.clone()),
+        None => llm.model().map(Arc::from),
+    };
+    let spec = current
+        .as_deref()
+        .and_then(|m| config.catalog.get(m))
+        .cloned();
+    let (Some(current), Some(spec)) = (current, spec) else {
+        // No model or one the catalogue does not know: one untouched attempt.
+        let requested_primary = entry.as_ref().is_none_or(ModelChoice::is_primary);
+        let response = inner.call(req).await.map_err(Into::into)?;
+        Stats::bump(if requested_primary {
+            &stats.primary_requests
+        } else {
+            &stats.fallback_requests
+        });
+        return Ok(response);
+    };
+    let requested = entry.map_or_else(|| current.clone(), |c| c.requested);
+    let estimate = req.extensions().get::<TokenEstimate>().map(|e| e.tokens);
+    // Without an estimate from context routing, a rough one: 4 bytes per token.
+    let tokens = estimate.unwrap_or(llm.raw().len() as u64 / 4);
+    let events = req.extensions().get::<FallbackEvents>().cloned();
+    let (parts, _client_body) = req.into_parts();
+    let had_model_edit = parts
+        .extensions
+        .get::<BodyEdits>()
+        .is_some_and(|e| e.for_mode(UpstreamMode::OpenAi).any(|(k, _)| k == "model"));
+
+    let candidates = candidates(&config.catalog, &spec, current, estimate);
+    let mut tried: Vec<String> = Vec::new();
+    let mut soonest: Option<Duration> = None;
+    let mut given_up: Option<(Arc<str>, &'static str)> = None;
+    let mut attempts: u32 = 0;
+
+    'candidates: for (model, limits) in candidates {
+        if attempts >= config.max_attempts {
+            break;
+        }
+        if let Some((from, reason)) = given_up.take() {
+            if let Some(events) = &events {
+                events.record(FallbackEvent::RateLimit {
+                    original_model: from.to_string(),
+                    fallback_model: model.to_string(),
+                    reason,
+                });
+            }
+        }
+        tried.push(model.to_string());
+        let mut waited = Duration::ZERO;
+        loop {
+            if let Decision::Limited {
+                limited_by,
+                retry_after,
+            } = config.store.check(&model, &limits, tokens).await
+            {
+                if waited + retry_after <= config.max_wait {
+                    Stats::bump(&stats.rate_limit_waits);
+                    tokio::time::sleep(retry_after).await;
+                    waited += retry_after;
+                    continue;
+                }
+                soonest = Some(soonest.map_or(retry_after, |s| s.min(retry_after)));
+                Stats::bump(&stats.rate_limit_fallbacks);
+                given_up = Some((model, limited_by.reason()));
+                continue 'candidates;
+            }
+
+            if attempts > 0 {
+                std::future::poll_fn(|cx| inner.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
+            }
+            attempts += 1;
+            let mut attempt = parts.clone();
+            attempt.extensions.insert(ModelChoice {
+                requested: requested.clone(),
+                current: model.clone(),
+                attempt: attempts,
+            });
+            if had_model_edit || llm.model() != Some(&*model) {
+                let mut edits = attempt
+                    .extensions
+                    .get::<BodyEdits>()
+                    .cloned()
+                    .unwrap_or_default();
+                edits.set("model", Value::String(model.to_string()), EditScope::Always);
+                attempt.extensions.insert(edits);
+            }
+            let request = Request::from_parts(attempt, body::full(llm.raw().clone()));
+            let response = inner.call(request).await.map_err(Into::into)?;
+
+            if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                return Ok(served(
+                    &config, response, &requested, &model, &limits, tokens, attempts,
+                ));
+            }
+
+            // Upstream 429: cool the model down for everyone, then wait or move on.
+            Stats::bump(&stats.upstream_429s);
+            let (head, body) = response.into_parts();
+            let after = retry_after(&head.headers, SystemTime::now());
+            let error_body = read_capped(body, ERROR_BODY_LIMIT).await;
+            let (cooldown, reason) = match classify_429(&error_body) {
+                Upstream429::Quota => (config.store.until_daily_reset(), "upstream_quota"),
+                Upstream429::Transient => {
+                    (after.unwrap_or(config.default_retry_after), "upstream_429")
+                }
+            };
+            tracing::debug!(%model, ?cooldown, reason, "upstream 429; cooling the model down");
+            config.store.cool_down(&model, cooldown).await;
+            stats.cooled_down(&model, cooldown);
+            if reason == "upstream_429"
+                && waited + cooldown <= config.max_wait
+                && attempts < config.max_attempts
+            {
+                Stats::bump(&stats.rate_limit_waits);
+                tokio::time::sleep(cooldown).await;
+                waited += cooldown;
+                continue;
+            }
+            soonest = Some(soonest.map_or(cooldown, |s| s.min(cooldown)));
+            Stats::bump(&stats.rate_limit_fallbacks);
+            given_up = Some((model, reason));
+            continue 'candidates;
+        }
+    }
+
+    Stats::bump(&stats.chains_exhausted);
+    Err(GatewayError::RateLimited {
+        retry_after: soonest,
+        tried,
+    }
+    .into())
+}
+
+/// The model itself, then its `fallbacks` in order (each once), skipping fallbacks whose
+/// context window is smaller than the request's estimate. A fallback the catalogue does not
+/// know has no limits and no known window.
+fn candidates(
+    catalog: &Catalog,
+    spec: &ModelSpec,
+    current: Arc<str>,
+    estimate: Option<u64>,
+) -> Vec<(Arc<str>, Limits)> {
+    let mut out: Vec<(Arc<str>, Limits)> = vec![(current, spec.limits)];
+    for name in &spec.fallbacks {
+        if out.iter().any(|(m, _)| **m == **name) {
+            continue;
+        }
+        let fallback = catalog.get(name);
+        let window = fallback.and_then(|f| f.context_window);
+        if let (Some(estimate), Some(window)) = (estimate, window) {
+            if window < estimate {
+                continue;
+            }
+        }
+        out.push((
+            Arc::from(name.as_str()),
+            fallback.map(|f| f.limits).unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+/// Finishes a response that is passed on: counters, `ServedBy`, the tpm correction.
+fn served(
+    config: &RateLimitFallbackLayer,
+    mut response: Response<GatewayBody>,
+    requested: &Arc<str>,
+    model: &Arc<str>,
+    limits: &Limits,
+    tokens: u64,
+    attempts: u32,
+) -> Response<GatewayBody> {
+    let stats = &config.stats;
+    Stats::bump(if requested == model {
+        &stats.primary_requests
+    } else {
+        &stats.fallback_requests
+    });
+    if limits.tpm.is_some() {
+        let outcome = usage::tap(&mut response, 0);
+        let store = config.store.clone();
+        let (model, limits) = (model.clone(), *limits);
+        outcome.subscribe(move |outcome| {
+            let Some(used) = outcome.usage else { return };
+            // Never block the task that polls the body: correct on a task of its own.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    store
+                        .correct_tokens(&model, &limits, tokens, used.total)
+                        .await
+                });
+            }
+        });
+    }
+    let upstream = response
+        .extensions()
+        .get::<ServedBy>()
+        .map(|s| s.upstream.clone())
+        .or_else(|| {
+            config
+                .catalog
+                .get(model)
+                .and_then(|s| s.upstream.as_deref())
+                .map(Arc::from)
+        })
+        .unwrap_or_else(|| Arc::from("default"));
+    response.extensions_mut().insert(ServedBy {
+        model: model.clone(),
+        upstream,
+        attempts,
+    });
+    response
+}
+
+/// Reads at most `limit` bytes of a body; a failing body gives what was read.
+async fn read_capped(mut body: GatewayBody, limit: usize) -> Bytes {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = limit - out.len();
+                    out.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    Bytes::from(out)
+}

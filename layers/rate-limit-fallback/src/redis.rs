@@ -1,0 +1,396 @@
+//! The Redis store: one Lua script per attempt checks and consumes rpm, tpm and rpd of a model
+//! and its cooldown atomically, on the server's clock, so every replica shares one budget.
+//!
+//! Keys are hash-tagged per model (`llmgate:rl:{<model>}:rpm`, `…:tpm`, `…:rpd`, `…:cool`), so
+//! one script's keys share a Redis Cluster slot. Scripts go out as `EVALSHA` and are loaded on
+//! `NOSCRIPT` ([`redis::Script::invoke_async`]).
+
+use std::{
+    fmt,
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use llmgate_core::catalog::Limits;
+use redis::{RedisResult, Script, aio::ConnectionLike};
+
+use crate::{
+    memory::MemoryRateStore,
+    store::{
+        BoxFuture, DAY, Decision, LimitKind, RateStore, StoreHealth, WINDOW, day_and_rest,
+        divide_limits,
+    },
+};
+
+/// KEYS: rpm, tpm, rpd, cool. ARGV: rpm, tpm, tokens, rpd (-1 = unlimited), day boundary
+/// offset ms, unique member, window ms. Returns `{kind, retry_after_ms}` as strings, kind `ok`
+/// when allowed.
+const CHECK_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm, tokens, rpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local offset, window = tonumber(ARGV[5]), tonumber(ARGV[7])
+local cool = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+if cool > now then return {'cooldown', tostring(cool - now)} end
+local why, wait = nil, 0
+local function refuse(kind, w)
+  if w < 1 then w = 1 end
+  if why == nil or w > wait then why, wait = kind, w end
+end
+if rpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  local n = redis.call('ZCARD', KEYS[1])
+  if n >= rpm then
+    if rpm == 0 then refuse('rpm', window) else
+      local e = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
+      refuse('rpm', tonumber(e[2]) + window - now)
+    end
+  end
+end
+local level = 0
+if tpm >= 0 then
+  local b = redis.call('HMGET', KEYS[2], 'level', 'ts')
+  level = tonumber(b[1]) or tpm
+  local ts = tonumber(b[2]) or now
+  if now > ts then level = level + (now - ts) * tpm / window end
+  if level > tpm then level = tpm end
+  local need = math.min(tokens, tpm)
+  if level < need then
+    if tpm == 0 then refuse('tpm', window) else refuse('tpm', math.ceil((need - level) * window / tpm)) end
+  end
+end
+local day = math.floor((now - offset) / 86400000)
+local to_next_day = (day + 1) * 86400000 + offset - now
+local count = 0
+if rpd >= 0 then
+  local d = redis.call('HMGET', KEYS[3], 'day', 'count')
+  if tonumber(d[1]) == day then count = tonumber(d[2]) or 0 end
+  if count >= rpd then refuse('rpd', to_next_day) end
+end
+if why ~= nil then return {why, tostring(wait)} end
+if rpm >= 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if tpm >= 0 then
+  redis.call('HSET', KEYS[2], 'level', tostring(level - tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[2], window * 2)
+end
+if rpd >= 0 then
+  redis.call('HSET', KEYS[3], 'day', tostring(day), 'count', tostring(count + 1))
+  redis.call('PEXPIRE', KEYS[3], to_next_day + 60000)
+end
+return {'ok', '0'}
+";
+
+/// KEYS: tpm. ARGV: tpm, tokens to take (negative gives back), window ms.
+const CORRECT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tpm, delta, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'level', 'ts')
+local level = tonumber(b[1]) or tpm
+local ts = tonumber(b[2]) or now
+if now > ts then level = level + (now - ts) * tpm / window end
+if level > tpm then level = tpm end
+level = level - delta
+if level < -tpm then level = -tpm end
+if level > tpm then level = tpm end
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return tostring(level)
+";
+
+/// KEYS: cool. ARGV: duration ms. Extends, never shortens.
+const COOL_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if now + ms > cur then redis.call('SET', KEYS[1], tostring(now + ms), 'PX', ms) end
+return 1
+";
+
+static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(CHECK_LUA));
+static CORRECT: LazyLock<Script> = LazyLock::new(|| Script::new(CORRECT_LUA));
+static COOL: LazyLock<Script> = LazyLock::new(|| Script::new(COOL_LUA));
+
+/// What a [`RedisRateStore`] does while Redis is unreachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutagePolicy {
+    /// Keep serving on per-process budgets: the limits divided by the replica count.
+    #[default]
+    FailOpen,
+    /// Treat every model as limited.
+    FailClosed,
+}
+
+/// A [`RateStore`] in Redis (or Redis Cluster), shared by every replica.
+///
+/// `C` is any async connection that is cheap to clone: `redis::aio::ConnectionManager`
+/// (reconnects; give it a response timeout) or `redis::cluster_async::ClusterConnection`.
+pub struct RedisRateStore<C> {
+    conn: C,
+    prefix: Arc<str>,
+    policy: OutagePolicy,
+    replicas: u32,
+    day_boundary: Duration,
+    window: Duration,
+    timeout: Duration,
+    local: MemoryRateStore,
+    member_prefix: String,
+    seq: AtomicU64,
+    errors: AtomicU64,
+    outages: AtomicU64,
+    in_outage: AtomicBool,
+}
+
+// === impl RedisRateStore ===
+
+impl<C> RedisRateStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A store on `conn`: policy `fail_open` with 1 replica, days at 00:00 UTC, keys under
+    /// `llmgate:rl`, 1 s per Redis call.
+    pub fn new(conn: C) -> Self {
+        Self {
+            conn,
+            prefix: "llmgate:rl".into(),
+            policy: OutagePolicy::FailOpen,
+            replicas: 1,
+            day_boundary: Duration::ZERO,
+            window: WINDOW,
+            timeout: Duration::from_secs(1),
+            local: MemoryRateStore::new(),
+            member_prefix: uuid::Uuid::new_v4().simple().to_string(),
+            seq: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            outages: AtomicU64::new(0),
+            in_outage: AtomicBool::new(false),
+        }
+    }
+
+    /// The outage policy.
+    pub fn policy(mut self, policy: OutagePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How many replicas share the budget (the divisor of `fail_open` limits).
+    pub fn replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas.max(1);
+        self
+    }
+
+    /// Days (for rpd) start `offset` after 00:00 UTC.
+    pub fn day_boundary(mut self, offset: Duration) -> Self {
+        self.day_boundary = offset;
+        self.local = MemoryRateStore::new()
+            .day_boundary(offset)
+            .window(self.window);
+        self
+    }
+
+    /// The rpm/tpm window (default 60 s; shorter only for tests).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window.max(Duration::from_millis(1));
+        self.local = MemoryRateStore::new()
+            .day_boundary(self.day_boundary)
+            .window(self.window);
+        self
+    }
+
+    /// The longest a Redis call may take before it counts as failed (default 1 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The key prefix (default `llmgate:rl`).
+    pub fn key_prefix(mut self, prefix: impl Into<Arc<str>>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The key of one budget of `model`, hash-tagged by model.
+    pub fn key(&self, model: &str, what: &str) -> String {
+        format!("{}:{{{model}}}:{what}", self.prefix)
+    }
+
+    async fn run<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
+        let outcome = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        };
+        match outcome {
+            Ok(value) => {
+                if self.in_outage.load(Ordering::Relaxed)
+                    && self.in_outage.swap(false, Ordering::AcqRel)
+                {
+                    tracing::warn!(
+                        "rate-limit store: Redis reachable again; shared budgets restored"
+                    );
+                }
+                Some(value)
+            }
+            Err(error) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                if !self.in_outage.swap(true, Ordering::AcqRel) {
+                    self.outages.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        %error,
+                        policy = ?self.policy,
+                        replicas = self.replicas,
+                        "rate-limit store: Redis unreachable; applying the outage policy until it recovers"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    async fn check_redis(&self, model: &str, limits: &Limits, tokens: u64) -> Option<Decision> {
+        let as_arg =
+            |limit: Option<u64>| limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let member = format!(
+            "{}-{}",
+            self.member_prefix,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = self.conn.clone();
+        let mut invocation = CHECK.prepare_invoke();
+        invocation
+            .key(self.key(model, "rpm"))
+            .key(self.key(model, "tpm"))
+            .key(self.key(model, "rpd"))
+            .key(self.key(model, "cool"))
+            .arg(as_arg(limits.rpm))
+            .arg(as_arg(limits.tpm))
+            .arg(tokens)
+            .arg(as_arg(limits.rpd))
+            .arg(self.day_boundary.as_millis() as u64 % DAY.as_millis() as u64)
+            .arg(member)
+            .arg(self.window.as_millis() as u64);
+        let reply: (String, String) = self.run(invocation.invoke_async(&mut conn)).await?;
+        let wait_ms = reply.1.parse::<f64>().unwrap_or(0.0).max(0.0);
+        let retry_after = Duration::from_secs_f64(wait_ms / 1000.0).max(Duration::from_millis(1));
+        let limited_by = match reply.0.as_str() {
+            "ok" => return Some(Decision::Allowed),
+            "rpm" => LimitKind::Rpm,
+            "tpm" => LimitKind::Tpm,
+            "rpd" => LimitKind::Rpd,
+            _ => LimitKind::Cooldown,
+        };
+        Some(Decision::Limited {
+            limited_by,
+            retry_after,
+        })
+    }
+
+    /// Redis health: errors and outages so far.
+    pub fn health_now(&self) -> StoreHealth {
+        StoreHealth {
+            errors: self.errors.load(Ordering::Relaxed),
+            outages: self.outages.load(Ordering::Relaxed),
+            in_outage: self.in_outage.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<C> fmt::Debug for RedisRateStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateStore")
+            .field("prefix", &self.prefix)
+            .field("policy", &self.policy)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> RateStore for RedisRateStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn check<'a>(
+        &'a self,
+        model: &'a str,
+        limits: &'a Limits,
+        tokens: u64,
+    ) -> BoxFuture<'a, Decision> {
+        Box::pin(async move {
+            if let Some(decision) = self.check_redis(model, limits, tokens).await {
+                return decision;
+            }
+            match self.policy {
+                OutagePolicy::FailOpen => {
+                    self.local
+                        .check_now(model, &divide_limits(limits, self.replicas), tokens)
+                }
+                OutagePolicy::FailClosed => Decision::Limited {
+                    limited_by: LimitKind::Unavailable,
+                    retry_after: Duration::from_secs(1),
+                },
+            }
+        })
+    }
+
+    fn correct_tokens<'a>(
+        &'a self,
+        model: &'a str,
+        limits: &'a Limits,
+        estimated: u64,
+        actual: u64,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(tpm) = limits.tpm else { return };
+            if estimated == actual {
+                return;
+            }
+            let delta = actual as i64 - estimated as i64;
+            let mut conn = self.conn.clone();
+            let mut invocation = CORRECT.prepare_invoke();
+            invocation
+                .key(self.key(model, "tpm"))
+                .arg(tpm)
+                .arg(delta)
+                .arg(self.window.as_millis() as u64);
+            let done: Option<String> = self.run(invocation.invoke_async(&mut conn)).await;
+            if done.is_none() {
+                self.local.correct_now(
+                    model,
+                    &divide_limits(limits, self.replicas),
+                    estimated,
+                    actual,
+                );
+            }
+        })
+    }
+
+    fn cool_down<'a>(&'a self, model: &'a str, duration: Duration) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            // The local store keeps the cooldown too, for a `fail_open` outage.
+            self.local.cool_down_now(model, duration);
+            let ms = (duration.as_millis() as u64).max(1);
+            let mut conn = self.conn.clone();
+            let mut invocation = COOL.prepare_invoke();
+            invocation.key(self.key(model, "cool")).arg(ms);
+            let _: Option<i64> = self.run(invocation.invoke_async(&mut conn)).await;
+        })
+    }
+
+    fn until_daily_reset(&self) -> Duration {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        day_and_rest(unix, self.day_boundary).1
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.health_now()
+    }
+}
