@@ -148,13 +148,13 @@ where
 /// Refuses a chat body before reading it: 415 when compressed, 413 when its declared length
 /// is past `limit`.
 pub fn check_headers(headers: &http::HeaderMap, limit: usize) -> Result<(), GatewayError> {
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
-        if encoding.as_bytes() != b"identity" {
-            return Err(GatewayError::UnsupportedMediaType(
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
+        && encoding.as_bytes() != b"identity"
+    {
+        return Err(GatewayError::UnsupportedMediaType(
                 "Compressed request bodies are not supported on chat routes; send the JSON body uncompressed"
                     .into(),
             ));
-        }
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)

@@ -404,17 +404,15 @@ impl<B: Body<Data = Bytes>> UsageTap<B> {
             first_frame_at: None,
             outcome: Some(outcome),
         };
-        if empty {
-            if let Some(outcome) = tap.outcome.take() {
-                outcome.fire(report(
-                    &mut tap.kind,
-                    &mut tap.captured,
-                    false,
-                    0,
-                    None,
-                    StreamEnd::Complete,
-                ));
-            }
+        if empty && let Some(outcome) = tap.outcome.take() {
+            outcome.fire(report(
+                &mut tap.kind,
+                &mut tap.captured,
+                false,
+                0,
+                None,
+                StreamEnd::Complete,
+            ));
         }
         tap
     }
@@ -502,17 +500,17 @@ where
                 this.inner.is_end_stream().then_some(StreamEnd::Complete)
             }
         };
-        if let Some(end) = end {
-            if let Some(outcome) = this.outcome.take() {
-                outcome.fire(report(
-                    this.kind,
-                    this.captured,
-                    *this.truncated,
-                    *this.bytes,
-                    *this.first_frame_at,
-                    end,
-                ));
-            }
+        if let Some(end) = end
+            && let Some(outcome) = this.outcome.take()
+        {
+            outcome.fire(report(
+                this.kind,
+                this.captured,
+                *this.truncated,
+                *this.bytes,
+                *this.first_frame_at,
+                end,
+            ));
         }
         Poll::Ready(polled)
     }
