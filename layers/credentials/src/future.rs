@@ -1,0 +1,64 @@
+//! The response future of the synchronous layers: the inner future, or a refusal made
+//! without boxing.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use llmgate_core::{BoxError, GatewayError};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// Response future of [`Project`](crate::ProjectService) and
+    /// [`UpstreamAuth`](crate::UpstreamAuth).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Future { #[pin] future: F },
+        Refused { error: Option<GatewayError> },
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn future(future: F) -> Self {
+        Self {
+            kind: Kind::Future { future },
+        }
+    }
+
+    pub(crate) fn refused(error: GatewayError) -> Self {
+        Self {
+            kind: Kind::Refused { error: Some(error) },
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Future { future } => future.poll(cx).map_err(Into::into),
+            KindProj::Refused { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| {
+                    GatewayError::Internal("response future polled after completion".into())
+                })
+                .into())),
+        }
+    }
+}
