@@ -149,20 +149,7 @@ where
 }
 
 /// One request: the loop over its candidates.
-fn route<S, F>(
-    config: Arc<RateLimitFallbackLayer>,
-    inner: S,
-    req: Request<GatewayBody>,
-) -> impl Future<Output = Result<Response<GatewayBody>, BoxError>> + Send
-where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F> + Send + 'static,
-    S::Error: Into<BoxError>,
-    F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
-{
-    route_inner(config, inner, req)
-}
-
-async fn route_inner<S, F>(
+async fn route<S, F>(
     config: Arc<RateLimitFallbackLayer>,
     mut inner: S,
     req: Request<GatewayBody>,
@@ -222,14 +209,14 @@ where
         if attempts >= config.max_attempts {
             break;
         }
-        if let Some((from, reason)) = given_up.take() {
-            if let Some(events) = &events {
-                events.record(FallbackEvent::RateLimit {
-                    original_model: from.to_string(),
-                    fallback_model: model.to_string(),
-                    reason,
-                });
-            }
+        if let Some((from, reason)) = given_up.take()
+            && let Some(events) = &events
+        {
+            events.record(FallbackEvent::RateLimit {
+                original_model: from.to_string(),
+                fallback_model: model.to_string(),
+                reason,
+            });
         }
         tried.push(model.to_string());
         let mut waited = Duration::ZERO;
@@ -335,10 +322,10 @@ fn candidates(
         }
         let fallback = catalog.get(name);
         let window = fallback.and_then(|f| f.context_window);
-        if let (Some(estimate), Some(window)) = (estimate, window) {
-            if window < estimate {
-                continue;
-            }
+        if let (Some(estimate), Some(window)) = (estimate, window)
+            && window < estimate
+        {
+            continue;
         }
         out.push((
             Arc::from(name.as_str()),

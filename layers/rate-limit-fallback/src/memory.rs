@@ -17,6 +17,8 @@ use crate::store::{
 
 const SHARDS: usize = 32;
 
+type Shard = Mutex<HashMap<Box<str>, ModelState>>;
+
 /// An in-process [`RateStore`]. Cheap to share behind an `Arc`.
 ///
 /// ```
@@ -34,7 +36,7 @@ const SHARDS: usize = 32;
 /// # }
 /// ```
 pub struct MemoryRateStore {
-    shards: Box<[Mutex<HashMap<Box<str>, ModelState>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     clock: Arc<dyn Clock>,
     day_boundary: Duration,
@@ -271,10 +273,10 @@ impl ModelState {
             self.day = day;
             self.day_count = 0;
         }
-        if let Some(rpd) = limits.rpd {
-            if self.day_count >= rpd {
-                refuse(LimitKind::Rpd, to_next_day.min(DAY));
-            }
+        if let Some(rpd) = limits.rpd
+            && self.day_count >= rpd
+        {
+            refuse(LimitKind::Rpd, to_next_day.min(DAY));
         }
 
         if let Some((limited_by, retry_after)) = refused {

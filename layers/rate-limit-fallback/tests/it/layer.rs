@@ -32,11 +32,16 @@ impl FallbackEventSink for Sink {
     }
 }
 
+/// A scripted response: status, headers, body.
+type Scripted = (u16, Vec<(&'static str, String)>, String);
+/// An upstream call: the attempt's model and the `model` body edit.
+type Call = (String, Option<String>);
+
 /// A scripted upstream: per model, a queue of (status, headers, body); then 200 with usage.
 #[derive(Clone, Default)]
 struct Upstream {
-    script: Arc<Mutex<HashMap<String, VecDeque<(u16, Vec<(&'static str, String)>, String)>>>>,
-    calls: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    script: Arc<Mutex<HashMap<String, VecDeque<Scripted>>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
 }
 
 impl Upstream {

@@ -73,11 +73,7 @@ pub(crate) async fn run(store: Arc<dyn RateStore>, ns: &str, window: Duration) {
     let (kind, wait) = refused(store.check(&m("rpd"), &l, 1).await);
     assert_eq!(kind, LimitKind::Rpd);
     let reset = store.until_daily_reset();
-    let diff = if wait > reset {
-        wait - reset
-    } else {
-        reset - wait
-    };
+    let diff = wait.abs_diff(reset);
     assert!(
         diff < Duration::from_secs(5),
         "rpd wait {wait:?} vs reset {reset:?}"
