@@ -231,7 +231,8 @@ impl<'a> RequestEstimator<'a> {
     }
 
     /// The estimate for a model counted by `tokenizer` with context `window` (if known): the
-    /// bound when it fits the window, else the tokenizer's count (or the bytes estimate).
+    /// tokenizer's count when this estimator already has it, else the bound when it fits the
+    /// window, else the tokenizer's count (the bytes estimate for [`Tokenizer::Bytes`]).
     pub fn estimate(&mut self, tokenizer: Tokenizer, window: Option<u64>) -> Estimate {
         let bytes_estimate = || Estimate {
             tokens: self
@@ -244,8 +245,13 @@ impl<'a> RequestEstimator<'a> {
         let Some(bpe) = tokenizer.bpe() else {
             return bytes_estimate();
         };
+        let cached = match tokenizer {
+            Tokenizer::O200k => self.o200k,
+            Tokenizer::Cl100k => self.cl100k,
+            Tokenizer::Bytes => None,
+        };
         let bound = self.bound();
-        if window.is_none_or(|w| bound <= w) {
+        if cached.is_none() && window.is_none_or(|w| bound <= w) {
             return Estimate {
                 tokens: bound,
                 method: Method::Bound,
