@@ -184,15 +184,11 @@ impl Config {
     }
 
     /// Loads `path` (if any) and applies the environment read through `env`.
-    pub fn load(
-        path: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("{}: cannot read config: {e}", path.display()))
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
                 Self::from_yaml(&text, path, env)
             }
             None => Self::resolve(FileConfig::default(), None, env),
@@ -200,16 +196,11 @@ impl Config {
     }
 
     /// Parses YAML `text` (errors name `origin` and the line) and applies the environment.
-    pub fn from_yaml(
-        text: &str,
-        origin: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_yaml(text: &str, origin: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
-            serde_yaml::from_str(text)
-                .map_err(|e| ConfigError(format!("{}: {e}", origin.display())))?
+            serde_yaml::from_str(text).map_err(|e| ConfigError(format!("{}: {e}", origin.display())))?
         };
         Self::resolve(file, Some((origin.to_path_buf(), text.to_string())), env)
     }
@@ -228,39 +219,26 @@ impl Config {
             (_, Some(h), Some(p)) => format!("{}:{p}", bracket(&h)),
             (Some(listen), None, None) => listen.to_string(),
             (Some(listen), h, p) => {
-                let addr: SocketAddr = listen.parse().map_err(|e| {
-                    ConfigError(format!(
-                        "{}invalid `listen` {listen:?}: {e}",
-                        at("listen", listen)
-                    ))
-                })?;
+                let addr: SocketAddr = listen
+                    .parse()
+                    .map_err(|e| ConfigError(format!("{}invalid `listen` {listen:?}: {e}", at("listen", listen))))?;
                 let host = h.unwrap_or_else(|| addr.ip().to_string());
                 let port = p.unwrap_or_else(|| addr.port().to_string());
                 format!("{}:{port}", bracket(&host))
             }
-            (None, h, p) => format!(
-                "{}:{}",
-                bracket(&h.unwrap_or_else(|| "127.0.0.1".into())),
-                p.unwrap_or_else(|| "4000".into())
-            ),
+            (None, h, p) => {
+                format!("{}:{}", bracket(&h.unwrap_or_else(|| "127.0.0.1".into())), p.unwrap_or_else(|| "4000".into()))
+            }
         };
-        let listen: SocketAddr = listen_text.parse().map_err(|e| {
-            ConfigError(format!(
-                "invalid listen address {listen_text:?} (HOST/PORT/listen): {e}"
-            ))
-        })?;
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|e| ConfigError(format!("invalid listen address {listen_text:?} (HOST/PORT/listen): {e}")))?;
 
         let request_timeout = match env("REQUEST_TIMEOUT") {
             Some(v) => seconds("REQUEST_TIMEOUT", &v)?,
-            None => positive_secs(
-                file.request_timeout_secs,
-                300.0,
-                "request_timeout_secs",
-                &at,
-            )?,
+            None => positive_secs(file.request_timeout_secs, 300.0, "request_timeout_secs", &at)?,
         };
-        let drain_timeout =
-            positive_secs(file.drain_timeout_secs, 30.0, "drain_timeout_secs", &at)?;
+        let drain_timeout = positive_secs(file.drain_timeout_secs, 30.0, "drain_timeout_secs", &at)?;
 
         let mut upstreams = BTreeMap::new();
         for (name, upstream) in file.upstreams.iter().flatten() {
@@ -273,28 +251,15 @@ impl Config {
                 })?)),
                 None => None,
             };
-            let url = base_url(&upstream.url).map_err(|e| {
-                ConfigError(format!(
-                    "{}upstream '{name}': {e}",
-                    at("url", &upstream.url)
-                ))
-            })?;
+            let url = base_url(&upstream.url)
+                .map_err(|e| ConfigError(format!("{}upstream '{name}': {e}", at("url", &upstream.url))))?;
             upstreams.insert(
                 name.clone(),
-                UpstreamTarget {
-                    name: name.as_str().into(),
-                    base_url: url.into(),
-                    mode: upstream.mode,
-                    api_key,
-                },
+                UpstreamTarget { name: name.as_str().into(), base_url: url.into(), mode: upstream.mode, api_key },
             );
         }
         let default_upstream = file.default_upstream.clone().unwrap_or_else(|| {
-            if upstreams.len() == 1 {
-                upstreams.keys().next().cloned().unwrap_or_default()
-            } else {
-                "default".into()
-            }
+            if upstreams.len() == 1 { upstreams.keys().next().cloned().unwrap_or_default() } else { "default".into() }
         });
         let env_url = env("LITELLM_URL")
             .map(|u| (u, UpstreamMode::LiteLlm))
@@ -304,9 +269,7 @@ impl Config {
                 "openai" => UpstreamMode::OpenAi,
                 "litellm" => UpstreamMode::LiteLlm,
                 other => {
-                    return Err(ConfigError(format!(
-                        "UPSTREAM_MODE must be openai or litellm, not {other:?}"
-                    )));
+                    return Err(ConfigError(format!("UPSTREAM_MODE must be openai or litellm, not {other:?}")));
                 }
             }),
             None => None,
@@ -314,27 +277,22 @@ impl Config {
         match upstreams.get_mut(&default_upstream) {
             Some(target) => {
                 if let Some((url, _)) = &env_url {
-                    target.base_url = base_url(url)
-                        .map_err(|e| ConfigError(format!("LITELLM_URL/UPSTREAM_URL: {e}")))?
-                        .into();
+                    target.base_url =
+                        base_url(url).map_err(|e| ConfigError(format!("LITELLM_URL/UPSTREAM_URL: {e}")))?.into();
                 }
                 if let Some(mode) = env_mode {
                     target.mode = mode;
                 }
             }
-            None if file.upstreams.as_ref().is_some_and(|u| !u.is_empty())
-                || file.default_upstream.is_some() =>
-            {
+            None if file.upstreams.as_ref().is_some_and(|u| !u.is_empty()) || file.default_upstream.is_some() => {
                 return Err(ConfigError(format!(
                     "{}default_upstream '{default_upstream}' is not one of the configured upstreams",
                     at("default_upstream", &default_upstream)
                 )));
             }
             None => {
-                let (url, mode) =
-                    env_url.unwrap_or_else(|| (DEFAULT_UPSTREAM_URL.into(), UpstreamMode::OpenAi));
-                let url = base_url(&url)
-                    .map_err(|e| ConfigError(format!("LITELLM_URL/UPSTREAM_URL: {e}")))?;
+                let (url, mode) = env_url.unwrap_or_else(|| (DEFAULT_UPSTREAM_URL.into(), UpstreamMode::OpenAi));
+                let url = base_url(&url).map_err(|e| ConfigError(format!("LITELLM_URL/UPSTREAM_URL: {e}")))?;
                 upstreams.insert(
                     default_upstream.clone(),
                     UpstreamTarget {
@@ -350,11 +308,7 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for model in &file.models {
             if !names.insert(model.name.as_str()) {
-                return Err(ConfigError(format!(
-                    "{}model '{}' is defined twice",
-                    at("name", &model.name),
-                    model.name
-                )));
+                return Err(ConfigError(format!("{}model '{}' is defined twice", at("name", &model.name), model.name)));
             }
             if let Some(up) = &model.upstream {
                 if !upstreams.contains_key(up) {
@@ -401,9 +355,7 @@ impl Config {
             listen,
             request_timeout,
             drain_timeout,
-            body_limit: file
-                .body_limit_bytes
-                .unwrap_or(llmgate_core::json::DEFAULT_BODY_LIMIT),
+            body_limit: file.body_limit_bytes.unwrap_or(llmgate_core::json::DEFAULT_BODY_LIMIT),
             upstreams,
             default_upstream,
             models: file.models,
@@ -415,18 +367,11 @@ impl Config {
             langfuse_api: langfuse.and_then(|l| l.api).unwrap_or_default(),
             emit: langfuse.and_then(|l| l.emit),
             encoded_base_url_allow: file.encoded_base_url.map(|e| e.allow).unwrap_or_default(),
-            api_keys: file
-                .auth
-                .map(|a| a.api_keys.into_iter().map(Secret::new).collect())
-                .unwrap_or_default(),
+            api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
             max_wait,
             insertion_prefix: insertion.and_then(|i| i.prefix.clone()).unwrap_or_default(),
-            insertion_ttl: Duration::from_secs(
-                insertion.and_then(|i| i.ttl_secs).unwrap_or(86_400),
-            ),
-            record_timeout: Duration::from_millis(
-                insertion.and_then(|i| i.record_timeout_ms).unwrap_or(250),
-            ),
+            insertion_ttl: Duration::from_secs(insertion.and_then(|i| i.ttl_secs).unwrap_or(86_400)),
+            record_timeout: Duration::from_millis(insertion.and_then(|i| i.record_timeout_ms).unwrap_or(250)),
             log_filter,
         })
     }
@@ -444,35 +389,17 @@ impl Config {
             self.request_timeout, self.drain_timeout, self.body_limit
         ));
         for (name, target) in &self.upstreams {
-            let default = if *name == self.default_upstream {
-                " (default)"
-            } else {
-                ""
-            };
-            let key = if target.api_key.is_some() {
-                ", server-side API key"
-            } else {
-                ", client's Authorization forwarded"
-            };
-            line(format!(
-                "upstream {name}{default}: {} mode {:?}{key}",
-                target.base_url, target.mode
-            ));
+            let default = if *name == self.default_upstream { " (default)" } else { "" };
+            let key =
+                if target.api_key.is_some() { ", server-side API key" } else { ", client's Authorization forwarded" };
+            line(format!("upstream {name}{default}: {} mode {:?}{key}", target.base_url, target.mode));
         }
         line(format!("models configured: {}", self.models.len()));
-        line(format!(
-            "stores: {}",
-            if self.redis_url.is_some() {
-                "Redis"
-            } else {
-                "in-memory (no Redis configured)"
-            }
-        ));
+        line(format!("stores: {}", if self.redis_url.is_some() { "Redis" } else { "in-memory (no Redis configured)" }));
         line(match &self.langfuse_host {
-            Some(host) => format!(
-                "langfuse: {host}, read API {:?}, secrets {:?}",
-                self.langfuse_api, self.secrets_path
-            ),
+            Some(host) => {
+                format!("langfuse: {host}, read API {:?}, secrets {:?}", self.langfuse_api, self.secrets_path)
+            }
             None => "langfuse: export off (no LANGFUSE_HOST or langfuse.host)".into(),
         });
         line(format!(
@@ -483,32 +410,20 @@ impl Config {
                 format!("{} static API key(s)", self.api_keys.len())
             }
         ));
-        line(format!(
-            "encoded_base_url allowlist: {:?}",
-            self.encoded_base_url_allow
-        ));
-        line(format!(
-            "rate_limit.max_wait_seconds: {}",
-            self.max_wait.as_secs_f64()
-        ));
+        line(format!("encoded_base_url allowlist: {:?}", self.encoded_base_url_allow));
+        line(format!("rate_limit.max_wait_seconds: {}", self.max_wait.as_secs_f64()));
         out
     }
 }
 
 fn bracket(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() }
 }
 
 fn seconds(name: &str, value: &str) -> Result<Duration, ConfigError> {
     match value.trim().parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(ConfigError(format!(
-            "{name} must be a positive number of seconds, not {value:?}"
-        ))),
+        _ => Err(ConfigError(format!("{name} must be a positive number of seconds, not {value:?}"))),
     }
 }
 
@@ -521,18 +436,15 @@ fn positive_secs(
     match value {
         None => Ok(Duration::from_secs_f64(default)),
         Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
-        Some(s) => Err(ConfigError(format!(
-            "{}{key} must be a positive number of seconds, not {s}",
-            at(key, &s.to_string())
-        ))),
+        Some(s) => {
+            Err(ConfigError(format!("{}{key} must be a positive number of seconds, not {s}", at(key, &s.to_string()))))
+        }
     }
 }
 
 /// Checks a base URL: http or https, a host, no query; the trailing slash is dropped.
 pub fn base_url(url: &str) -> Result<String, String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL {url:?}: {e}"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => return Err(format!("URL {url:?} must start with http:// or https://")),
@@ -556,10 +468,8 @@ fn locate(text: Option<&(PathBuf, String)>, key: &str, value: &str) -> String {
         let l = l.trim_start().trim_start_matches("- ");
         l.starts_with(key) && l[key.len()..].trim_start().starts_with(':')
     };
-    let line = text
-        .lines()
-        .position(|l| names_key(l) && l.contains(value))
-        .or_else(|| text.lines().position(names_key));
+    let line =
+        text.lines().position(|l| names_key(l) && l.contains(value)).or_else(|| text.lines().position(names_key));
     match line {
         Some(n) => format!("{}: line {}: ", path.display(), n + 1),
         None => format!("{}: ", path.display()),
@@ -587,8 +497,7 @@ mod tests {
             pub fn with(text: &str) -> Self {
                 static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let path = std::env::temp_dir()
-                    .join(format!("llmgate-config-{}-{n}.yaml", std::process::id()));
+                let path = std::env::temp_dir().join(format!("llmgate-config-{}-{n}.yaml", std::process::id()));
                 std::fs::write(&path, text).unwrap();
                 Self(path)
             }
@@ -631,31 +540,17 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
-        let file = write(
-            "listen: \"127.0.0.1:1\"\nupstreams:\n  a:\n    url: http://a\n    colour: red\n",
-        );
-        let err = Config::load(Some(&file.0), &no_env)
-            .unwrap_err()
-            .to_string();
+        let file = write("listen: \"127.0.0.1:1\"\nupstreams:\n  a:\n    url: http://a\n    colour: red\n");
+        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
         assert!(err.contains("colour") && err.contains("line 5"), "{err}");
 
         let file = write("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n");
-        let err = Config::load(Some(&file.0), &no_env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("default_upstream 'b'") && err.contains("line 3"),
-            "{err}"
-        );
+        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        assert!(err.contains("default_upstream 'b'") && err.contains("line 3"), "{err}");
 
         let file = write("models:\n  - name: m\n    limits: {rpm: -5}\n");
-        let err = Config::load(Some(&file.0), &no_env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("invalid limit -5") && err.contains("line 3"),
-            "{err}"
-        );
+        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        assert!(err.contains("invalid limit -5") && err.contains("line 3"), "{err}");
     }
 
     #[test]
@@ -687,14 +582,7 @@ rate_limit: {max_wait_seconds: 2}
         let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-x".to_string());
         let config = Config::load(Some(&file.0), &env).unwrap();
         assert_eq!(config.default_upstream, "litellm");
-        assert_eq!(
-            config.upstreams["openai"]
-                .api_key
-                .as_ref()
-                .unwrap()
-                .expose(),
-            "sk-x"
-        );
+        assert_eq!(config.upstreams["openai"].api_key.as_ref().unwrap().expose(), "sk-x");
         assert_eq!(config.models[0].limits.rpm, Some(500));
         assert_eq!(config.langfuse_api, LangfuseApi::V3);
         assert_eq!(config.emit, Some(Emit::Events));

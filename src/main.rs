@@ -10,11 +10,7 @@ use llmgate::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "llmgate",
-    version,
-    about = "An LLM gateway built from composable Tower layers"
-)]
+#[command(name = "llmgate", version, about = "An LLM gateway built from composable Tower layers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,11 +76,9 @@ fn load(config: Option<PathBuf>) -> Result<Config, llmgate::config::ConfigError>
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
@@ -104,21 +98,13 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             init_logging(&config.log_filter);
             let listen = config.listen;
             let gateway = Gateway::from_config(config).await?;
-            let listener = llmgate::server::hyper::bind(listen)
-                .await
-                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            let listener =
+                llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
             tracing::info!("llmgate listening on http://{}", listener.local_addr()?);
             gateway.serve(listener, shutdown_signal()).await;
             Ok(())
         }
-        Command::MockUpstream {
-            port,
-            host,
-            delay_ms,
-            chunks,
-            chunk_delay_ms,
-            rate_limit_every,
-        } => {
+        Command::MockUpstream { port, host, delay_ms, chunks, chunk_delay_ms, rate_limit_every } => {
             init_logging("info");
             let options = MockOptions {
                 delay: Duration::from_millis(delay_ms),
@@ -139,14 +125,13 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

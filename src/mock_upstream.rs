@@ -55,12 +55,7 @@ pub struct MockOptions {
 
 impl Default for MockOptions {
     fn default() -> Self {
-        Self {
-            delay: Duration::ZERO,
-            chunks: 5,
-            chunk_delay: Duration::ZERO,
-            rate_limit_every: None,
-        }
+        Self { delay: Duration::ZERO, chunks: 5, chunk_delay: Duration::ZERO, rate_limit_every: None }
     }
 }
 
@@ -108,10 +103,7 @@ impl MockUpstream {
     pub async fn start_on(addr: SocketAddr, options: MockOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(State {
-            options,
-            ..State::default()
-        });
+        let state = Arc::new(State { options, ..State::default() });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self { addr, state, task })
     }
@@ -128,11 +120,7 @@ impl MockUpstream {
 
     /// Every request received so far.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Chat requests received so far.
@@ -158,9 +146,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -173,36 +159,21 @@ fn header_num(headers: &HeaderMap, name: &str) -> Option<u64> {
     header(headers, name).and_then(|v| v.parse().ok())
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    state: Arc<State>,
-) -> Result<Response<GatewayBody>, Infallible> {
+async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<GatewayBody>, Infallible> {
     let (parts, incoming) = req.into_parts();
-    let body = incoming
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let uri = parts
-        .uri
-        .path_and_query()
-        .map_or("/".to_string(), |p| p.to_string());
-    state
-        .requests
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(RecordedRequest {
-            method: parts.method.to_string(),
-            uri: uri.clone(),
-            headers: parts.headers.clone(),
-            body: body.clone(),
-        });
+    let body = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let uri = parts.uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
+    state.requests.lock().unwrap_or_else(|p| p.into_inner()).push(RecordedRequest {
+        method: parts.method.to_string(),
+        uri: uri.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
     let headers = &parts.headers;
     if headers.contains_key("x-mock-hang") {
         std::future::pending::<()>().await;
     }
-    let delay =
-        header_num(headers, "x-mock-delay-ms").map_or(state.options.delay, Duration::from_millis);
+    let delay = header_num(headers, "x-mock-delay-ms").map_or(state.options.delay, Duration::from_millis);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -211,45 +182,22 @@ async fn handle(
     }
     let n = state.chat_count.fetch_add(1, Ordering::SeqCst) + 1;
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-model")
-        .to_string();
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string();
     if let Some(response) = injected_failure(
         headers,
         &model,
-        state
-            .options
-            .rate_limit_every
-            .is_some_and(|every| every > 0 && n % every == 0),
+        state.options.rate_limit_every.is_some_and(|every| every > 0 && n % every == 0),
     ) {
         return Ok(response);
     }
     let prompt_tokens = prompt_tokens(&request);
-    if request
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
-    {
-        let chunks =
-            header_num(headers, "x-mock-chunks").map_or(state.options.chunks, |c| c as usize);
-        let chunk_delay = header_num(headers, "x-mock-chunk-delay-ms")
-            .map_or(state.options.chunk_delay, Duration::from_millis);
-        let include_usage = request
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+    if request.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        let chunks = header_num(headers, "x-mock-chunks").map_or(state.options.chunks, |c| c as usize);
+        let chunk_delay =
+            header_num(headers, "x-mock-chunk-delay-ms").map_or(state.options.chunk_delay, Duration::from_millis);
+        let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
         let cut_after = header_num(headers, "x-mock-cut-after").map(|c| c as usize);
-        return Ok(stream(
-            model,
-            n,
-            chunks,
-            chunk_delay,
-            include_usage,
-            cut_after,
-            prompt_tokens,
-        ));
+        return Ok(stream(model, n, chunks, chunk_delay, include_usage, cut_after, prompt_tokens));
     }
     let content = "This is a mock completion.";
     let completion_tokens = content.split_whitespace().count() as u64;
@@ -267,11 +215,8 @@ async fn handle(
 }
 
 fn echo(parts: &http::request::Parts, uri: &str, body: &Bytes) -> Value {
-    let headers: HashMap<&str, &str> = parts
-        .headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-        .collect();
+    let headers: HashMap<&str, &str> =
+        parts.headers.iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))).collect();
     json!({
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
@@ -289,39 +234,25 @@ fn prompt_tokens(request: &Value) -> u64 {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .map(|m| {
-            m.get("content").map_or(0, |c| {
-                c.as_str().map_or_else(|| c.to_string().len(), str::len)
-            })
-        })
+        .map(|m| m.get("content").map_or(0, |c| c.as_str().map_or_else(|| c.to_string().len(), str::len)))
         .sum();
     (bytes as u64).div_ceil(4).max(1)
 }
 
-fn injected_failure(
-    headers: &HeaderMap,
-    model: &str,
-    rate_limited: bool,
-) -> Option<Response<GatewayBody>> {
+fn injected_failure(headers: &HeaderMap, model: &str, rate_limited: bool) -> Option<Response<GatewayBody>> {
     let from_fail_list = header(headers, "x-mock-fail").and_then(|list| {
         list.split(',').find_map(|entry| {
             let (m, spec) = entry.trim().split_once('=')?;
             (m == model).then(|| {
                 let (status, code) = spec.split_once(':').unwrap_or((spec, ""));
-                (
-                    status.parse::<u16>().ok(),
-                    (!code.is_empty()).then(|| code.to_string()),
-                )
+                (status.parse::<u16>().ok(), (!code.is_empty()).then(|| code.to_string()))
             })
         })
     });
     let (status, code) = match from_fail_list {
         Some((status, code)) => (status?, code),
         None => match header_num(headers, "x-mock-status") {
-            Some(status) => (
-                status as u16,
-                header(headers, "x-mock-error-code").map(str::to_string),
-            ),
+            Some(status) => (status as u16, header(headers, "x-mock-error-code").map(str::to_string)),
             None if rate_limited => (429, Some("rate_limit_exceeded".to_string())),
             None => return None,
         },
@@ -333,16 +264,13 @@ fn injected_failure(
             "This model's maximum context length is 1000 tokens. However, your messages resulted in more tokens. ({model})"
         ),
         "insufficient_quota" => {
-            "You exceeded your current quota, please check your plan and billing details."
-                .to_string()
+            "You exceeded your current quota, please check your plan and billing details.".to_string()
         }
         "rate_limit_exceeded" => format!("Rate limit reached for {model}"),
         other => format!("mock error {other}"),
     };
-    let mut response = json(
-        status,
-        &json!({"error": {"message": message, "type": "mock_error", "param": null, "code": code}}),
-    );
+    let mut response =
+        json(status, &json!({"error": {"message": message, "type": "mock_error", "param": null, "code": code}}));
     if status == StatusCode::TOO_MANY_REQUESTS {
         let retry_after = header(headers, "x-mock-retry-after").unwrap_or("1");
         if let Ok(value) = retry_after.parse() {
@@ -375,11 +303,7 @@ fn stream(
             }
             let chunk = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
                 "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]});
-            if tx
-                .send_data(Bytes::from(format!("data: {chunk}\n\n")))
-                .await
-                .is_err()
-            {
+            if tx.send_data(Bytes::from(format!("data: {chunk}\n\n"))).await.is_err() {
                 return;
             }
         }
@@ -387,25 +311,15 @@ fn stream(
             let completion = chunks as u64;
             let usage = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}});
-            if tx
-                .send_data(Bytes::from(format!("data: {usage}\n\n")))
-                .await
-                .is_err()
-            {
+            if tx.send_data(Bytes::from(format!("data: {usage}\n\n"))).await.is_err() {
                 return;
             }
         }
         let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     let mut response = Response::new(body::boxed(channel));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "text/event-stream".parse().expect("static header"),
-    );
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        "no-cache".parse().expect("static header"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, "text/event-stream".parse().expect("static header"));
+    response.headers_mut().insert(header::CACHE_CONTROL, "no-cache".parse().expect("static header"));
     response
 }
 

@@ -49,10 +49,7 @@ impl<S> Layer<S> for ChatObserveLayer {
     type Service = ChatObserve<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ChatObserve {
-            inner,
-            metrics: self.metrics.clone(),
-        }
+        ChatObserve { inner, metrics: self.metrics.clone() }
     }
 }
 
@@ -80,11 +77,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let model: Option<Arc<str>> = req
-            .extensions()
-            .get::<LlmRequest>()
-            .and_then(|r| r.model())
-            .map(Into::into);
+        let model: Option<Arc<str>> = req.extensions().get::<LlmRequest>().and_then(|r| r.model()).map(Into::into);
         let metrics = self.metrics.clone();
         let future = self.inner.call(req);
         Box::pin(async move {
@@ -93,12 +86,8 @@ where
             usage::tap(&mut response, 0).subscribe(move |outcome| {
                 metrics.usage_reports.fetch_add(1, Ordering::Relaxed);
                 if let Some(usage) = outcome.usage {
-                    metrics
-                        .input_tokens
-                        .fetch_add(usage.input, Ordering::Relaxed);
-                    metrics
-                        .output_tokens
-                        .fetch_add(usage.output, Ordering::Relaxed);
+                    metrics.input_tokens.fetch_add(usage.input, Ordering::Relaxed);
+                    metrics.output_tokens.fetch_add(usage.output, Ordering::Relaxed);
                 }
                 let counter = match outcome.end {
                     usage::StreamEnd::Complete => &metrics.completed,

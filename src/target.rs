@@ -15,10 +15,7 @@ use std::{
 use http::Request;
 use llmgate_core::{
     catalog::Catalog,
-    ext::{
-        BaseUrlOverride, BodyEdits, EditScope, LlmRequest, ModelChoice, UpstreamMode,
-        UpstreamTarget,
-    },
+    ext::{BaseUrlOverride, BodyEdits, EditScope, LlmRequest, ModelChoice, UpstreamMode, UpstreamTarget},
 };
 use tower::{Layer, Service};
 
@@ -37,12 +34,8 @@ impl Targets {
     /// The target for `model` (the default upstream for unknown models).
     pub fn for_model(&self, model: Option<&str>) -> Option<&UpstreamTarget> {
         let spec = model.and_then(|m| self.catalog.get(m));
-        let name = spec
-            .and_then(|s| s.upstream.as_deref())
-            .unwrap_or(&self.default_upstream);
-        self.upstreams
-            .get(name)
-            .or_else(|| self.upstreams.get(&self.default_upstream))
+        let name = spec.and_then(|s| s.upstream.as_deref()).unwrap_or(&self.default_upstream);
+        self.upstreams.get(name).or_else(|| self.upstreams.get(&self.default_upstream))
     }
 }
 
@@ -63,10 +56,7 @@ impl<S> Layer<S> for ResolveTargetLayer {
     type Service = ResolveTarget<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ResolveTarget {
-            inner,
-            targets: self.targets.clone(),
-        }
+        ResolveTarget { inner, targets: self.targets.clone() }
     }
 }
 
@@ -94,10 +84,7 @@ where
         let extensions = req.extensions_mut();
         let model: Option<Arc<str>> = match extensions.get::<ModelChoice>() {
             Some(choice) => Some(choice.current.clone()),
-            None => extensions
-                .get::<LlmRequest>()
-                .and_then(|r| r.model())
-                .map(Into::into),
+            None => extensions.get::<LlmRequest>().and_then(|r| r.model()).map(Into::into),
         };
         if let Some(target) = self.targets.for_model(model.as_deref()) {
             let mut target = target.clone();

@@ -23,10 +23,7 @@ pub type BoxStack = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>,
 
 /// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.
 pub fn health() -> Response<GatewayBody> {
-    json_response(
-        StatusCode::OK,
-        &json!({"status": "healthy", "service": "metadata-proxy"}),
-    )
+    json_response(StatusCode::OK, &json!({"status": "healthy", "service": "metadata-proxy"}))
 }
 
 /// Whether `req` is `GET /health` (the one route outside auth).
@@ -92,10 +89,7 @@ impl<S> Router<S> {
 
 impl<S> Service<Request<GatewayBody>> for Router<S>
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<GatewayBody>;

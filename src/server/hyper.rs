@@ -54,20 +54,13 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!(
-        "shutting down: draining in-flight requests for up to {:?}",
-        drain
-    );
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!("drain timeout passed; closing the remaining connections");
     }
 }
 
-type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
 
 /// Calls the stack with the body boxed. The boxed future erases the body's error type before
 /// `tokio::spawn` checks `Send` (which otherwise trips over the `dyn Error` lifetime).

@@ -36,9 +36,7 @@ pub fn http_client(connect_timeout: Duration) -> HttpClient {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https)
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https)
 }
 
 /// Forwards requests to the [`UpstreamTarget`] in their extensions, or to the default one.
@@ -57,16 +55,8 @@ impl HyperUpstream {
     }
 
     /// An upstream over an existing client.
-    pub fn with_client(
-        client: HttpClient,
-        default_target: UpstreamTarget,
-        timeout: Duration,
-    ) -> Self {
-        Self {
-            client,
-            default_target: Arc::new(default_target),
-            timeout,
-        }
+    pub fn with_client(client: HttpClient, default_target: UpstreamTarget, timeout: Duration) -> Self {
+        Self { client, default_target: Arc::new(default_target), timeout }
     }
 }
 
@@ -82,18 +72,15 @@ impl Service<Request<GatewayBody>> for HyperUpstream {
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let target = parts
-            .extensions
-            .get::<UpstreamTarget>()
-            .unwrap_or(&self.default_target);
+        let target = parts.extensions.get::<UpstreamTarget>().unwrap_or(&self.default_target);
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let url = join_url(&target.base_url, path);
         let client = self.client.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            parts.uri = url.parse::<Uri>().map_err(|e| {
-                GatewayError::UpstreamUnavailable(format!("invalid upstream URL {url}: {e}"))
-            })?;
+            parts.uri = url
+                .parse::<Uri>()
+                .map_err(|e| GatewayError::UpstreamUnavailable(format!("invalid upstream URL {url}: {e}")))?;
             strip_hop_by_hop(&mut parts.headers);
             parts.headers.remove(header::HOST);
             parts.version = Version::HTTP_11;
@@ -106,10 +93,7 @@ impl Service<Request<GatewayBody>> for HyperUpstream {
             let (mut parts, incoming) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts.version = Version::HTTP_11;
-            Ok(Response::from_parts(
-                parts,
-                body::boxed(IdleTimeout::new(incoming, timeout)),
-            ))
+            Ok(Response::from_parts(parts, body::boxed(IdleTimeout::new(incoming, timeout))))
         })
     }
 }

@@ -29,22 +29,14 @@ pub fn join_url(base: &str, path_and_query: &str) -> String {
     let base = base.trim_end_matches('/');
     let base_path = base
         .find("://")
-        .and_then(|scheme_end| {
-            base[scheme_end + 3..]
-                .find('/')
-                .map(|i| &base[scheme_end + 3 + i..])
-        })
+        .and_then(|scheme_end| base[scheme_end + 3..].find('/').map(|i| &base[scheme_end + 3 + i..]))
         .unwrap_or("");
     let path = path_and_query.split(['?', '#']).next().unwrap_or("");
     let shares_prefix = !base_path.is_empty()
         && path.starts_with(base_path)
         && matches!(path.as_bytes().get(base_path.len()), None | Some(b'/'));
     let origin = &base[..base.len() - base_path.len()];
-    if shares_prefix {
-        format!("{origin}{path_and_query}")
-    } else {
-        format!("{base}{path_and_query}")
-    }
+    if shares_prefix { format!("{origin}{path_and_query}") } else { format!("{base}{path_and_query}") }
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the framing
@@ -91,11 +83,7 @@ pin_project! {
 impl<B> IdleTimeout<B> {
     /// Wraps `inner`.
     pub fn new(inner: B, idle: Duration) -> Self {
-        Self {
-            inner,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-        }
+        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)) }
     }
 }
 
@@ -107,10 +95,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
@@ -118,10 +103,7 @@ where
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(GatewayError::UpstreamTimeout(Some(
-                    *this.idle,
-                ))
-                .into()))),
+                Poll::Ready(()) => Poll::Ready(Some(Err(GatewayError::UpstreamTimeout(Some(*this.idle)).into()))),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -143,19 +125,10 @@ mod tests {
     #[test]
     fn joins_without_doubling_the_shared_prefix() {
         assert_eq!(join_url("http://h/v1", "/v1/models"), "http://h/v1/models");
-        assert_eq!(
-            join_url("http://h", "/v1/models?x=1"),
-            "http://h/v1/models?x=1"
-        );
-        assert_eq!(
-            join_url("http://h/v1/", "/chat/completions"),
-            "http://h/v1/chat/completions"
-        );
+        assert_eq!(join_url("http://h", "/v1/models?x=1"), "http://h/v1/models?x=1");
+        assert_eq!(join_url("http://h/v1/", "/chat/completions"), "http://h/v1/chat/completions");
         assert_eq!(join_url("http://h/v1", "/v10/x"), "http://h/v1/v10/x");
-        assert_eq!(
-            join_url("http://h:8/api/v1", "/api/v1?q"),
-            "http://h:8/api/v1?q"
-        );
+        assert_eq!(join_url("http://h:8/api/v1", "/api/v1?q"), "http://h:8/api/v1?q");
     }
 
     #[test]
@@ -172,9 +145,6 @@ mod tests {
             headers.insert(k, v.parse().unwrap());
         }
         strip_hop_by_hop(&mut headers);
-        assert_eq!(
-            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            ["x-kept"]
-        );
+        assert_eq!(headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 }

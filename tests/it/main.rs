@@ -2,5 +2,6 @@
 //! ephemeral ports, real sockets, a real HTTP client, real redis-server processes.
 #![allow(unreachable_pub)]
 
+mod metadata;
 mod proxy;
 mod support;

@@ -15,10 +15,7 @@ async fn health_answers_like_the_original() {
     let gw = TestGateway::in_front_of(&mock, "").await;
     let reply = send(Method::GET, &gw.url("/health"), &[], "").await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(
-        reply.json(),
-        json!({"status": "healthy", "service": "metadata-proxy"})
-    );
+    assert_eq!(reply.json(), json!({"status": "healthy", "service": "metadata-proxy"}));
     assert_eq!(mock.requests().len(), 0);
 }
 
@@ -28,28 +25,16 @@ async fn json_passthrough_reports_usage_once() {
     let gw = TestGateway::in_front_of(&mock, "").await;
     for path in ["/v1/chat/completions", "/chat/completions"] {
         let body = chat_body("gpt-test", false);
-        let reply = post_json(
-            &gw.url(path),
-            &[("authorization", "Bearer sk-client")],
-            &body,
-        )
-        .await;
+        let reply = post_json(&gw.url(path), &[("authorization", "Bearer sk-client")], &body).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         assert_eq!(reply.json()["usage"]["total_tokens"], 8);
         assert_eq!(reply.headers.get_all("date").iter().count(), 1);
         let seen = mock.requests().pop().unwrap();
         assert_eq!(seen.uri, "/v1/chat/completions");
-        assert_eq!(
-            seen.json(),
-            body,
-            "the client's body goes upstream unchanged"
-        );
+        assert_eq!(seen.json(), body, "the client's body goes upstream unchanged");
         assert_eq!(seen.headers["authorization"], "Bearer sk-client");
     }
-    eventually("two usage reports", || {
-        gw.metrics.usage_reports.load(Ordering::SeqCst) == 2
-    })
-    .await;
+    eventually("two usage reports", || gw.metrics.usage_reports.load(Ordering::SeqCst) == 2).await;
     assert_eq!(gw.metrics.input_tokens.load(Ordering::SeqCst), 2 * 3);
     assert_eq!(gw.metrics.output_tokens.load(Ordering::SeqCst), 2 * 5);
 }
@@ -62,11 +47,7 @@ async fn sse_reaches_the_client_before_the_upstream_finishes() {
     let req = request(
         Method::POST,
         &gw.url("/v1/chat/completions"),
-        &[
-            ("content-type", "application/json"),
-            ("x-mock-chunks", "2"),
-            ("x-mock-chunk-delay-ms", "600000"),
-        ],
+        &[("content-type", "application/json"), ("x-mock-chunks", "2"), ("x-mock-chunk-delay-ms", "600000")],
         chat_body("gpt-test", true).to_string(),
     );
     let response = open(req).await;
@@ -74,19 +55,11 @@ async fn sse_reaches_the_client_before_the_upstream_finishes() {
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert!(response.headers().get("content-length").is_none());
     let mut body = response.into_body();
-    let first = within(body.frame())
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
+    let first = within(body.frame()).await.unwrap().unwrap().into_data().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("tok0"));
     // The client goes away mid-stream: the outcome fires once, as cancelled.
     drop(body);
-    eventually("a cancelled outcome", || {
-        gw.metrics.cancelled.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually("a cancelled outcome", || gw.metrics.cancelled.load(Ordering::SeqCst) == 1).await;
     assert_eq!(gw.metrics.usage_reports.load(Ordering::SeqCst), 1);
 }
 
@@ -94,32 +67,19 @@ async fn sse_reaches_the_client_before_the_upstream_finishes() {
 async fn sse_usage_is_reported_once_from_the_final_chunk() {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(&mock, "").await;
-    let reply = post_json(
-        &gw.url("/v1/chat/completions"),
-        &[("x-mock-chunks", "4")],
-        &chat_body("gpt-test", true),
-    )
-    .await;
+    let reply =
+        post_json(&gw.url("/v1/chat/completions"), &[("x-mock-chunks", "4")], &chat_body("gpt-test", true)).await;
     assert_eq!(reply.status, StatusCode::OK);
     let text = reply.text();
-    assert!(
-        text.contains("tok3") && text.ends_with("data: [DONE]\n\n"),
-        "{text}"
-    );
-    eventually("one usage report", || {
-        gw.metrics.usage_reports.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    assert!(text.contains("tok3") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    eventually("one usage report", || gw.metrics.usage_reports.load(Ordering::SeqCst) == 1).await;
     assert_eq!(gw.metrics.output_tokens.load(Ordering::SeqCst), 4);
     assert_eq!(gw.metrics.completed.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn upstream_down_is_a_502_json_error() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let yaml = format!("upstreams:\n  dead: {{url: \"http://{closed}/v1\"}}\n");
     let gw = TestGateway::start(&yaml, &[]).await;
     let reply = post_json(&gw.url("/v1/chat/completions"), &[], &chat_body("m", false)).await;
@@ -133,12 +93,7 @@ async fn upstream_down_is_a_502_json_error() {
 async fn upstream_timeout_is_a_504_json_error() {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(&mock, "request_timeout_secs: 0.3\n").await;
-    let reply = post_json(
-        &gw.url("/v1/chat/completions"),
-        &[("x-mock-hang", "1")],
-        &chat_body("m", false),
-    )
-    .await;
+    let reply = post_json(&gw.url("/v1/chat/completions"), &[("x-mock-hang", "1")], &chat_body("m", false)).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
 }
@@ -158,23 +113,11 @@ async fn oversized_body_is_413_and_never_reaches_the_upstream() {
 async fn malformed_json_is_a_clear_400() {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(&mock, "").await;
-    for (body, needle) in [
-        ("{\"model\": ", "Invalid JSON"),
-        ("[1]", "must be a JSON object"),
-        ("", "empty"),
-    ] {
-        let reply = send(
-            Method::POST,
-            &gw.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            body,
-        )
-        .await;
+    for (body, needle) in [("{\"model\": ", "Invalid JSON"), ("[1]", "must be a JSON object"), ("", "empty")] {
+        let reply =
+            send(Method::POST, &gw.url("/v1/chat/completions"), &[("content-type", "application/json")], body).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
-        let message = reply.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let message = reply.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(message.contains(needle), "{message}");
     }
     assert_eq!(mock.requests().len(), 0);
@@ -184,20 +127,9 @@ async fn malformed_json_is_a_clear_400() {
 async fn catch_all_keeps_method_path_query_and_body() {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(&mock, "").await;
-    for method in [
-        Method::PUT,
-        Method::DELETE,
-        Method::PATCH,
-        Method::POST,
-        Method::OPTIONS,
-    ] {
-        let reply = send(
-            method.clone(),
-            &gw.url("/v1/files/abc?purpose=x&n=2"),
-            &[("x-custom", "1")],
-            "raw bytes",
-        )
-        .await;
+    for method in [Method::PUT, Method::DELETE, Method::PATCH, Method::POST, Method::OPTIONS] {
+        let reply =
+            send(method.clone(), &gw.url("/v1/files/abc?purpose=x&n=2"), &[("x-custom", "1")], "raw bytes").await;
         assert_eq!(reply.status, StatusCode::OK, "{method}");
         let echo = reply.json();
         assert_eq!(echo["method"], method.as_str());
@@ -220,11 +152,7 @@ async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
     let req = request(
         Method::POST,
         &gw.url("/v1/chat/completions"),
-        &[
-            ("content-type", "application/json"),
-            ("x-mock-chunks", "5"),
-            ("x-mock-chunk-delay-ms", "100"),
-        ],
+        &[("content-type", "application/json"), ("x-mock-chunks", "5"), ("x-mock-chunk-delay-ms", "100")],
         chat_body("gpt-test", true).to_string(),
     );
     let response = open(req).await;
@@ -232,12 +160,7 @@ async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
     let first = within(body.frame()).await.unwrap().unwrap();
     assert!(first.is_data());
     let serving = gw.begin_shutdown();
-    let rest = within(body.collect())
-        .await
-        .expect("the stream finishes")
-        .to_bytes();
+    let rest = within(body.collect()).await.expect("the stream finishes").to_bytes();
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
-    within(serving)
-        .await
-        .expect("server task ends after the drain");
+    within(serving).await.expect("server task ends after the drain");
 }

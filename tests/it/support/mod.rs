@@ -30,13 +30,9 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway with `yaml` as its config file and `env` as its whole environment.
     pub async fn start(yaml: &str, env: &[(&str, &str)]) -> Self {
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let config =
-            Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
+        let config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
         let gateway = Gateway::from_config(config).await.expect("gateway builds");
         let metrics = gateway.metrics().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -45,20 +41,12 @@ impl TestGateway {
         let task = tokio::spawn(gateway.serve(listener, async {
             let _ = rx.await;
         }));
-        Self {
-            addr,
-            metrics,
-            shutdown: Some(tx),
-            task,
-        }
+        Self { addr, metrics, shutdown: Some(tx), task }
     }
 
     /// A gateway in front of `mock` (openai mode) with extra YAML appended.
     pub async fn in_front_of(mock: &MockUpstream, extra_yaml: &str) -> Self {
-        let yaml = format!(
-            "upstreams:\n  mock: {{url: \"{}\", mode: openai}}\n{extra_yaml}",
-            mock.url()
-        );
+        let yaml = format!("upstreams:\n  mock: {{url: \"{}\", mode: openai}}\n{extra_yaml}", mock.url());
         Self::start(&yaml, &[]).await
     }
 
@@ -82,9 +70,7 @@ impl Drop for TestGateway {
 }
 
 pub async fn mock() -> MockUpstream {
-    MockUpstream::start(MockOptions::default())
-        .await
-        .expect("mock starts")
+    MockUpstream::start(MockOptions::default()).await.expect("mock starts")
 }
 
 /// A real HTTP client (hyper-util's pooled client).
@@ -100,8 +86,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 
     pub fn text(&self) -> String {
@@ -109,12 +94,7 @@ impl Reply {
     }
 }
 
-pub fn request(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Request<Full<Bytes>> {
+pub fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     let mut builder = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         builder = builder.header(*k, *v);
@@ -123,20 +103,11 @@ pub fn request(
 }
 
 /// Sends a request and reads the whole response.
-pub async fn send(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Reply {
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
     let response = open(request(method, url, headers, body)).await;
     let (parts, body) = response.into_parts();
     let body = within(body.collect()).await.expect("body").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Reply { status: parts.status, headers: parts.headers, body }
 }
 
 /// POSTs JSON.
@@ -153,19 +124,14 @@ pub async fn open(req: Request<Full<Bytes>>) -> Response<Incoming> {
 
 /// A guard against hangs (not a timing assertion): fails the test after 20 s.
 pub async fn within<F: Future>(future: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), future)
-        .await
-        .expect("did not finish within 20 s")
+    tokio::time::timeout(Duration::from_secs(20), future).await.expect("did not finish within 20 s")
 }
 
 /// Polls `condition` until it holds (fails after 20 s).
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
