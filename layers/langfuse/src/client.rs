@@ -18,20 +18,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// [`Client`] with any connector, so the root crate can pass its TLS-capable client.
 pub trait SendRequest: Send + Sync + 'static {
     /// Sends `request` and returns the response head with a streaming body.
-    fn send(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> BoxFuture<'static, Result<Response<GatewayBody>, BoxError>>;
+    fn send(&self, request: Request<Full<Bytes>>) -> BoxFuture<'static, Result<Response<GatewayBody>, BoxError>>;
 }
 
 impl<C> SendRequest for Client<C, Full<Bytes>>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    fn send(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> BoxFuture<'static, Result<Response<GatewayBody>, BoxError>> {
+    fn send(&self, request: Request<Full<Bytes>>) -> BoxFuture<'static, Result<Response<GatewayBody>, BoxError>> {
         let fut = self.request(request);
         Box::pin(async move {
             let response = fut.await?;
@@ -56,10 +50,7 @@ impl LangfuseClient {
     }
 
     /// Sends one request.
-    pub fn send(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> BoxFuture<'static, Result<Response<GatewayBody>, BoxError>> {
+    pub fn send(&self, request: Request<Full<Bytes>>) -> BoxFuture<'static, Result<Response<GatewayBody>, BoxError>> {
         self.0.send(request)
     }
 }
@@ -74,11 +65,8 @@ impl fmt::Debug for LangfuseClient {
 pub(crate) fn basic_auth(keys: &llmgate_core::ext::LangfuseKeys) -> Option<http::HeaderValue> {
     use base64::Engine as _;
     let raw = format!("{}:{}", keys.public_key, keys.secret_key.expose());
-    let mut value = http::HeaderValue::try_from(format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(raw)
-    ))
-    .ok()?;
+    let mut value =
+        http::HeaderValue::try_from(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))).ok()?;
     value.set_sensitive(true);
     Some(value)
 }

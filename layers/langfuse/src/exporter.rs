@@ -191,9 +191,7 @@ struct Shared {
 
 impl std::fmt::Debug for LangfuseExporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LangfuseExporter")
-            .field("counters", &self.snapshot())
-            .finish()
+        f.debug_struct("LangfuseExporter").field("counters", &self.snapshot()).finish()
     }
 }
 
@@ -203,9 +201,7 @@ impl LangfuseExporter {
         let (spans, rx) = mpsc::channel(config.max_queue_spans);
         let (control, control_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
-        let endpoint = format!("{}{}", config.host, OTEL_TRACES_PATH)
-            .parse::<Uri>()
-            .ok();
+        let endpoint = format!("{}{}", config.host, OTEL_TRACES_PATH).parse::<Uri>().ok();
         if endpoint.is_none() {
             tracing::error!(host = %config.host, "invalid Langfuse host: nothing will be exported");
         }
@@ -218,23 +214,13 @@ impl LangfuseExporter {
             pending: HashMap::new(),
         };
         tokio::spawn(worker.run(rx, control_rx));
-        Self {
-            inner: Arc::new(Shared {
-                spans,
-                control,
-                counters,
-                capacity: config.max_queue_spans,
-            }),
-        }
+        Self { inner: Arc::new(Shared { spans, control, counters, capacity: config.max_queue_spans }) }
     }
 
     /// Queues `span` for the project of `keys` without waiting. Returns `false` (and counts
     /// it as dropped) when the queue is full or the exporter stopped.
     pub fn enqueue(&self, keys: &LangfuseKeys, span: Span) -> bool {
-        match self.inner.spans.try_send(Queued {
-            keys: keys.clone(),
-            span,
-        }) {
+        match self.inner.spans.try_send(Queued { keys: keys.clone(), span }) {
             Ok(()) => true,
             Err(_) => {
                 Counters::add(&self.inner.counters.dropped, 1);
@@ -257,10 +243,7 @@ impl LangfuseExporter {
             dropped: c.dropped.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             skipped: c.skipped.load(Ordering::Relaxed),
-            queue_depth: self
-                .inner
-                .capacity
-                .saturating_sub(self.inner.spans.capacity()) as u64,
+            queue_depth: self.inner.capacity.saturating_sub(self.inner.spans.capacity()) as u64,
         }
     }
 
@@ -288,11 +271,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Queued>,
-        mut control: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
-    ) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>, mut control: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
         let mut tick = tokio::time::interval(self.config.schedule_delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -343,11 +322,7 @@ impl Worker {
     }
 
     async fn export_all(&mut self) {
-        let batches: Vec<_> = self
-            .pending
-            .drain()
-            .filter(|(_, v)| !v.is_empty())
-            .collect();
+        let batches: Vec<_> = self.pending.drain().filter(|(_, v)| !v.is_empty()).collect();
         for (key, spans) in batches {
             self.dispatch(key, spans).await;
         }
@@ -398,10 +373,7 @@ pub fn export_request(spans: Vec<Span>) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
-                attributes: vec![
-                    kv_str("service.name", "llmgate"),
-                    kv_str("service.version", SDK_VERSION),
-                ],
+                attributes: vec![kv_str("service.name", "llmgate"), kv_str("service.version", SDK_VERSION)],
                 ..Default::default()
             }),
             scope_spans: vec![ScopeSpans {
@@ -422,10 +394,7 @@ pub fn export_request(spans: Vec<Span>) -> ExportTraceServiceRequest {
 /// Encodes and gzips an export request.
 pub fn encode_gzip(request: &ExportTraceServiceRequest) -> std::io::Result<Bytes> {
     let raw = request.encode_to_vec();
-    let mut gz = flate2::write::GzEncoder::new(
-        Vec::with_capacity(raw.len() / 4 + 64),
-        flate2::Compression::fast(),
-    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 4 + 64), flate2::Compression::fast());
     gz.write_all(&raw)?;
     Ok(Bytes::from(gz.finish()?))
 }
@@ -447,10 +416,8 @@ enum Attempt {
 impl Export {
     async fn run(self, spans: Vec<Span>) {
         let n = spans.len();
-        let (Some(endpoint), Ok(auth)) = (
-            self.endpoint.clone(),
-            HeaderValue::from_maybe_shared(self.auth.clone()),
-        ) else {
+        let (Some(endpoint), Ok(auth)) = (self.endpoint.clone(), HeaderValue::from_maybe_shared(self.auth.clone()))
+        else {
             Counters::add(&self.counters.failed, n);
             return;
         };
@@ -505,9 +472,7 @@ impl Export {
             let status = response.status();
             let retry_after = retry_after(response.headers());
             // Read the (small) body so the connection goes back to the pool.
-            let body = client::read_capped(response.into_body(), 64 * 1024)
-                .await
-                .unwrap_or_default();
+            let body = client::read_capped(response.into_body(), 64 * 1024).await.unwrap_or_default();
             Ok::<_, llmgate_core::BoxError>((status, retry_after, body))
         })
         .await;
@@ -515,9 +480,7 @@ impl Export {
             Err(_) => Attempt::Retry(None, "timeout".into()),
             Ok(Err(error)) => Attempt::Retry(None, format!("connection error: {error}")),
             Ok(Ok((status, _, _))) if status.is_success() => Attempt::Done,
-            Ok(Ok((status, retry_after, _)))
-                if matches!(status.as_u16(), 429 | 502 | 503 | 504) =>
-            {
+            Ok(Ok((status, retry_after, _))) if matches!(status.as_u16(), 429 | 502 | 503 | 504) => {
                 Attempt::Retry(retry_after, format!("HTTP {status}"))
             }
             Ok(Ok((status, _, body))) => {
@@ -555,10 +518,7 @@ mod tests {
 
     #[test]
     fn batches_are_split_by_size() {
-        let span = Span {
-            name: "x".repeat(100),
-            ..Default::default()
-        };
+        let span = Span { name: "x".repeat(100), ..Default::default() };
         let chunks = split_by_size(vec![span.clone(), span.clone(), span], 250);
         assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
     }

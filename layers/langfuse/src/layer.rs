@@ -13,8 +13,8 @@ use llmgate_core::{
     BoxError, GatewayError,
     catalog::{Catalog, Pricing},
     ext::{
-        FallbackEvents, InsertionId, LlmRequest, ModelChoice, Project, RolloutTags, ServedBy,
-        UpstreamMode, UpstreamTarget,
+        FallbackEvents, InsertionId, LlmRequest, ModelChoice, Project, RolloutTags, ServedBy, UpstreamMode,
+        UpstreamTarget,
     },
     usage::{self, Outcome, StreamEnd},
 };
@@ -149,10 +149,7 @@ impl<S> Layer<S> for LangfuseLayer {
     type Service = LangfuseService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LangfuseService {
-            inner,
-            config: self.config.clone(),
-        }
+        LangfuseService { inner, config: self.config.clone() }
     }
 }
 
@@ -179,18 +176,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if self.config.emit == Emit::Off {
-            return RootFuture {
-                inner: self.inner.call(req),
-                ctx: None,
-            };
+            return RootFuture { inner: self.inner.call(req), ctx: None };
         }
         let ext = req.extensions();
         let Some(project) = ext.get::<Project>() else {
             self.config.exporter.count_skipped();
-            return RootFuture {
-                inner: self.inner.call(req),
-                ctx: None,
-            };
+            return RootFuture { inner: self.inner.call(req), ctx: None };
         };
         let ctx = TraceContext::new(
             &self.config,
@@ -199,13 +190,9 @@ where
             ext.get::<InsertionId>(),
             ext.get::<RolloutTags>(),
         );
-        req.extensions_mut()
-            .insert(FallbackEvents(ctx.0.events.clone()));
+        req.extensions_mut().insert(FallbackEvents(ctx.0.events.clone()));
         req.extensions_mut().insert(ctx.clone());
-        RootFuture {
-            inner: self.inner.call(req),
-            ctx: Some(ctx),
-        }
+        RootFuture { inner: self.inner.call(req), ctx: Some(ctx) }
     }
 }
 
@@ -233,9 +220,7 @@ where
                     let outcome = usage::tap(&mut response, ctx.0.capture_limit);
                     let status = response.status();
                     let served = response.extensions().get::<ServedBy>().cloned();
-                    outcome.subscribe(move |o| {
-                        record_root(&ctx, Some(status), served.as_ref(), Some(o), None)
-                    });
+                    outcome.subscribe(move |o| record_root(&ctx, Some(status), served.as_ref(), Some(o), None));
                     return Poll::Ready(Ok(response));
                 }
                 Err(error) => {
@@ -264,10 +249,7 @@ pub(crate) fn record_root(
     attrs.push(kv_str("langfuse.observation.type", "span"));
     attrs.push(kv_str("langfuse.observation.input", t.input.clone()));
     if let Some(o) = outcome {
-        attrs.push(kv_str(
-            "langfuse.observation.output",
-            output_text(o, t.capture_limit),
-        ));
+        attrs.push(kv_str("langfuse.observation.output", output_text(o, t.capture_limit)));
     }
     let mut metadata = Map::new();
     if let Some(status) = status {
@@ -279,21 +261,13 @@ pub(crate) fn record_root(
         metadata.insert("attempts".into(), served.attempts.into());
     }
     if !metadata.is_empty() {
-        attrs.push(kv_str(
-            "langfuse.observation.metadata",
-            Value::Object(metadata).to_string(),
-        ));
+        attrs.push(kv_str("langfuse.observation.metadata", Value::Object(metadata).to_string()));
     }
     let root = SpanParts {
         trace_id: &t.trace_id,
         span_id: t.root_span_id,
         parent: None,
-        name: t
-            .trace_attributes
-            .first()
-            .and_then(string_value)
-            .unwrap_or("chat-completion")
-            .to_owned(),
+        name: t.trace_attributes.first().and_then(string_value).unwrap_or("chat-completion").to_owned(),
         start: t.started,
         end,
         level,
@@ -304,10 +278,7 @@ pub(crate) fn record_root(
     for (event, at) in t.events.take() {
         let mut attrs = t.trace_attributes.clone();
         attrs.push(kv_str("langfuse.observation.type", "event"));
-        attrs.push(kv_str(
-            "langfuse.observation.metadata",
-            event_metadata(&event).to_string(),
-        ));
+        attrs.push(kv_str("langfuse.observation.metadata", event_metadata(&event).to_string()));
         let span = SpanParts {
             trace_id: &t.trace_id,
             span_id: new_span_id(),
@@ -342,9 +313,7 @@ fn judge(
         return (Level::Error, Some(error));
     }
     if let Some(status) = status.filter(|s| s.is_client_error() || s.is_server_error()) {
-        let detail = outcome
-            .map(|o| bounded_text(&o.captured, 512, o.bytes, o.truncated))
-            .filter(|d| !d.is_empty());
+        let detail = outcome.map(|o| bounded_text(&o.captured, 512, o.bytes, o.truncated)).filter(|d| !d.is_empty());
         let message = match detail {
             Some(detail) => format!("HTTP {}: {detail}", status.as_u16()),
             None => format!("HTTP {}", status.as_u16()),
@@ -353,14 +322,10 @@ fn judge(
     }
     match outcome.map(|o| &o.end) {
         Some(StreamEnd::Error(e)) => (Level::Error, Some(format!("response body failed: {e}"))),
-        Some(StreamEnd::Cancelled) if client_facing => (
-            Level::Warning,
-            Some("the client went away before the end of the response".into()),
-        ),
-        Some(StreamEnd::Cancelled) => (
-            Level::Warning,
-            Some("the response was not read to its end".into()),
-        ),
+        Some(StreamEnd::Cancelled) if client_facing => {
+            (Level::Warning, Some("the client went away before the end of the response".into()))
+        }
+        Some(StreamEnd::Cancelled) => (Level::Warning, Some("the response was not read to its end".into())),
         _ => (Level::Default, None),
     }
 }
@@ -371,11 +336,7 @@ pub(crate) fn output_text(o: &Outcome, limit: usize) -> String {
         if let Some(assembled) = assemble_sse(&o.captured) {
             let text = assembled.to_string();
             let cut = text.len() > limit || o.truncated;
-            return if cut {
-                bounded_text(text.as_bytes(), limit, text.len() as u64, true)
-            } else {
-                text
-            };
+            return if cut { bounded_text(text.as_bytes(), limit, text.len() as u64, true) } else { text };
         }
     }
     bounded_text(&o.captured, limit, o.bytes, o.truncated)
@@ -401,11 +362,7 @@ fn assemble_sse(captured: &[u8]) -> Option<Value> {
             continue;
         };
         seen = true;
-        if let Some(text) = choice
-            .get("delta")
-            .and_then(|d| d.get("content"))
-            .and_then(Value::as_str)
-        {
+        if let Some(text) = choice.get("delta").and_then(|d| d.get("content")).and_then(Value::as_str) {
             content.push_str(text);
         }
         if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
@@ -443,10 +400,7 @@ impl<S> Layer<S> for LangfuseAttemptLayer {
     type Service = LangfuseAttemptService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LangfuseAttemptService {
-            inner,
-            catalog: self.catalog.clone(),
-        }
+        LangfuseAttemptService { inner, catalog: self.catalog.clone() }
     }
 }
 
@@ -484,19 +438,14 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let info = attempt_info(&req, self.catalog.as_deref());
-        AttemptFuture {
-            inner: self.inner.call(req),
-            info,
-        }
+        AttemptFuture { inner: self.inner.call(req), info }
     }
 }
 
 fn attempt_info<B>(req: &Request<B>, catalog: Option<&Catalog>) -> Option<AttemptInfo> {
     let ext = req.extensions();
     let ctx = ext.get::<TraceContext>()?;
-    let mode = ext
-        .get::<UpstreamTarget>()
-        .map_or(UpstreamMode::OpenAi, |t| t.mode);
+    let mode = ext.get::<UpstreamTarget>().map_or(UpstreamMode::OpenAi, |t| t.mode);
     match ctx.0.emit {
         Emit::All => {}
         Emit::ByUpstream if mode == UpstreamMode::OpenAi => {}
@@ -515,9 +464,7 @@ fn attempt_info<B>(req: &Request<B>, catalog: Option<&Catalog>) -> Option<Attemp
     };
     Some(AttemptInfo {
         ctx: ctx.clone(),
-        upstream_model: spec
-            .and_then(|s| s.upstream_model.clone())
-            .unwrap_or_else(|| model.clone()),
+        upstream_model: spec.and_then(|s| s.upstream_model.clone()).unwrap_or_else(|| model.clone()),
         model,
         parameters: request.map_or(Value::Object(Map::new()), model_parameters),
         pricing: spec.and_then(|s| s.pricing),
@@ -546,10 +493,8 @@ const PARAMETERS: &[&str] = &[
 
 fn model_parameters(request: &LlmRequest) -> Value {
     let json = request.json();
-    let params: Map<String, Value> = PARAMETERS
-        .iter()
-        .filter_map(|k| json.get(*k).map(|v| ((*k).to_owned(), v.clone())))
-        .collect();
+    let params: Map<String, Value> =
+        PARAMETERS.iter().filter_map(|k| json.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect();
     Value::Object(params)
 }
 
@@ -576,8 +521,7 @@ where
                 Ok(mut response) => {
                     let outcome = usage::tap(&mut response, info.ctx.0.capture_limit);
                     let status = response.status();
-                    outcome
-                        .subscribe(move |o| record_generation(&info, Some(status), Some(o), None));
+                    outcome.subscribe(move |o| record_generation(&info, Some(status), Some(o), None));
                     return Poll::Ready(Ok(response));
                 }
                 Err(error) => {
@@ -604,21 +548,12 @@ pub(crate) fn record_generation(
     let mut attrs = t.trace_attributes.clone();
     attrs.reserve(10);
     attrs.push(kv_str("langfuse.observation.type", "generation"));
-    attrs.push(kv_str(
-        "langfuse.observation.model.name",
-        info.upstream_model.clone(),
-    ));
-    attrs.push(kv_str(
-        "langfuse.observation.model.parameters",
-        info.parameters.to_string(),
-    ));
+    attrs.push(kv_str("langfuse.observation.model.name", info.upstream_model.clone()));
+    attrs.push(kv_str("langfuse.observation.model.parameters", info.parameters.to_string()));
     attrs.push(kv_str("langfuse.observation.input", t.input.clone()));
     let mut metadata = Map::new();
     if let Some(o) = outcome {
-        attrs.push(kv_str(
-            "langfuse.observation.output",
-            output_text(o, t.capture_limit),
-        ));
+        attrs.push(kv_str("langfuse.observation.output", output_text(o, t.capture_limit)));
         if let Some(u) = o.usage {
             attrs.push(kv_str(
                 "langfuse.observation.usage_details",
@@ -628,8 +563,7 @@ pub(crate) fn record_generation(
                 let cost = pricing.cost(u.input, u.output);
                 attrs.push(kv_str(
                     "langfuse.observation.cost_details",
-                    json!({"input": cost.input, "output": cost.output, "total": cost.total})
-                        .to_string(),
+                    json!({"input": cost.input, "output": cost.output, "total": cost.total}).to_string(),
                 ));
                 metadata.insert("cost_usd".into(), json!(cost.total));
                 metadata.insert("input_cost_usd".into(), json!(cost.input));
@@ -639,31 +573,18 @@ pub(crate) fn record_generation(
         if o.sse {
             if let Some(first) = o.first_frame_at {
                 let first = info.started + first.saturating_duration_since(info.started_at);
-                attrs.push(kv_str(
-                    "langfuse.observation.completion_start_time",
-                    iso_millis(first),
-                ));
+                attrs.push(kv_str("langfuse.observation.completion_start_time", iso_millis(first)));
             }
         }
     }
     metadata.insert("is_primary".into(), info.is_primary.into());
-    metadata.insert(
-        "latency_seconds".into(),
-        json!(
-            ended_at
-                .saturating_duration_since(info.started_at)
-                .as_secs_f64()
-        ),
-    );
+    metadata.insert("latency_seconds".into(), json!(ended_at.saturating_duration_since(info.started_at).as_secs_f64()));
     if let Some(status) = status {
         metadata.insert("http_status".into(), status.as_u16().into());
     }
     metadata.insert("attempt".into(), info.attempt.into());
     metadata.insert("model".into(), info.model.clone().into());
-    attrs.push(kv_str(
-        "langfuse.observation.metadata",
-        Value::Object(metadata).to_string(),
-    ));
+    attrs.push(kv_str("langfuse.observation.metadata", Value::Object(metadata).to_string()));
     let span: Span = SpanParts {
         trace_id: &t.trace_id,
         span_id: new_span_id(),

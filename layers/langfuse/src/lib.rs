@@ -61,8 +61,8 @@ mod trace;
 pub use client::{BoxFuture, LangfuseClient, SendRequest};
 pub use exporter::{Counters, CountersSnapshot, ExporterConfig, LangfuseExporter};
 pub use layer::{
-    AttemptFuture, DEFAULT_CAPTURE_LIMIT, Emit, LangfuseAttemptLayer, LangfuseAttemptService,
-    LangfuseLayer, LangfuseService, RootFuture,
+    AttemptFuture, DEFAULT_CAPTURE_LIMIT, Emit, LangfuseAttemptLayer, LangfuseAttemptService, LangfuseLayer,
+    LangfuseService, RootFuture,
 };
 pub use reader::{LangfuseReader, Observation, ReadError, Trace, TraceQuery, V3Reader, V4Reader};
 pub use trace::TraceContext;

@@ -42,12 +42,8 @@ pub struct TraceQuery {
 
 impl TraceQuery {
     fn window(&self) -> (SystemTime, SystemTime) {
-        let to = self
-            .to
-            .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(60));
-        let from = self
-            .from
-            .unwrap_or_else(|| to.checked_sub(DEFAULT_WINDOW).unwrap_or(UNIX_EPOCH));
+        let to = self.to.unwrap_or_else(|| SystemTime::now() + Duration::from_secs(60));
+        let from = self.from.unwrap_or_else(|| to.checked_sub(DEFAULT_WINDOW).unwrap_or(UNIX_EPOCH));
         (from, to)
     }
 }
@@ -152,11 +148,7 @@ pub trait LangfuseReader: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Trace>, ReadError>>;
 }
 
-async fn get_json(
-    client: &LangfuseClient,
-    keys: &LangfuseKeys,
-    url: String,
-) -> Result<Option<Value>, ReadError> {
+async fn get_json(client: &LangfuseClient, keys: &LangfuseKeys, url: String) -> Result<Option<Value>, ReadError> {
     let err = |status: Option<u16>, message: String| ReadError { status, message };
     let auth = client::basic_auth(keys).ok_or_else(|| err(None, "invalid Langfuse keys".into()))?;
     let request = Request::builder()
@@ -167,10 +159,7 @@ async fn get_json(
         .header("x-langfuse-sdk-name", "llmgate")
         .body(Full::new(Bytes::new()))
         .map_err(|e| err(None, e.to_string()))?;
-    let response = client
-        .send(request)
-        .await
-        .map_err(|e| err(None, e.to_string()))?;
+    let response = client.send(request).await.map_err(|e| err(None, e.to_string()))?;
     let status = response.status();
     let body = client::read_capped(response.into_body(), MAX_RESPONSE)
         .await
@@ -188,9 +177,7 @@ async fn get_json(
             .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned());
         return Err(err(Some(status.as_u16()), message));
     }
-    parsed
-        .map(Some)
-        .ok_or_else(|| err(Some(status.as_u16()), "response is not JSON".into()))
+    parsed.map(Some).ok_or_else(|| err(Some(status.as_u16()), "response is not JSON".into()))
 }
 
 fn query_string<'a>(pairs: impl IntoIterator<Item = (&'a str, String)>) -> String {
@@ -208,9 +195,7 @@ fn string(v: &Value, key: &str) -> Option<String> {
 /// A raw string that holds JSON becomes that JSON; other strings stay strings.
 fn parse_io(v: Option<&Value>) -> Value {
     match v {
-        Some(Value::String(s)) => {
-            serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
-        }
+        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
         Some(v) => v.clone(),
         None => Value::Null,
     }
@@ -251,11 +236,7 @@ pub struct V3Reader {
 impl V3Reader {
     /// Reads from `host` through `client`.
     pub fn new(client: LangfuseClient, host: impl Into<String>) -> Self {
-        Self {
-            client,
-            host: host.into().trim_end_matches('/').to_owned(),
-            page_size: 100,
-        }
+        Self { client, host: host.into().trim_end_matches('/').to_owned(), page_size: 100 }
     }
 
     /// Traces per page (1–100, default 100).
@@ -273,12 +254,7 @@ impl V3Reader {
             tags: v
                 .get("tags")
                 .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
                 .unwrap_or_default(),
             timestamp: string(v, "timestamp"),
             input: parse_io(v.get("input")),
@@ -287,12 +263,7 @@ impl V3Reader {
             observations: v
                 .get("observations")
                 .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter(|o| o.is_object())
-                        .map(observation)
-                        .collect()
-                })
+                .map(|a| a.iter().filter(|o| o.is_object()).map(observation).collect())
                 .unwrap_or_default(),
         }
     }
@@ -310,30 +281,19 @@ impl LangfuseReader for V3Reader {
             let mut traces = Vec::new();
             let mut page = 1u64;
             loop {
-                let mut pairs: Vec<(&str, String)> =
-                    query.tags.iter().map(|t| ("tags", t.clone())).collect();
+                let mut pairs: Vec<(&str, String)> = query.tags.iter().map(|t| ("tags", t.clone())).collect();
                 pairs.push(("page", page.to_string()));
                 pairs.push(("limit", self.page_size.to_string()));
                 pairs.push(("fromTimestamp", iso_millis(from)));
                 pairs.push(("toTimestamp", iso_millis(to)));
                 let url = format!("{}/api/public/traces?{}", self.host, query_string(pairs));
                 let Some(body) = get_json(&self.client, keys, url).await? else {
-                    return Err(ReadError {
-                        status: Some(404),
-                        message: "the v3 traces API is not available".into(),
-                    });
+                    return Err(ReadError { status: Some(404), message: "the v3 traces API is not available".into() });
                 };
-                let data = body
-                    .get("data")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                let data = body.get("data").and_then(Value::as_array).cloned().unwrap_or_default();
                 traces.extend(data.iter().map(Self::v3_trace));
-                let total_pages = body
-                    .get("meta")
-                    .and_then(|m| m.get("totalPages"))
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
+                let total_pages =
+                    body.get("meta").and_then(|m| m.get("totalPages")).and_then(Value::as_u64).unwrap_or(0);
                 if data.is_empty() || page >= total_pages || traces.len() >= limit {
                     break;
                 }
@@ -353,9 +313,7 @@ impl LangfuseReader for V3Reader {
             let id = strip_dashes(trace_id);
             let encoded: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
             let url = format!("{}/api/public/traces/{encoded}", self.host);
-            Ok(get_json(&self.client, keys, url)
-                .await?
-                .map(|v| Self::v3_trace(&v)))
+            Ok(get_json(&self.client, keys, url).await?.map(|v| Self::v3_trace(&v)))
         })
     }
 }
@@ -375,11 +333,7 @@ const V4_FIELDS: &str = "core,basic,time,io,metadata,model,usage,trace_context";
 impl V4Reader {
     /// Reads from `host` through `client`.
     pub fn new(client: LangfuseClient, host: impl Into<String>) -> Self {
-        Self {
-            client,
-            host: host.into().trim_end_matches('/').to_owned(),
-            page_size: 1000,
-        }
+        Self { client, host: host.into().trim_end_matches('/').to_owned(), page_size: 1000 }
     }
 
     /// Rows per page (1–1000, default 1000).
@@ -403,20 +357,13 @@ impl V4Reader {
                 ("toStartTime", iso_millis(to)),
                 ("limit", self.page_size.to_string()),
                 ("fields", V4_FIELDS.to_owned()),
-                (
-                    "expandMetadata",
-                    "insertion_id,original_model,fallback_model,reason".to_owned(),
-                ),
+                ("expandMetadata", "insertion_id,original_model,fallback_model,reason".to_owned()),
                 ("filter", filter.to_string()),
             ];
             if let Some(cursor) = cursor.take() {
                 pairs.push(("cursor", cursor));
             }
-            let url = format!(
-                "{}/api/public/v2/observations?{}",
-                self.host,
-                query_string(pairs)
-            );
+            let url = format!("{}/api/public/v2/observations?{}", self.host, query_string(pairs));
             let Some(body) = get_json(&self.client, keys, url).await? else {
                 return Err(ReadError {
                     status: Some(404),
@@ -426,11 +373,7 @@ impl V4Reader {
             if let Some(data) = body.get("data").and_then(Value::as_array) {
                 rows.extend(data.iter().cloned());
             }
-            match body
-                .get("meta")
-                .and_then(|m| m.get("cursor"))
-                .and_then(Value::as_str)
-            {
+            match body.get("meta").and_then(|m| m.get("cursor")).and_then(Value::as_str) {
                 Some(next) if !next.is_empty() => cursor = Some(next.to_owned()),
                 _ => return Ok(rows),
             }
@@ -459,21 +402,12 @@ impl V4Reader {
                 let root = rows
                     .iter()
                     .find(|r| r.get("isRootObservation").and_then(Value::as_bool) == Some(true))
-                    .or_else(|| {
-                        rows.iter()
-                            .find(|r| r.get("parentObservationId").is_none_or(Value::is_null))
-                    })
+                    .or_else(|| rows.iter().find(|r| r.get("parentObservationId").is_none_or(Value::is_null)))
                     .or(rows.first())?;
                 let any = |key: &str| rows.iter().find_map(|r| string(r, key));
                 let mut tags: Vec<String> = Vec::new();
                 for r in &rows {
-                    for t in r
-                        .get("tags")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                    {
+                    for t in r.get("tags").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
                         if !tags.iter().any(|x| x == t) {
                             tags.push(t.to_owned());
                         }
@@ -533,8 +467,7 @@ impl LangfuseReader for V4Reader {
     ) -> BoxFuture<'a, Result<Option<Trace>, ReadError>> {
         Box::pin(async move {
             let id = strip_dashes(trace_id);
-            let filter =
-                json!([{"type": "string", "column": "traceId", "operator": "=", "value": id}]);
+            let filter = json!([{"type": "string", "column": "traceId", "operator": "=", "value": id}]);
             let rows = self.rows(keys, filter, window_for(trace_id)).await?;
             Ok(Self::group(rows).into_iter().next())
         })

@@ -19,27 +19,17 @@ pub fn kv_bool(key: impl Into<String>, value: bool) -> KeyValue {
 
 /// An array-of-strings attribute.
 pub fn kv_str_array(key: impl Into<String>, values: impl IntoIterator<Item = String>) -> KeyValue {
-    let values = values
-        .into_iter()
-        .map(|s| AnyValue {
-            value: Some(Value::StringValue(s)),
-        })
-        .collect();
+    let values = values.into_iter().map(|s| AnyValue { value: Some(Value::StringValue(s)) }).collect();
     kv(key, Value::ArrayValue(ArrayValue { values }))
 }
 
 fn kv(key: impl Into<String>, value: Value) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(value) }),
-        key_strindex: 0,
-    }
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), key_strindex: 0 }
 }
 
 /// Nanoseconds since the Unix epoch.
 pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64)
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64)
 }
 
 /// `2026-11-21T16:30:22.123Z`.
@@ -48,13 +38,7 @@ pub fn iso_millis(t: SystemTime) -> String {
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
 }
 
 /// Howard Hinnant's days → civil date.
@@ -81,11 +65,7 @@ pub fn bounded_text(bytes: &[u8], limit: usize, total: u64, already_truncated: b
         Err(e) => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default(),
     };
     if cut {
-        format!(
-            "{head}…[truncated by llmgate: {} of {} bytes]",
-            head.len(),
-            total.max(bytes.len() as u64)
-        )
+        format!("{head}…[truncated by llmgate: {} of {} bytes]", head.len(), total.max(bytes.len() as u64))
     } else {
         head.to_owned()
     }
@@ -135,16 +115,12 @@ impl SpanParts<'_> {
             attributes.push(kv_str("langfuse.observation.level", level));
         }
         if let Some(message) = &self.status_message {
-            attributes.push(kv_str(
-                "langfuse.observation.status_message",
-                message.clone(),
-            ));
+            attributes.push(kv_str("langfuse.observation.status_message", message.clone()));
         }
         let status = match self.level {
-            Level::Error => Some(Status {
-                message: self.status_message.unwrap_or_default(),
-                code: StatusCode::Error as i32,
-            }),
+            Level::Error => {
+                Some(Status { message: self.status_message.unwrap_or_default(), code: StatusCode::Error as i32 })
+            }
             _ => None,
         };
         Span {
@@ -169,7 +145,7 @@ mod tests {
     #[test]
     fn iso_formats_millis() {
         let t = UNIX_EPOCH + Duration::from_millis(1_795_451_422_123);
-        assert_eq!(iso_millis(t), "2026-11-23T15:37:02.123Z");
+        assert_eq!(iso_millis(t), "2026-11-23T16:30:22.123Z");
         assert_eq!(iso_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
     }
 

@@ -5,9 +5,7 @@ use std::{
     time::SystemTime,
 };
 
-use llmgate_core::ext::{
-    FallbackEvent, FallbackEventSink, InsertionId, LangfuseKeys, LlmRequest, RolloutTags,
-};
+use llmgate_core::ext::{FallbackEvent, FallbackEventSink, InsertionId, LangfuseKeys, LlmRequest, RolloutTags};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -46,9 +44,7 @@ pub(crate) struct TraceInner {
 
 impl std::fmt::Debug for TraceContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TraceContext")
-            .field("trace_id", &self.trace_id_hex())
-            .finish()
+        f.debug_struct("TraceContext").field("trace_id", &self.trace_id_hex()).finish()
     }
 }
 
@@ -79,9 +75,8 @@ impl TraceContext {
             Some(id) => *id.0.as_bytes(),
             None => *uuid::Uuid::now_v7().as_bytes(),
         };
-        let input = request.map_or_else(String::new, |r| {
-            bounded_text(r.raw(), config.capture_limit, r.raw().len() as u64, false)
-        });
+        let input = request
+            .map_or_else(String::new, |r| bounded_text(r.raw(), config.capture_limit, r.raw().len() as u64, false));
         Self(Arc::new(TraceInner {
             trace_id,
             root_span_id: crate::span::new_span_id(),
@@ -122,50 +117,30 @@ fn trace_attributes(
     attrs.push(kv_str("langfuse.trace.name", config.trace_name.to_string()));
     let mut tags: Vec<String> = Vec::new();
     if let Some(request) = request {
-        tags.extend(
-            request
-                .client_tags()
-                .filter(|t| t.len() <= MAX_TAG_LEN)
-                .map(str::to_owned),
-        );
+        tags.extend(request.client_tags().filter(|t| t.len() <= MAX_TAG_LEN).map(str::to_owned));
     }
     if let Some(rollout) = rollout_tags {
         for tag in rollout.0.iter() {
             tags.push(tag.clone());
             if let Some((key, value)) = tag.split_once(':') {
-                attrs.push(kv_str(
-                    format!("langfuse.trace.metadata.{key}"),
-                    value.to_owned(),
-                ));
+                attrs.push(kv_str(format!("langfuse.trace.metadata.{key}"), value.to_owned()));
             }
         }
     }
     if let Some(id) = insertion_id {
-        if !attrs
-            .iter()
-            .any(|kv| kv.key == "langfuse.trace.metadata.insertion_id")
-        {
-            attrs.push(kv_str(
-                "langfuse.trace.metadata.insertion_id",
-                id.0.to_string(),
-            ));
+        if !attrs.iter().any(|kv| kv.key == "langfuse.trace.metadata.insertion_id") {
+            attrs.push(kv_str("langfuse.trace.metadata.insertion_id", id.0.to_string()));
         }
     }
     if !tags.is_empty() {
         attrs.push(kv_str_array("langfuse.trace.tags", tags));
     }
     if let Some(json) = request.map(LlmRequest::json) {
-        if let Some(user) = json
-            .get("user")
-            .and_then(Value::as_str)
-            .filter(|u| !u.is_empty() && u.len() <= MAX_TAG_LEN)
+        if let Some(user) = json.get("user").and_then(Value::as_str).filter(|u| !u.is_empty() && u.len() <= MAX_TAG_LEN)
         {
             attrs.push(kv_str("user.id", user.to_owned()));
         }
-        let session = json
-            .get("metadata")
-            .and_then(|m| m.get("session_id"))
-            .and_then(Value::as_str);
+        let session = json.get("metadata").and_then(|m| m.get("session_id")).and_then(Value::as_str);
         if let Some(session) = session.filter(|s| !s.is_empty() && s.len() <= MAX_TAG_LEN) {
             attrs.push(kv_str("session.id", session.to_owned()));
         }
@@ -209,11 +184,7 @@ impl FallbackEventSink for EventBuffer {
 /// The metadata JSON of a fallback event, with exactly the keys of fallback-tracking.md §8.
 pub(crate) fn event_metadata(event: &FallbackEvent) -> Value {
     match event {
-        FallbackEvent::RateLimit {
-            original_model,
-            fallback_model,
-            reason,
-        } => serde_json::json!({
+        FallbackEvent::RateLimit { original_model, fallback_model, reason } => serde_json::json!({
             "original_model": original_model,
             "fallback_model": fallback_model,
             "reason": reason,
