@@ -98,6 +98,19 @@ struct AuthFile {
 #[serde(deny_unknown_fields)]
 struct RateLimitFile {
     max_wait_seconds: Option<f64>,
+    on_redis_outage: Option<OutagePolicy>,
+    replicas: Option<u32>,
+}
+
+/// What rate limiting does while Redis is unreachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutagePolicy {
+    /// Per-process limits divided by the replica count.
+    #[default]
+    FailOpen,
+    /// Every model counts as limited.
+    FailClosed,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +179,10 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     /// The longest wait for a rate limit before falling back.
     pub max_wait: Duration,
+    /// What rate limiting does while Redis is unreachable.
+    pub on_redis_outage: OutagePolicy,
+    /// How many gateway replicas share the limits (divides them under `fail_open`).
+    pub replicas: u32,
     /// Insertion-id key prefix.
     pub insertion_prefix: String,
     /// Insertion-id set TTL.
@@ -369,6 +386,8 @@ impl Config {
             encoded_base_url_allow: file.encoded_base_url.map(|e| e.allow).unwrap_or_default(),
             api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
             max_wait,
+            on_redis_outage: file.rate_limit.as_ref().and_then(|r| r.on_redis_outage).unwrap_or_default(),
+            replicas: file.rate_limit.as_ref().and_then(|r| r.replicas).unwrap_or(1).max(1),
             insertion_prefix: insertion.and_then(|i| i.prefix.clone()).unwrap_or_default(),
             insertion_ttl: Duration::from_secs(insertion.and_then(|i| i.ttl_secs).unwrap_or(86_400)),
             record_timeout: Duration::from_millis(insertion.and_then(|i| i.record_timeout_ms).unwrap_or(250)),

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod mock_upstream;
 pub mod observe;
+pub mod redis;
 pub mod routes;
 pub mod server;
 pub mod stack;

@@ -13,7 +13,10 @@
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::Full;
+use llmgate_context_routing::ContextRoutingLayer;
 use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer, catalog::Catalog,
 };
@@ -22,13 +25,18 @@ use llmgate_credentials::{
     UpstreamAuthLayer,
 };
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, RedisStore};
+use llmgate_langfuse::{
+    self as langfuse, ExporterConfig, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer,
+};
 use llmgate_path_metadata::PathMetadataLayer;
+use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, util::BoxCloneService};
 
 use crate::{
-    config::Config,
+    config::{Config, Emit},
     observe::{ChatObserveLayer, GatewayMetrics},
+    redis::RedisConnection,
     routes::{BoxStack, Dispatch, Router},
     server,
     target::{ResolveTargetLayer, Targets},
@@ -51,52 +59,47 @@ pub struct Gateway {
 #[derive(Default)]
 pub struct Background {
     insertion: Option<InsertionIdLayer>,
+    langfuse: Option<LangfuseExporter>,
 }
 
 impl Background {
     /// Flushes background work (export queues, record retries) for up to `timeout`.
     pub async fn flush(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(insertion) = &self.insertion {
-            if !insertion.flush(deadline).await {
-                tracing::error!("shutdown: insertion-id records still pending after {timeout:?}");
-            }
+        if let Some(insertion) = &self.insertion
+            && !insertion.flush(deadline).await
+        {
+            tracing::error!("shutdown: insertion-id records still pending after {timeout:?}");
+        }
+        if let Some(exporter) = &self.langfuse
+            && !exporter.flush(deadline).await
+        {
+            tracing::error!("shutdown: Langfuse spans still queued after {timeout:?}");
         }
     }
 }
 
-/// The insertion store: Redis (single node, or a cluster for `redis+cluster://` URLs and
-/// comma-separated node lists) when configured, else in memory.
-fn insertion_store(config: &Config) -> Result<Arc<dyn InsertionStore>, BoxError> {
+/// The stores: Redis (one shared connection) when configured, else in memory.
+fn stores(config: &Config) -> Result<(Arc<dyn InsertionStore>, Arc<dyn RateStore>), BoxError> {
     let ttl = config.insertion_ttl;
     let prefix = config.insertion_prefix.clone();
     let Some(url) = &config.redis_url else {
-        return Ok(Arc::new(MemoryStore::new().ttl(ttl)));
+        return Ok((Arc::new(MemoryStore::new().ttl(ttl)), Arc::new(MemoryRateStore::new())));
     };
-    let nodes = redis_nodes(url.expose());
-    Ok(
-        if nodes.len() > 1
-            || url.expose().starts_with("redis+cluster://")
-            || url.expose().starts_with("rediss+cluster://")
-        {
-            Arc::new(RedisStore::cluster(nodes)?.prefix(prefix).ttl(ttl))
-        } else {
-            Arc::new(RedisStore::single_node(url.expose())?.prefix(prefix).ttl(ttl))
-        },
-    )
-}
-
-/// The node URLs of a Redis URL: `redis+cluster://a:1,b:2` or `redis://a:1,redis://b:2`.
-fn redis_nodes(url: &str) -> Vec<String> {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme.replace("+cluster", ""), rest),
-        None => ("redis".to_string(), url),
+    let policy = match config.on_redis_outage {
+        crate::config::OutagePolicy::FailOpen => OutagePolicy::FailOpen,
+        crate::config::OutagePolicy::FailClosed => OutagePolicy::FailClosed,
     };
-    rest.split(',')
-        .map(|node| node.trim())
-        .filter(|node| !node.is_empty())
-        .map(|node| node.split_once("://").map_or_else(|| format!("{scheme}://{node}"), |_| node.to_string()))
-        .collect()
+    Ok(match RedisConnection::open(url.expose())? {
+        RedisConnection::Single(conn) => (
+            Arc::new(RedisStore::new(conn.clone()).prefix(prefix).ttl(ttl)),
+            Arc::new(RedisRateStore::new(conn).policy(policy).replicas(config.replicas)),
+        ),
+        RedisConnection::Cluster(conn) => (
+            Arc::new(RedisStore::new(conn.clone()).prefix(prefix).ttl(ttl)),
+            Arc::new(RedisRateStore::new(conn).policy(policy).replicas(config.replicas)),
+        ),
+    })
 }
 
 impl Gateway {
@@ -112,10 +115,13 @@ impl Gateway {
         let metrics = Arc::new(GatewayMetrics::default());
         let client = http_client(config.request_timeout);
         let upstream = HyperUpstream::with_client(client, config.default_target().clone(), config.request_timeout);
+        let mut catalog = Catalog::new(llmgate_context_routing::default_catalog());
+        catalog.extend(config.models.iter().cloned());
+        let catalog = Arc::new(catalog);
         let targets = Arc::new(Targets {
             upstreams: config.upstreams.clone(),
             default_upstream: config.default_upstream.clone(),
-            catalog: Arc::new(Catalog::new(config.models.iter().cloned())),
+            catalog: catalog.clone(),
         });
 
         let projects = match &config.secrets_path {
@@ -130,7 +136,7 @@ impl Gateway {
         if let Some(host) = &config.langfuse_host {
             project = project.langfuse_host(host.as_str());
         }
-        let insertion_store = insertion_store(&config)?;
+        let (insertion_store, rate_store) = stores(&config)?;
         let insertion = InsertionIdLayer::new(insertion_store.clone()).record_timeout(config.record_timeout);
         let auth: Arc<dyn AuthProvider> = if config.api_keys.is_empty() {
             Arc::new(NoAuth)
@@ -138,9 +144,29 @@ impl Gateway {
             Arc::new(StaticApiKeys::new(config.api_keys.iter().map(|k| k.expose().to_string())))
         };
 
+        let langfuse = match &config.langfuse_host {
+            Some(host) if config.emit != Some(Emit::Off) => {
+                let client = LangfuseClient::new(http_client::<Full<Bytes>>(config.request_timeout));
+                let exporter = LangfuseExporter::spawn(ExporterConfig::new(host.as_str()), client);
+                let emit = match config.emit {
+                    Some(Emit::All) => langfuse::Emit::All,
+                    Some(Emit::Events) => langfuse::Emit::Events,
+                    Some(Emit::Off) => langfuse::Emit::Off,
+                    None => langfuse::Emit::ByUpstream,
+                };
+                Some((LangfuseLayer::new(exporter.clone()).emit(emit), exporter))
+            }
+            _ => None,
+        };
+        let context = ContextRoutingLayer::new(catalog.clone());
+        let rate_limit = RateLimitFallbackLayer::new(catalog.clone(), rate_store).max_wait(config.max_wait);
+        let stats = rate_limit.stats();
+
         let per_attempt = ServiceBuilder::new()
             .layer(ResolveTargetLayer::new(targets))
             .layer(UpstreamAuthLayer::new())
+            .option_layer(langfuse.as_ref().map(|_| LangfuseAttemptLayer::new().catalog(catalog.clone())))
+            .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
             .layer(EncodeJsonLayer::new())
             .service(upstream.clone());
         let chat: BoxStack = BoxCloneService::new(
@@ -149,8 +175,12 @@ impl Gateway {
                 .layer(project)
                 .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
                 .layer(insertion.clone())
+                .option_layer(langfuse.as_ref().map(|(layer, _)| layer.clone()))
+                .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
                 .layer(ChatObserveLayer::new(metrics.clone()))
-                .service(per_attempt),
+                .layer(context)
+                .layer(rate_limit)
+                .service(BoxCloneService::new(per_attempt)),
         );
         let catch_all: BoxStack = BoxCloneService::new(upstream);
         // With gateway keys on, the client's `Authorization` is the gateway's own key: it is
@@ -164,7 +194,7 @@ impl Gateway {
                 }
                 req
             })
-            .service(Dispatch { chat, traces: None, catch_all });
+            .service(Dispatch { chat, traces: None, catch_all, stats: Some(stats) });
 
         let service = ServiceBuilder::new()
             .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
@@ -172,7 +202,7 @@ impl Gateway {
             .layer(RescueLayer::new())
             .layer(PathMetadataLayer::new())
             .service(Router::new(dispatch));
-        let background = Background { insertion: Some(insertion) };
+        let background = Background { insertion: Some(insertion), langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
             service: BoxCloneService::new(service),
             metrics,

@@ -6,6 +6,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -15,6 +16,7 @@ use llmgate_core::{
     body::json_response,
     ext::{RouteKind, RouteMeta},
 };
+use llmgate_rate_limit_fallback::Stats;
 use serde_json::json;
 use tower::{Service, ServiceExt, util::BoxCloneService};
 
@@ -40,6 +42,8 @@ pub struct Dispatch {
     pub traces: Option<BoxStack>,
     /// Everything else.
     pub catch_all: BoxStack,
+    /// `GET /stats`: the fallback statistics.
+    pub stats: Option<Arc<Stats>>,
 }
 
 impl Service<Request<GatewayBody>> for Dispatch {
@@ -68,6 +72,10 @@ impl Service<Request<GatewayBody>> for Dispatch {
                     });
                 }
             },
+            None if req.method() == Method::GET && req.uri().path() == "/stats" => {
+                let stats = self.stats.as_ref().map_or_else(|| json!({}), |s| s.snapshot());
+                return Box::pin(async move { Ok(json_response(StatusCode::OK, &stats)) });
+            }
             None => self.catch_all.clone(),
         };
         Box::pin(branch.oneshot(req))

@@ -24,7 +24,11 @@ use super::{IdleTimeout, join_url, strip_hop_by_hop};
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, GatewayBody>;
 
 /// A pooled HTTP/1.1 + h2 client with TLS (webpki roots) and TCP_NODELAY.
-pub fn http_client(connect_timeout: Duration) -> HttpClient {
+pub fn http_client<B>(connect_timeout: Duration) -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
