@@ -51,12 +51,7 @@ pub fn classify_429(body: &[u8]) -> Upstream429 {
 /// provider's `x-ratelimit-reset-requests` / `-tokens` (`1s`, `6m0s`, `20ms`), preferring the
 /// one whose `x-ratelimit-remaining-*` is 0, else the longer one.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
@@ -76,16 +71,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let tokens = header("x-ratelimit-reset-tokens").and_then(parse_go_duration);
     let exhausted = |name: &str| header(name) == Some("0");
     match (requests, tokens) {
-        (Some(r), _)
-            if exhausted("x-ratelimit-remaining-requests")
-                && !exhausted("x-ratelimit-remaining-tokens") =>
-        {
+        (Some(r), _) if exhausted("x-ratelimit-remaining-requests") && !exhausted("x-ratelimit-remaining-tokens") => {
             Some(r)
         }
-        (_, Some(t))
-            if exhausted("x-ratelimit-remaining-tokens")
-                && !exhausted("x-ratelimit-remaining-requests") =>
-        {
+        (_, Some(t)) if exhausted("x-ratelimit-remaining-tokens") && !exhausted("x-ratelimit-remaining-requests") => {
             Some(t)
         }
         (r, t) => r.into_iter().chain(t).max(),
@@ -102,17 +91,13 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
     }
     let mut total = 0.0_f64;
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if number_len == 0 {
             return None;
         }
         let value: f64 = rest[..number_len].parse().ok()?;
         rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let factor = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -138,10 +123,7 @@ mod tests {
         assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
-        assert_eq!(
-            parse_go_duration("1h2m3.5s"),
-            Some(Duration::from_millis(3_723_500))
-        );
+        assert_eq!(parse_go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
         assert_eq!(parse_go_duration(""), None);
         assert_eq!(parse_go_duration("abc"), None);
         assert_eq!(parse_go_duration("5x"), None);
@@ -179,9 +161,6 @@ mod tests {
         let rpm = br#"{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded"}}"#;
         assert_eq!(classify_429(rpm), Upstream429::Transient);
         assert_eq!(classify_429(b"\xff\xfe not json"), Upstream429::Transient);
-        assert_eq!(
-            classify_429(b"Daily quota exceeded for this key"),
-            Upstream429::Quota
-        );
+        assert_eq!(classify_429(b"Daily quota exceeded for this key"), Upstream429::Quota);
     }
 }

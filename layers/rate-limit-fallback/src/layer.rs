@@ -15,8 +15,8 @@ use llmgate_core::{
     BoxError, GatewayBody, GatewayError, body,
     catalog::{Catalog, Limits, ModelSpec},
     ext::{
-        BodyEdits, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice, ServedBy,
-        TokenEstimate, UpstreamMode,
+        BodyEdits, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice, ServedBy, TokenEstimate,
+        UpstreamMode,
     },
     usage,
 };
@@ -97,10 +97,7 @@ impl<S> Layer<S> for RateLimitFallbackLayer {
     type Service = RateLimitFallback<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimitFallback {
-            inner,
-            config: Arc::new(self.clone()),
-        }
+        RateLimitFallback { inner, config: Arc::new(self.clone()) }
     }
 }
 
@@ -113,10 +110,7 @@ pub struct RateLimitFallback<S> {
 
 impl<S: std::fmt::Debug> std::fmt::Debug for RateLimitFallback<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimitFallback")
-            .field("inner", &self.inner)
-            .field("config", &self.config)
-            .finish()
+        f.debug_struct("RateLimitFallback").field("inner", &self.inner).field("config", &self.config).finish()
     }
 }
 
@@ -124,10 +118,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for RateLimitFallback<S> {
 
 impl<S, F> Service<Request<GatewayBody>> for RateLimitFallback<S>
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
 {
@@ -173,19 +164,12 @@ where
         Some(choice) => Some(choice.current.clone()),
         None => llm.model().map(Arc::from),
     };
-    let spec = current
-        .as_deref()
-        .and_then(|m| config.catalog.get(m))
-        .cloned();
+    let spec = current.as_deref().and_then(|m| config.catalog.get(m)).cloned();
     let (Some(current), Some(spec)) = (current, spec) else {
         // No model or one the catalogue does not know: one untouched attempt.
         let requested_primary = entry.as_ref().is_none_or(ModelChoice::is_primary);
         let response = inner.call(req).await.map_err(Into::into)?;
-        Stats::bump(if requested_primary {
-            &stats.primary_requests
-        } else {
-            &stats.fallback_requests
-        });
+        Stats::bump(if requested_primary { &stats.primary_requests } else { &stats.fallback_requests });
         return Ok(response);
     };
     let requested = entry.map_or_else(|| current.clone(), |c| c.requested);
@@ -221,11 +205,7 @@ where
         tried.push(model.to_string());
         let mut waited = Duration::ZERO;
         loop {
-            if let Decision::Limited {
-                limited_by,
-                retry_after,
-            } = config.store.check(&model, &limits, tokens).await
-            {
+            if let Decision::Limited { limited_by, retry_after } = config.store.check(&model, &limits, tokens).await {
                 if waited + retry_after <= config.max_wait {
                     Stats::bump(&stats.rate_limit_waits);
                     tokio::time::sleep(retry_after).await;
@@ -239,9 +219,7 @@ where
             }
 
             if attempts > 0 {
-                std::future::poll_fn(|cx| inner.poll_ready(cx))
-                    .await
-                    .map_err(Into::into)?;
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await.map_err(Into::into)?;
             }
             attempts += 1;
             let mut attempt = parts.clone();
@@ -251,11 +229,7 @@ where
                 attempt: attempts,
             });
             if had_model_edit || llm.model() != Some(&*model) {
-                let mut edits = attempt
-                    .extensions
-                    .get::<BodyEdits>()
-                    .cloned()
-                    .unwrap_or_default();
+                let mut edits = attempt.extensions.get::<BodyEdits>().cloned().unwrap_or_default();
                 edits.set("model", Value::String(model.to_string()), EditScope::Always);
                 attempt.extensions.insert(edits);
             }
@@ -263,9 +237,7 @@ where
             let response = inner.call(request).await.map_err(Into::into)?;
 
             if response.status() != StatusCode::TOO_MANY_REQUESTS {
-                return Ok(served(
-                    &config, response, &requested, &model, &limits, tokens, attempts,
-                ));
+                return Ok(served(&config, response, &requested, &model, &limits, tokens, attempts));
             }
 
             // Upstream 429: cool the model down for everyone, then wait or move on.
@@ -275,17 +247,12 @@ where
             let error_body = read_capped(body, ERROR_BODY_LIMIT).await;
             let (cooldown, reason) = match classify_429(&error_body) {
                 Upstream429::Quota => (config.store.until_daily_reset(), "upstream_quota"),
-                Upstream429::Transient => {
-                    (after.unwrap_or(config.default_retry_after), "upstream_429")
-                }
+                Upstream429::Transient => (after.unwrap_or(config.default_retry_after), "upstream_429"),
             };
             tracing::debug!(%model, ?cooldown, reason, "upstream 429; cooling the model down");
             config.store.cool_down(&model, cooldown).await;
             stats.cooled_down(&model, cooldown);
-            if reason == "upstream_429"
-                && waited + cooldown <= config.max_wait
-                && attempts < config.max_attempts
-            {
+            if reason == "upstream_429" && waited + cooldown <= config.max_wait && attempts < config.max_attempts {
                 Stats::bump(&stats.rate_limit_waits);
                 tokio::time::sleep(cooldown).await;
                 waited += cooldown;
@@ -299,11 +266,7 @@ where
     }
 
     Stats::bump(&stats.chains_exhausted);
-    Err(GatewayError::RateLimited {
-        retry_after: soonest,
-        tried,
-    }
-    .into())
+    Err(GatewayError::RateLimited { retry_after: soonest, tried }.into())
 }
 
 /// The model itself, then its `fallbacks` in order (each once), skipping fallbacks whose
@@ -327,10 +290,7 @@ fn candidates(
         {
             continue;
         }
-        out.push((
-            Arc::from(name.as_str()),
-            fallback.map(|f| f.limits).unwrap_or_default(),
-        ));
+        out.push((Arc::from(name.as_str()), fallback.map(|f| f.limits).unwrap_or_default()));
     }
     out
 }
@@ -346,11 +306,7 @@ fn served(
     attempts: u32,
 ) -> Response<GatewayBody> {
     let stats = &config.stats;
-    Stats::bump(if requested == model {
-        &stats.primary_requests
-    } else {
-        &stats.fallback_requests
-    });
+    Stats::bump(if requested == model { &stats.primary_requests } else { &stats.fallback_requests });
     if limits.tpm.is_some() {
         let outcome = usage::tap(&mut response, 0);
         let store = config.store.clone();
@@ -359,11 +315,7 @@ fn served(
             let Some(used) = outcome.usage else { return };
             // Never block the task that polls the body: correct on a task of its own.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    store
-                        .correct_tokens(&model, &limits, tokens, used.total)
-                        .await
-                });
+                runtime.spawn(async move { store.correct_tokens(&model, &limits, tokens, used.total).await });
             }
         });
     }
@@ -371,19 +323,9 @@ fn served(
         .extensions()
         .get::<ServedBy>()
         .map(|s| s.upstream.clone())
-        .or_else(|| {
-            config
-                .catalog
-                .get(model)
-                .and_then(|s| s.upstream.as_deref())
-                .map(Arc::from)
-        })
+        .or_else(|| config.catalog.get(model).and_then(|s| s.upstream.as_deref()).map(Arc::from))
         .unwrap_or_else(|| Arc::from("default"));
-    response.extensions_mut().insert(ServedBy {
-        model: model.clone(),
-        upstream,
-        attempts,
-    });
+    response.extensions_mut().insert(ServedBy { model: model.clone(), upstream, attempts });
     response
 }
 

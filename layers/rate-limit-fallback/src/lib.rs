@@ -29,6 +29,17 @@
 //! Budgets live in a [`RateStore`]: [`MemoryRateStore`] in-process, or [`RedisRateStore`]
 //! shared by every replica (one Lua script per attempt; `fail_open`/`fail_closed` outages).
 //!
+//! # Wiring with Redis
+//!
+//! ```text
+//! let conn = redis::Client::open(url)?.get_connection_manager_lazy(
+//!     ConnectionManagerConfig::new()
+//!         .set_connection_timeout(Some(500ms)).set_response_timeout(Some(500ms)))?;
+//! // or: redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?
+//! let store = RedisRateStore::new(conn).policy(OutagePolicy::FailOpen).replicas(n);
+//! let layer = RateLimitFallbackLayer::new(catalog, Arc::new(store)).max_wait(max_wait_seconds);
+//! ```
+//!
 //! # Example
 //!
 //! ```

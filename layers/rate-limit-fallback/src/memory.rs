@@ -11,9 +11,7 @@ use std::{
 use llmgate_core::catalog::Limits;
 use tokio::time::Instant;
 
-use crate::store::{
-    BoxFuture, Clock, DAY, Decision, LimitKind, RateStore, TokioClock, WINDOW, day_and_rest,
-};
+use crate::store::{BoxFuture, Clock, DAY, Decision, LimitKind, RateStore, TokioClock, WINDOW, day_and_rest};
 
 const SHARDS: usize = 32;
 
@@ -101,9 +99,7 @@ impl MemoryRateStore {
         let now = self.clock.now();
         let (day, to_next_day) = day_and_rest(self.clock.unix_now(), self.day_boundary);
         let window = self.window;
-        self.with_model(model, |s| {
-            s.check(limits, tokens, now, day, to_next_day, window)
-        })
+        self.with_model(model, |s| s.check(limits, tokens, now, day, to_next_day, window))
     }
 
     /// The synchronous correction behind [`RateStore::correct_tokens`].
@@ -136,9 +132,7 @@ impl MemoryRateStore {
             .iter()
             .map(|shard| {
                 let map = shard.lock().unwrap_or_else(|p| p.into_inner());
-                map.values()
-                    .filter(|s| s.cooldown_until.is_some_and(|u| u > now))
-                    .count()
+                map.values().filter(|s| s.cooldown_until.is_some_and(|u| u > now)).count()
             })
             .sum()
     }
@@ -160,12 +154,7 @@ impl std::fmt::Debug for MemoryRateStore {
 }
 
 impl RateStore for MemoryRateStore {
-    fn check<'a>(
-        &'a self,
-        model: &'a str,
-        limits: &'a Limits,
-        tokens: u64,
-    ) -> BoxFuture<'a, Decision> {
+    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision> {
         let decision = self.check_now(model, limits, tokens);
         Box::pin(std::future::ready(decision))
     }
@@ -216,10 +205,7 @@ impl ModelState {
     ) -> Decision {
         if let Some(until) = self.cooldown_until {
             if until > now {
-                return Decision::Limited {
-                    limited_by: LimitKind::Cooldown,
-                    retry_after: until - now,
-                };
+                return Decision::Limited { limited_by: LimitKind::Cooldown, retry_after: until - now };
             }
             self.cooldown_until = None;
         }
@@ -231,20 +217,13 @@ impl ModelState {
         };
 
         // rpm: drop entries that left the window; the entry whose expiry makes room decides.
-        while self
-            .rpm_log
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
-        {
+        while self.rpm_log.front().is_some_and(|t| now.saturating_duration_since(*t) >= window) {
             self.rpm_log.pop_front();
         }
         if let Some(rpm) = limits.rpm {
             let n = self.rpm_log.len() as u64;
             if n >= rpm {
-                let wait = match usize::try_from(n - rpm)
-                    .ok()
-                    .and_then(|i| self.rpm_log.get(i))
-                {
+                let wait = match usize::try_from(n - rpm).ok().and_then(|i| self.rpm_log.get(i)) {
                     Some(t) if rpm > 0 => (*t + window).saturating_duration_since(now),
                     _ => window,
                 };
@@ -254,9 +233,7 @@ impl ModelState {
             self.rpm_log.clear();
         }
 
-        let level = limits
-            .tpm
-            .map(|tpm| (tpm, self.tpm_refill(tpm, now, window)));
+        let level = limits.tpm.map(|tpm| (tpm, self.tpm_refill(tpm, now, window)));
         if let Some((tpm, level)) = level {
             let need = tokens.min(tpm) as f64;
             if level < need {
@@ -280,10 +257,7 @@ impl ModelState {
         }
 
         if let Some((limited_by, retry_after)) = refused {
-            return Decision::Limited {
-                limited_by,
-                retry_after,
-            };
+            return Decision::Limited { limited_by, retry_after };
         }
         if limits.rpm.is_some() {
             self.rpm_log.push_back(now);

@@ -19,10 +19,7 @@ use redis::{RedisResult, Script, aio::ConnectionLike};
 
 use crate::{
     memory::MemoryRateStore,
-    store::{
-        BoxFuture, DAY, Decision, LimitKind, RateStore, StoreHealth, WINDOW, day_and_rest,
-        divide_limits,
-    },
+    store::{BoxFuture, DAY, Decision, LimitKind, RateStore, StoreHealth, WINDOW, day_and_rest, divide_limits},
 };
 
 /// KEYS: rpm, tpm, rpd, cool. ARGV: rpm, tpm, tokens, rpd (-1 = unlimited), day boundary
@@ -189,18 +186,14 @@ where
     /// Days (for rpd) start `offset` after 00:00 UTC.
     pub fn day_boundary(mut self, offset: Duration) -> Self {
         self.day_boundary = offset;
-        self.local = MemoryRateStore::new()
-            .day_boundary(offset)
-            .window(self.window);
+        self.local = MemoryRateStore::new().day_boundary(offset).window(self.window);
         self
     }
 
     /// The rpm/tpm window (default 60 s; shorter only for tests).
     pub fn window(mut self, window: Duration) -> Self {
         self.window = window.max(Duration::from_millis(1));
-        self.local = MemoryRateStore::new()
-            .day_boundary(self.day_boundary)
-            .window(self.window);
+        self.local = MemoryRateStore::new().day_boundary(self.day_boundary).window(self.window);
         self
     }
 
@@ -229,12 +222,8 @@ where
         };
         match outcome {
             Ok(value) => {
-                if self.in_outage.load(Ordering::Relaxed)
-                    && self.in_outage.swap(false, Ordering::AcqRel)
-                {
-                    tracing::warn!(
-                        "rate-limit store: Redis reachable again; shared budgets restored"
-                    );
+                if self.in_outage.load(Ordering::Relaxed) && self.in_outage.swap(false, Ordering::AcqRel) {
+                    tracing::warn!("rate-limit store: Redis reachable again; shared budgets restored");
                 }
                 Some(value)
             }
@@ -255,13 +244,8 @@ where
     }
 
     async fn check_redis(&self, model: &str, limits: &Limits, tokens: u64) -> Option<Decision> {
-        let as_arg =
-            |limit: Option<u64>| limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let member = format!(
-            "{}-{}",
-            self.member_prefix,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
+        let as_arg = |limit: Option<u64>| limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let member = format!("{}-{}", self.member_prefix, self.seq.fetch_add(1, Ordering::Relaxed));
         let mut conn = self.conn.clone();
         let mut invocation = CHECK.prepare_invoke();
         invocation
@@ -286,10 +270,7 @@ where
             "rpd" => LimitKind::Rpd,
             _ => LimitKind::Cooldown,
         };
-        Some(Decision::Limited {
-            limited_by,
-            retry_after,
-        })
+        Some(Decision::Limited { limited_by, retry_after })
     }
 
     /// Redis health: errors and outages so far.
@@ -316,25 +297,16 @@ impl<C> RateStore for RedisRateStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn check<'a>(
-        &'a self,
-        model: &'a str,
-        limits: &'a Limits,
-        tokens: u64,
-    ) -> BoxFuture<'a, Decision> {
+    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision> {
         Box::pin(async move {
             if let Some(decision) = self.check_redis(model, limits, tokens).await {
                 return decision;
             }
             match self.policy {
-                OutagePolicy::FailOpen => {
-                    self.local
-                        .check_now(model, &divide_limits(limits, self.replicas), tokens)
+                OutagePolicy::FailOpen => self.local.check_now(model, &divide_limits(limits, self.replicas), tokens),
+                OutagePolicy::FailClosed => {
+                    Decision::Limited { limited_by: LimitKind::Unavailable, retry_after: Duration::from_secs(1) }
                 }
-                OutagePolicy::FailClosed => Decision::Limited {
-                    limited_by: LimitKind::Unavailable,
-                    retry_after: Duration::from_secs(1),
-                },
             }
         })
     }
@@ -354,19 +326,10 @@ where
             let delta = actual as i64 - estimated as i64;
             let mut conn = self.conn.clone();
             let mut invocation = CORRECT.prepare_invoke();
-            invocation
-                .key(self.key(model, "tpm"))
-                .arg(tpm)
-                .arg(delta)
-                .arg(self.window.as_millis() as u64);
+            invocation.key(self.key(model, "tpm")).arg(tpm).arg(delta).arg(self.window.as_millis() as u64);
             let done: Option<String> = self.run(invocation.invoke_async(&mut conn)).await;
             if done.is_none() {
-                self.local.correct_now(
-                    model,
-                    &divide_limits(limits, self.replicas),
-                    estimated,
-                    actual,
-                );
+                self.local.correct_now(model, &divide_limits(limits, self.replicas), estimated, actual);
             }
         })
     }
@@ -384,9 +347,7 @@ where
     }
 
     fn until_daily_reset(&self) -> Duration {
-        let unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         day_and_rest(unix, self.day_boundary).1
     }
 

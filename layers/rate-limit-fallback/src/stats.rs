@@ -84,11 +84,7 @@ impl Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let total = get(&self.total_requests);
         let fallback = get(&self.fallback_requests);
-        let rate = if total == 0 {
-            0.0
-        } else {
-            fallback as f64 / total as f64 * 100.0
-        };
+        let rate = if total == 0 { 0.0 } else { fallback as f64 / total as f64 * 100.0 };
         let health = self.store.health();
         json!({
             "total_requests": total,
@@ -111,8 +107,6 @@ impl Stats {
 
 impl std::fmt::Debug for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stats")
-            .field("snapshot", &self.snapshot())
-            .finish()
+        f.debug_struct("Stats").field("snapshot", &self.snapshot()).finish()
     }
 }

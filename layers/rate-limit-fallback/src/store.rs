@@ -103,12 +103,7 @@ pub struct StoreHealth {
 pub trait RateStore: Send + Sync + 'static {
     /// Checks rpm, tpm (with `tokens`, the request's estimate) and rpd of `model` together,
     /// and the model's cooldown; consumes all three when allowed.
-    fn check<'a>(
-        &'a self,
-        model: &'a str,
-        limits: &'a Limits,
-        tokens: u64,
-    ) -> BoxFuture<'a, Decision>;
+    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision>;
 
     /// Corrects the tpm budget of an allowed check once the real usage is known:
     /// `actual - estimated` tokens are taken (or given back when negative).
@@ -135,12 +130,7 @@ pub trait RateStore: Send + Sync + 'static {
 }
 
 impl<T: RateStore + ?Sized> RateStore for Arc<T> {
-    fn check<'a>(
-        &'a self,
-        model: &'a str,
-        limits: &'a Limits,
-        tokens: u64,
-    ) -> BoxFuture<'a, Decision> {
+    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision> {
         (**self).check(model, limits, tokens)
     }
 
@@ -188,18 +178,13 @@ pub struct TokioClock {
 impl TokioClock {
     /// A clock whose wall time starts at the system time.
     pub fn new() -> Self {
-        let unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Self::starting_at(unix)
     }
 
     /// A clock whose wall time starts at `unix` (since the epoch), for tests.
     pub fn starting_at(unix: Duration) -> Self {
-        Self {
-            origin: Instant::now(),
-            origin_unix: unix,
-        }
+        Self { origin: Instant::now(), origin_unix: unix }
     }
 }
 
@@ -234,11 +219,7 @@ pub(crate) fn day_and_rest(unix: Duration, boundary: Duration) -> (u64, Duration
 pub(crate) fn divide_limits(limits: &Limits, replicas: u32) -> Limits {
     let replicas = u64::from(replicas.max(1));
     let split = |l: Option<u64>| l.map(|n| if n == 0 { 0 } else { (n / replicas).max(1) });
-    Limits {
-        rpm: split(limits.rpm),
-        tpm: split(limits.tpm),
-        rpd: split(limits.rpd),
-    }
+    Limits { rpm: split(limits.rpm), tpm: split(limits.tpm), rpd: split(limits.rpd) }
 }
 
 #[cfg(test)]
@@ -260,18 +241,7 @@ mod tests {
 
     #[test]
     fn divided_limits_keep_unlimited() {
-        let limits = Limits {
-            rpm: Some(50),
-            tpm: None,
-            rpd: Some(1),
-        };
-        assert_eq!(
-            divide_limits(&limits, 2),
-            Limits {
-                rpm: Some(25),
-                tpm: None,
-                rpd: Some(1)
-            }
-        );
+        let limits = Limits { rpm: Some(50), tpm: None, rpd: Some(1) };
+        assert_eq!(divide_limits(&limits, 2), Limits { rpm: Some(25), tpm: None, rpd: Some(1) });
     }
 }

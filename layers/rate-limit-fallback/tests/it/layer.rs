@@ -12,13 +12,10 @@ use llmgate_core::{
     BoxError, DecodeJsonLayer, GatewayBody, GatewayError, body,
     catalog::{Catalog, Limits, ModelSpec},
     ext::{
-        BodyEdits, FallbackEvent, FallbackEventSink, FallbackEvents, ModelChoice, ServedBy,
-        TokenEstimate, UpstreamMode,
+        BodyEdits, FallbackEvent, FallbackEventSink, FallbackEvents, ModelChoice, ServedBy, TokenEstimate, UpstreamMode,
     },
 };
-use llmgate_rate_limit_fallback::{
-    MemoryRateStore, RateLimitFallbackLayer, RateStore, Stats, TokioClock,
-};
+use llmgate_rate_limit_fallback::{MemoryRateStore, RateLimitFallbackLayer, RateStore, Stats, TokioClock};
 use tower::{ServiceBuilder, ServiceExt, service_fn, util::BoxCloneService};
 
 type Svc = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, BoxError>;
@@ -47,21 +44,11 @@ struct Upstream {
 impl Upstream {
     fn then(&self, model: &str, status: u16, headers: &[(&'static str, &str)], body: &str) {
         let headers = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        self.script
-            .lock()
-            .unwrap()
-            .entry(model.into())
-            .or_default()
-            .push_back((status, headers, body.into()));
+        self.script.lock().unwrap().entry(model.into()).or_default().push_back((status, headers, body.into()));
     }
 
     fn calls(&self) -> Vec<String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(m, _)| m.clone())
-            .collect()
+        self.calls.lock().unwrap().iter().map(|(m, _)| m.clone()).collect()
     }
 }
 
@@ -83,11 +70,7 @@ fn spec(name: &str, limits: Limits, fallbacks: &[&str]) -> ModelSpec {
 }
 
 fn rpm(n: u64) -> Limits {
-    Limits {
-        rpm: Some(n),
-        tpm: None,
-        rpd: None,
-    }
+    Limits { rpm: Some(n), tpm: None, rpd: None }
 }
 
 fn harness_with(
@@ -98,10 +81,7 @@ fn harness_with(
     let upstream = Upstream::default();
     let sink = Arc::new(Sink::default());
     let store = Arc::new(store);
-    let layer = configure(RateLimitFallbackLayer::new(
-        Arc::new(Catalog::new(models)),
-        store.clone(),
-    ));
+    let layer = configure(RateLimitFallbackLayer::new(Arc::new(Catalog::new(models)), store.clone()));
     let stats = layer.stats();
     let up = upstream.clone();
     let events = FallbackEvents(sink.clone());
@@ -117,12 +97,18 @@ fn harness_with(
             async move {
                 let model = req.extensions().get::<ModelChoice>().map(|c| c.current.to_string()).unwrap_or_default();
                 let edited = req.extensions().get::<BodyEdits>().and_then(|e| {
-                    e.for_mode(UpstreamMode::OpenAi).find(|(k, _)| *k == "model").and_then(|(_, v)| v.and_then(|v| v.as_str()).map(str::to_string))
+                    e.for_mode(UpstreamMode::OpenAi)
+                        .find(|(k, _)| *k == "model")
+                        .and_then(|(_, v)| v.and_then(|v| v.as_str()).map(str::to_string))
                 });
                 up.calls.lock().unwrap().push((model.clone(), edited));
                 let next = up.script.lock().unwrap().get_mut(&model).and_then(VecDeque::pop_front);
                 let (status, headers, text) = next.unwrap_or_else(|| {
-                    (200, vec![], r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#.into())
+                    (
+                        200,
+                        vec![],
+                        r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#.into(),
+                    )
                 });
                 let mut response = Response::new(body::full(text));
                 *response.status_mut() = StatusCode::from_u16(status).unwrap();
@@ -133,13 +119,7 @@ fn harness_with(
                 Ok::<_, BoxError>(response)
             }
         }));
-    Harness {
-        svc: BoxCloneService::new(svc),
-        upstream,
-        sink,
-        stats,
-        store,
-    }
+    Harness { svc: BoxCloneService::new(svc), upstream, sink, stats, store }
 }
 
 fn harness(models: Vec<ModelSpec>) -> Harness {
@@ -147,9 +127,7 @@ fn harness(models: Vec<ModelSpec>) -> Harness {
 }
 
 fn chat(model: &str) -> Request<GatewayBody> {
-    Request::new(body::full(format!(
-        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#
-    )))
+    Request::new(body::full(format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)))
 }
 
 impl Harness {
@@ -161,12 +139,7 @@ impl Harness {
     async fn served(&self, model: &str) -> String {
         let response = self.send(chat(model)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        let served = response
-            .extensions()
-            .get::<ServedBy>()
-            .unwrap()
-            .model
-            .to_string();
+        let served = response.extensions().get::<ServedBy>().unwrap().model.to_string();
         response.into_body().collect().await.unwrap();
         served
     }
@@ -178,11 +151,9 @@ impl Harness {
             .unwrap()
             .iter()
             .map(|e| match e {
-                FallbackEvent::RateLimit {
-                    original_model,
-                    fallback_model,
-                    reason,
-                } => (original_model.clone(), fallback_model.clone(), *reason),
+                FallbackEvent::RateLimit { original_model, fallback_model, reason } => {
+                    (original_model.clone(), fallback_model.clone(), *reason)
+                }
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
@@ -199,19 +170,13 @@ fn ev(a: &str, b: &str, reason: &'static str) -> (String, String, &'static str) 
 
 #[tokio::test(start_paused = true)]
 async fn rpm_limit_falls_back_with_reason_rpm() {
-    let h = harness(vec![
-        spec("a", rpm(1), &["b"]),
-        spec("b", Limits::default(), &[]),
-    ]);
+    let h = harness(vec![spec("a", rpm(1), &["b"]), spec("b", Limits::default(), &[])]);
     assert_eq!(h.served("a").await, "a");
     assert_eq!(h.served("a").await, "b");
     assert_eq!(h.events(), vec![ev("a", "b", "rpm")]);
     // The fallback attempt carried the model edit; the primary did not need one.
     let calls = h.upstream.calls.lock().unwrap().clone();
-    assert_eq!(
-        calls,
-        vec![("a".into(), None), ("b".into(), Some("b".into()))]
-    );
+    assert_eq!(calls, vec![("a".into(), None), ("b".into(), Some("b".into()))]);
     let snap = h.stats.snapshot();
     assert_eq!(snap["total_requests"], 2);
     assert_eq!(snap["primary_requests"], 1);
@@ -222,56 +187,30 @@ async fn rpm_limit_falls_back_with_reason_rpm() {
 
 #[tokio::test(start_paused = true)]
 async fn tpm_limit_falls_back_with_reason_tpm_and_usage_corrects_it() {
-    let tpm = Limits {
-        rpm: None,
-        tpm: Some(100),
-        rpd: None,
-    };
-    let h = harness(vec![
-        spec("a", tpm, &["b"]),
-        spec("b", Limits::default(), &[]),
-    ]);
+    let tpm = Limits { rpm: None, tpm: Some(100), rpd: None };
+    let h = harness(vec![spec("a", tpm, &["b"]), spec("b", Limits::default(), &[])]);
     let with_estimate = |tokens| {
         let mut req = chat("a");
-        req.extensions_mut().insert(TokenEstimate {
-            tokens,
-            estimated: true,
-        });
+        req.extensions_mut().insert(TokenEstimate { tokens, estimated: true });
         req
     };
     // DecodeJson keeps extensions, so the estimate reaches the layer.
     let r = h.send(with_estimate(90)).await.unwrap();
-    assert_eq!(
-        r.extensions().get::<ServedBy>().unwrap().model.as_ref(),
-        "a"
-    );
+    assert_eq!(r.extensions().get::<ServedBy>().unwrap().model.as_ref(), "a");
     let r2 = h.send(with_estimate(90)).await.unwrap();
-    assert_eq!(
-        r2.extensions().get::<ServedBy>().unwrap().model.as_ref(),
-        "b"
-    );
+    assert_eq!(r2.extensions().get::<ServedBy>().unwrap().model.as_ref(), "b");
     assert_eq!(h.events(), vec![ev("a", "b", "tpm")]);
     // The first response's real usage (5 tokens) gives back 85 of the 90 reserved.
     r.into_body().collect().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await;
     let r3 = h.send(with_estimate(90)).await.unwrap();
-    assert_eq!(
-        r3.extensions().get::<ServedBy>().unwrap().model.as_ref(),
-        "a"
-    );
+    assert_eq!(r3.extensions().get::<ServedBy>().unwrap().model.as_ref(), "a");
 }
 
 #[tokio::test(start_paused = true)]
 async fn rpd_limit_falls_back_with_reason_rpd() {
-    let rpd = Limits {
-        rpm: None,
-        tpm: None,
-        rpd: Some(2),
-    };
-    let h = harness(vec![
-        spec("a", rpd, &["b"]),
-        spec("b", Limits::default(), &[]),
-    ]);
+    let rpd = Limits { rpm: None, tpm: None, rpd: Some(2) };
+    let h = harness(vec![spec("a", rpd, &["b"]), spec("b", Limits::default(), &[])]);
     assert_eq!(h.served("a").await, "a");
     assert_eq!(h.served("a").await, "a");
     assert_eq!(h.served("a").await, "b");
@@ -280,18 +219,14 @@ async fn rpd_limit_falls_back_with_reason_rpd() {
 
 #[tokio::test(start_paused = true)]
 async fn waits_within_max_wait_then_succeeds() {
-    let h = harness_with(
-        vec![spec("a", rpm(1), &["b"]), spec("b", Limits::default(), &[])],
-        MemoryRateStore::new(),
-        |l| l.max_wait(Duration::from_secs(61)),
-    );
+    let h =
+        harness_with(vec![spec("a", rpm(1), &["b"]), spec("b", Limits::default(), &[])], MemoryRateStore::new(), |l| {
+            l.max_wait(Duration::from_secs(61))
+        });
     let start = tokio::time::Instant::now();
     assert_eq!(h.served("a").await, "a");
     assert_eq!(h.served("a").await, "a");
-    assert!(
-        start.elapsed() >= Duration::from_secs(60),
-        "the second request waited for the window"
-    );
+    assert!(start.elapsed() >= Duration::from_secs(60), "the second request waited for the window");
     assert_eq!(h.stat("rate_limit_waits"), 1);
     assert!(h.events().is_empty());
     assert_eq!(h.upstream.calls(), ["a", "a"]);
@@ -299,11 +234,10 @@ async fn waits_within_max_wait_then_succeeds() {
 
 #[tokio::test(start_paused = true)]
 async fn a_wait_longer_than_max_wait_falls_back_at_once() {
-    let h = harness_with(
-        vec![spec("a", rpm(1), &["b"]), spec("b", Limits::default(), &[])],
-        MemoryRateStore::new(),
-        |l| l.max_wait(Duration::from_secs(10)),
-    );
+    let h =
+        harness_with(vec![spec("a", rpm(1), &["b"]), spec("b", Limits::default(), &[])], MemoryRateStore::new(), |l| {
+            l.max_wait(Duration::from_secs(10))
+        });
     assert_eq!(h.served("a").await, "a");
     let start = tokio::time::Instant::now();
     assert_eq!(h.served("a").await, "b");
@@ -313,22 +247,11 @@ async fn a_wait_longer_than_max_wait_falls_back_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured_and_cools_the_model_down_for_the_next_requests() {
-    let h = harness(vec![
-        spec("a", Limits::default(), &["b"]),
-        spec("b", Limits::default(), &[]),
-    ]);
-    h.upstream.then(
-        "a",
-        429,
-        &[("retry-after", "5")],
-        r#"{"error":{"code":"rate_limit_exceeded"}}"#,
-    );
+    let h = harness(vec![spec("a", Limits::default(), &["b"]), spec("b", Limits::default(), &[])]);
+    h.upstream.then("a", 429, &[("retry-after", "5")], r#"{"error":{"code":"rate_limit_exceeded"}}"#);
     assert_eq!(h.served("a").await, "b");
     assert_eq!(h.served("a").await, "b");
-    assert_eq!(
-        h.events(),
-        vec![ev("a", "b", "upstream_429"), ev("a", "b", "cooldown")]
-    );
+    assert_eq!(h.events(), vec![ev("a", "b", "upstream_429"), ev("a", "b", "cooldown")]);
     // "a" was not asked again while cooling down.
     assert_eq!(h.upstream.calls(), ["a", "b", "b"]);
     assert_eq!(h.stat("cooldowns_active"), 1);
@@ -341,22 +264,11 @@ async fn retry_after_is_honoured_and_cools_the_model_down_for_the_next_requests(
 #[tokio::test(start_paused = true)]
 async fn provider_reset_headers_and_waiting_on_an_upstream_429() {
     let h = harness_with(
-        vec![
-            spec("a", Limits::default(), &["b"]),
-            spec("b", Limits::default(), &[]),
-        ],
+        vec![spec("a", Limits::default(), &["b"]), spec("b", Limits::default(), &[])],
         MemoryRateStore::new(),
         |l| l.max_wait(Duration::from_secs(3)),
     );
-    h.upstream.then(
-        "a",
-        429,
-        &[
-            ("x-ratelimit-reset-requests", "2s"),
-            ("x-ratelimit-remaining-requests", "0"),
-        ],
-        "{}",
-    );
+    h.upstream.then("a", 429, &[("x-ratelimit-reset-requests", "2s"), ("x-ratelimit-remaining-requests", "0")], "{}");
     let start = tokio::time::Instant::now();
     assert_eq!(h.served("a").await, "a");
     assert_eq!(start.elapsed(), Duration::from_secs(2));
@@ -370,10 +282,7 @@ async fn quota_429_cools_down_until_the_daily_reset() {
     let midnight = Duration::from_secs(20_000 * 86_400);
     let clock = Arc::new(TokioClock::starting_at(midnight - Duration::from_secs(100)));
     let h = harness_with(
-        vec![
-            spec("a", Limits::default(), &["b"]),
-            spec("b", Limits::default(), &[]),
-        ],
+        vec![spec("a", Limits::default(), &["b"]), spec("b", Limits::default(), &[])],
         MemoryRateStore::with_clock(clock),
         |l| l,
     );
@@ -381,30 +290,15 @@ async fn quota_429_cools_down_until_the_daily_reset() {
     h.upstream.then("a", 429, &[("retry-after", "1")], quota);
     assert_eq!(h.served("a").await, "b");
     tokio::time::sleep(Duration::from_secs(50)).await;
-    assert_eq!(
-        h.served("a").await,
-        "b",
-        "a quota 429 is not over after Retry-After"
-    );
+    assert_eq!(h.served("a").await, "b", "a quota 429 is not over after Retry-After");
     tokio::time::sleep(Duration::from_secs(50)).await;
-    assert_eq!(
-        h.served("a").await,
-        "a",
-        "the cooldown ends at the daily reset"
-    );
-    assert_eq!(
-        h.events(),
-        vec![ev("a", "b", "upstream_quota"), ev("a", "b", "cooldown")]
-    );
+    assert_eq!(h.served("a").await, "a", "the cooldown ends at the daily reset");
+    assert_eq!(h.events(), vec![ev("a", "b", "upstream_quota"), ev("a", "b", "cooldown")]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn exhausted_chain_is_a_429_with_the_soonest_retry_after_and_the_models_tried() {
-    let h = harness(vec![
-        spec("a", rpm(1), &["b", "c"]),
-        spec("b", Limits::default(), &[]),
-        spec("c", rpm(0), &[]),
-    ]);
+    let h = harness(vec![spec("a", rpm(1), &["b", "c"]), spec("b", Limits::default(), &[]), spec("c", rpm(0), &[])]);
     assert_eq!(h.served("a").await, "a");
     h.upstream.then("b", 429, &[("retry-after", "7")], "{}");
     let error = h.send(chat("a")).await.unwrap_err();
@@ -416,36 +310,19 @@ async fn exhausted_chain_is_a_429_with_the_soonest_retry_after_and_the_models_tr
     let response = GatewayError::find(&*error).unwrap().to_response();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(response.headers()["retry-after"], "7");
-    assert_eq!(
-        h.events(),
-        vec![ev("a", "b", "rpm"), ev("b", "c", "upstream_429")]
-    );
+    assert_eq!(h.events(), vec![ev("a", "b", "rpm"), ev("b", "c", "upstream_429")]);
     assert_eq!(h.stat("rate_limit_fallbacks"), 3);
     assert_eq!(h.stat("chains_exhausted"), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn unlimited_limits_never_block() {
-    let h = harness(vec![
-        spec("a", Limits::default(), &["b"]),
-        spec("b", Limits::default(), &[]),
-    ]);
+    let h = harness(vec![spec("a", Limits::default(), &["b"]), spec("b", Limits::default(), &[])]);
     for _ in 0..300 {
         let mut req = chat("a");
-        req.extensions_mut().insert(TokenEstimate {
-            tokens: 5_000_000,
-            estimated: true,
-        });
+        req.extensions_mut().insert(TokenEstimate { tokens: 5_000_000, estimated: true });
         let response = h.send(req).await.unwrap();
-        assert_eq!(
-            response
-                .extensions()
-                .get::<ServedBy>()
-                .unwrap()
-                .model
-                .as_ref(),
-            "a"
-        );
+        assert_eq!(response.extensions().get::<ServedBy>().unwrap().model.as_ref(), "a");
     }
     assert!(h.events().is_empty());
     assert_eq!(h.stat("primary_requests"), 300);
@@ -462,25 +339,10 @@ async fn never_falls_back_to_a_window_too_small_and_keeps_the_context_choice() {
     let h = harness(vec![a, small, big]);
     // Context routing already moved the request from "tiny" to "a".
     let mut req = chat("tiny");
-    req.extensions_mut().insert(TokenEstimate {
-        tokens: 50_000,
-        estimated: false,
-    });
-    req.extensions_mut().insert(ModelChoice {
-        requested: "tiny".into(),
-        current: "a".into(),
-        attempt: 1,
-    });
+    req.extensions_mut().insert(TokenEstimate { tokens: 50_000, estimated: false });
+    req.extensions_mut().insert(ModelChoice { requested: "tiny".into(), current: "a".into(), attempt: 1 });
     let response = h.send(req).await.unwrap();
-    assert_eq!(
-        response
-            .extensions()
-            .get::<ServedBy>()
-            .unwrap()
-            .model
-            .as_ref(),
-        "big"
-    );
+    assert_eq!(response.extensions().get::<ServedBy>().unwrap().model.as_ref(), "big");
     assert_eq!(h.upstream.calls(), ["big"]);
     assert_eq!(h.events(), vec![ev("a", "big", "rpm")]);
     let snap = h.stats.snapshot();
@@ -493,11 +355,7 @@ async fn unknown_models_and_non_chat_requests_pass_through_once() {
     let h = harness(vec![spec("a", rpm(0), &[])]);
     let response = h.send(chat("unknown")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        h.upstream.calls(),
-        [""],
-        "no ModelChoice for an unknown model"
-    );
+    assert_eq!(h.upstream.calls(), [""], "no ModelChoice for an unknown model");
     assert!(h.events().is_empty());
     // Other statuses are returned as they are.
     let h = harness(vec![spec("a", Limits::default(), &["b"])]);
@@ -509,9 +367,8 @@ async fn unknown_models_and_non_chat_requests_pass_through_once() {
 
 #[tokio::test(start_paused = true)]
 async fn the_wait_is_cancelled_when_the_client_goes_away() {
-    let h = harness_with(vec![spec("a", rpm(1), &[])], MemoryRateStore::new(), |l| {
-        l.max_wait(Duration::from_secs(120))
-    });
+    let h =
+        harness_with(vec![spec("a", rpm(1), &[])], MemoryRateStore::new(), |l| l.max_wait(Duration::from_secs(120)));
     assert_eq!(h.served("a").await, "a");
     let pending = h.send(chat("a"));
     let gone = tokio::time::timeout(Duration::from_secs(1), pending).await;

@@ -12,17 +12,14 @@ async fn manager(url: &str) -> ConnectionManager {
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(Duration::from_millis(500)))
         .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
+    redis::Client::open(url).unwrap().get_connection_manager_with_config(config).await.unwrap()
 }
 
 #[tokio::test]
 async fn redis_store_passes_the_suite() {
     let server = RedisServer::start();
-    let window = Duration::from_millis(400);
+    // Long enough that refills between two checks cannot hide a refusal on a loaded machine.
+    let window = Duration::from_millis(1500);
     let store = RedisRateStore::new(manager(&server.url()).await).window(window);
     crate::suite::run(Arc::new(store), "redis", window).await;
 }
@@ -31,21 +28,14 @@ async fn redis_store_passes_the_suite() {
 async fn script_is_reloaded_after_script_flush() {
     let server = RedisServer::start();
     let store = RedisRateStore::new(manager(&server.url()).await);
-    let l = Limits {
-        rpm: Some(2),
-        tpm: None,
-        rpd: None,
-    };
+    let l = Limits { rpm: Some(2), tpm: None, rpd: None };
     assert_eq!(store.check("m", &l, 1).await, Decision::Allowed);
     assert_eq!(server.command(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
     assert_eq!(store.check("m", &l, 1).await, Decision::Allowed);
     assert!(!store.check("m", &l, 1).await.is_allowed());
     assert_eq!(store.health().errors, 0);
     // The keys are hash-tagged by model.
-    assert_eq!(
-        server.command(&["EXISTS", "llmgate:rl:{m}:rpm"]).as_deref(),
-        Some(":1")
-    );
+    assert_eq!(server.command(&["EXISTS", "llmgate:rl:{m}:rpm"]).as_deref(), Some(":1"));
 }
 
 /// 200 concurrent checks from two stores on two connections, rpm 50: exactly 50 pass.
@@ -54,11 +44,7 @@ where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
     let (a, b) = (Arc::new(a), Arc::new(b));
-    let l = Limits {
-        rpm: Some(50),
-        tpm: Some(1_000_000),
-        rpd: Some(10_000),
-    };
+    let l = Limits { rpm: Some(50), tpm: Some(1_000_000), rpd: Some(10_000) };
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let store: Arc<dyn RateStore> = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -88,28 +74,12 @@ async fn two_stores_share_one_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_stores_share_one_budget_on_a_cluster() {
     let cluster = RedisCluster::start(3);
-    let connect = || async {
-        redis::cluster::ClusterClient::new(cluster.urls())
-            .unwrap()
-            .get_async_connection()
-            .await
-            .unwrap()
-    };
+    let connect =
+        || async { redis::cluster::ClusterClient::new(cluster.urls()).unwrap().get_async_connection().await.unwrap() };
     let (ca, cb) = (connect().await, connect().await);
     // Several models, so the keys land on several nodes.
-    for model in [
-        "openai/gpt-4o-mini",
-        "gemini/gemini-2.5-pro",
-        "m3",
-        "m4",
-        "m5",
-    ] {
-        shared_budget(
-            RedisRateStore::new(ca.clone()),
-            RedisRateStore::new(cb.clone()),
-            model,
-        )
-        .await;
+    for model in ["openai/gpt-4o-mini", "gemini/gemini-2.5-pro", "m3", "m4", "m5"] {
+        shared_budget(RedisRateStore::new(ca.clone()), RedisRateStore::new(cb.clone()), model).await;
     }
 }
 
@@ -130,14 +100,8 @@ where
 #[tokio::test]
 async fn redis_outage_fail_open_uses_divided_local_limits_and_is_counted() {
     let mut server = RedisServer::start();
-    let store = RedisRateStore::new(manager(&server.url()).await)
-        .policy(OutagePolicy::FailOpen)
-        .replicas(2);
-    let l = Limits {
-        rpm: Some(4),
-        tpm: None,
-        rpd: None,
-    };
+    let store = RedisRateStore::new(manager(&server.url()).await).policy(OutagePolicy::FailOpen).replicas(2);
+    let l = Limits { rpm: Some(4), tpm: None, rpd: None };
     assert_eq!(store.check("m", &l, 1).await, Decision::Allowed);
     assert_eq!(store.health().outages, 0);
 
@@ -145,13 +109,7 @@ async fn redis_outage_fail_open_uses_divided_local_limits_and_is_counted() {
     // rpm 4 over 2 replicas: this process may use 2 per minute on its own.
     assert_eq!(store.check("m", &l, 1).await, Decision::Allowed);
     assert_eq!(store.check("m", &l, 1).await, Decision::Allowed);
-    assert!(matches!(
-        store.check("m", &l, 1).await,
-        Decision::Limited {
-            limited_by: LimitKind::Rpm,
-            ..
-        }
-    ));
+    assert!(matches!(store.check("m", &l, 1).await, Decision::Limited { limited_by: LimitKind::Rpm, .. }));
     let health = store.health();
     assert!(health.in_outage);
     assert_eq!(health.outages, 1, "one outage, however many failed calls");
@@ -162,11 +120,7 @@ async fn redis_outage_fail_open_uses_divided_local_limits_and_is_counted() {
     assert_eq!(store.health().outages, 1);
     server.kill();
     store.check("m2", &l, 1).await;
-    assert_eq!(
-        store.health().outages,
-        2,
-        "a new outage after recovery counts again"
-    );
+    assert_eq!(store.health().outages, 2, "a new outage after recovery counts again");
 }
 
 #[tokio::test]
@@ -178,20 +132,47 @@ async fn redis_outage_fail_closed_refuses_and_is_counted() {
     server.kill();
     for _ in 0..3 {
         let decision = store.check("m", &l, 1).await;
-        assert!(
-            matches!(
-                decision,
-                Decision::Limited {
-                    limited_by: LimitKind::Unavailable,
-                    ..
-                }
-            ),
-            "{decision:?}"
-        );
+        assert!(matches!(decision, Decision::Limited { limited_by: LimitKind::Unavailable, .. }), "{decision:?}");
     }
     assert_eq!(store.health().outages, 1);
     assert!(store.health().errors >= 3);
     server.restart();
     wait_for_recovery(&store, &l).await;
     assert_eq!(store.check("m", &l, 1).await, Decision::Allowed);
+}
+
+/// Through the layer: Redis dies mid-run, `fail_closed` refuses with a 429 and the stats show it.
+#[tokio::test]
+async fn layer_applies_fail_closed_when_redis_dies() {
+    use http::{Request, Response};
+    use llmgate_core::{
+        BoxError, DecodeJsonLayer, GatewayBody, GatewayError, body,
+        catalog::{Catalog, ModelSpec},
+    };
+    use llmgate_rate_limit_fallback::RateLimitFallbackLayer;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    let mut server = RedisServer::start();
+    let store = RedisRateStore::new(manager(&server.url()).await).policy(OutagePolicy::FailClosed);
+    let catalog = Catalog::new([
+        ModelSpec { name: "a".into(), fallbacks: vec!["b".into()], ..Default::default() },
+        ModelSpec { name: "b".into(), ..Default::default() },
+    ]);
+    let layer = RateLimitFallbackLayer::new(Arc::new(catalog), Arc::new(store));
+    let stats = layer.stats();
+    let svc = ServiceBuilder::new()
+        .layer(DecodeJsonLayer::new())
+        .layer(layer)
+        .service(service_fn(|_req: Request<GatewayBody>| async { Ok::<_, BoxError>(Response::new(body::full("{}"))) }));
+    let chat = || Request::new(body::full(r#"{"model":"a","messages":[]}"#));
+    assert!(svc.clone().oneshot(chat()).await.is_ok());
+
+    server.kill();
+    let error = svc.clone().oneshot(chat()).await.unwrap_err();
+    let Some(GatewayError::RateLimited { tried, .. }) = GatewayError::find(&*error) else { panic!("{error}") };
+    assert_eq!(tried, &["a", "b"]);
+    let snap = stats.snapshot();
+    assert_eq!(snap["store_outages"], 1);
+    assert_eq!(snap["store_in_outage"], true);
+    assert!(snap["store_errors"].as_u64().unwrap() >= 2);
 }
