@@ -4,4 +4,5 @@
 
 mod metadata;
 mod proxy;
+mod routing;
 mod support;
