@@ -60,12 +60,7 @@ pub(crate) async fn read_capped(mut body: GatewayBody, cap: usize) -> Captured {
     Captured {
         bytes: bytes.clone(),
         complete,
-        body: Replayed {
-            prefix: (!bytes.is_empty()).then_some(bytes),
-            error,
-            trailers,
-            rest,
-        },
+        body: Replayed { prefix: (!bytes.is_empty()).then_some(bytes), error, trailers, rest },
     }
 }
 
@@ -81,10 +76,7 @@ impl Body for Replayed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -110,10 +102,7 @@ impl Body for Replayed {
 
     fn size_hint(&self) -> SizeHint {
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let mut hint = self.rest.as_ref().map_or_else(
-            || SizeHint::with_exact(0),
-            Body::size_hint,
-        );
+        let mut hint = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
         hint.set_lower(hint.lower() + prefix);
         if let Some(upper) = hint.upper() {
             hint.set_upper(upper + prefix);
@@ -135,10 +124,7 @@ mod tests {
         type Data = Bytes;
         type Error = BoxError;
 
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             Poll::Ready(self.get_mut().0.pop_front())
         }
     }
@@ -164,11 +150,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_body_is_complete_and_replayed() {
-        let captured = read_capped(
-            frames(vec![Ok(Frame::data("hel".into())), Ok(Frame::data("lo".into()))]),
-            10,
-        )
-        .await;
+        let captured = read_capped(frames(vec![Ok(Frame::data("hel".into())), Ok(Frame::data("lo".into()))]), 10).await;
         assert!(captured.complete);
         assert_eq!(captured.bytes, "hello");
         let (data, trailers, failed) = replay(captured).await;
@@ -197,20 +179,13 @@ mod tests {
     async fn trailers_and_errors_are_kept() {
         let mut headers = HeaderMap::new();
         headers.insert("x-t", "1".parse().unwrap());
-        let captured = read_capped(
-            frames(vec![Ok(Frame::data("a".into())), Ok(Frame::trailers(headers.clone()))]),
-            5,
-        )
-        .await;
+        let captured =
+            read_capped(frames(vec![Ok(Frame::data("a".into())), Ok(Frame::trailers(headers.clone()))]), 5).await;
         assert!(!captured.complete);
         let (data, trailers, _) = replay(captured).await;
         assert_eq!((data.concat(), trailers), (b"a".to_vec(), Some(headers)));
 
-        let captured = read_capped(
-            frames(vec![Ok(Frame::data("a".into())), Err("boom".into())]),
-            5,
-        )
-        .await;
+        let captured = read_capped(frames(vec![Ok(Frame::data("a".into())), Err("boom".into())]), 5).await;
         assert!(!captured.complete);
         let (data, _, failed) = replay(captured).await;
         assert_eq!(data.concat(), b"a");

@@ -41,10 +41,7 @@ pub fn is_context_length_error(body: &[u8]) -> bool {
         other => other.as_ref(),
     };
     let error = root.and_then(|r| r.get("error"));
-    let code = error
-        .and_then(|e| e.get("code"))
-        .or_else(|| root.and_then(|r| r.get("code")))
-        .and_then(Value::as_str);
+    let code = error.and_then(|e| e.get("code")).or_else(|| root.and_then(|r| r.get("code"))).and_then(Value::as_str);
     if code.is_some_and(|c| CONTEXT_CODES.iter().any(|k| c.eq_ignore_ascii_case(k))) {
         return true;
     }

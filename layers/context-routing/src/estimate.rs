@@ -57,8 +57,7 @@ pub const IMAGE_TOKENS_HIGH: u64 = 765;
 pub const BYTES_PER_TOKEN: u64 = 3;
 
 static O200K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| load("o200k_base", tiktoken_rs::o200k_base));
-static CL100K: LazyLock<Option<CoreBPE>> =
-    LazyLock::new(|| load("cl100k_base", tiktoken_rs::cl100k_base));
+static CL100K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| load("cl100k_base", tiktoken_rs::cl100k_base));
 
 fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Option<CoreBPE> {
     match f() {
@@ -95,17 +94,9 @@ impl Tokenizer {
     pub fn for_name(model: &str) -> Self {
         let base = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
         let starts = |prefixes: &[&str]| prefixes.iter().any(|p| base.starts_with(p));
-        if starts(&[
-            "gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4",
-        ]) {
+        if starts(&["gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4"]) {
             Self::O200k
-        } else if starts(&[
-            "gpt-4",
-            "gpt-3.5",
-            "gpt-35",
-            "text-embedding-3",
-            "text-embedding-ada-002",
-        ]) {
+        } else if starts(&["gpt-4", "gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada-002"]) {
             Self::Cl100k
         } else {
             Self::Bytes
@@ -151,10 +142,7 @@ pub struct Estimate {
 impl Estimate {
     /// The request extension: `estimated` unless counted by the model's tokenizer.
     pub fn token_estimate(&self) -> TokenEstimate {
-        TokenEstimate {
-            tokens: self.tokens,
-            estimated: self.method != Method::Tokenizer,
-        }
+        TokenEstimate { tokens: self.tokens, estimated: self.method != Method::Tokenizer }
     }
 
     /// Whether it fits `window`.
@@ -206,13 +194,7 @@ impl<'a> RequestEstimator<'a> {
             Piece::Tokens(n) => size.fixed = size.fixed.saturating_add(n),
         });
         size.fixed = size.fixed.saturating_add(requested_output(json));
-        Self {
-            json,
-            size,
-            o200k: None,
-            cl100k: None,
-            tokenized: 0,
-        }
+        Self { json, size, o200k: None, cl100k: None, tokenized: 0 }
     }
 
     /// The fast-path upper bound: no tokenizer counts more.
@@ -235,11 +217,7 @@ impl<'a> RequestEstimator<'a> {
     /// window, else the tokenizer's count (the bytes estimate for [`Tokenizer::Bytes`]).
     pub fn estimate(&mut self, tokenizer: Tokenizer, window: Option<u64>) -> Estimate {
         let bytes_estimate = || Estimate {
-            tokens: self
-                .size
-                .text_bytes
-                .div_ceil(BYTES_PER_TOKEN)
-                .saturating_add(self.size.fixed),
+            tokens: self.size.text_bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(self.size.fixed),
             method: Method::Bytes,
         };
         let Some(bpe) = tokenizer.bpe() else {
@@ -252,10 +230,7 @@ impl<'a> RequestEstimator<'a> {
         };
         let bound = self.bound();
         if cached.is_none() && window.is_none_or(|w| bound <= w) {
-            return Estimate {
-                tokens: bound,
-                method: Method::Bound,
-            };
+            return Estimate { tokens: bound, method: Method::Bound };
         }
         let cached = match tokenizer {
             Tokenizer::O200k => &mut self.o200k,
@@ -271,10 +246,7 @@ impl<'a> RequestEstimator<'a> {
                 tokens
             }
         };
-        Estimate {
-            tokens: text_tokens.saturating_add(self.size.fixed),
-            method: Method::Tokenizer,
-        }
+        Estimate { tokens: text_tokens.saturating_add(self.size.fixed), method: Method::Tokenizer }
     }
 
     /// The estimate for a catalogue model, by its tokenizer and window.
@@ -290,10 +262,7 @@ pub fn estimate(json: &Map<String, Value>, spec: &ModelSpec) -> Estimate {
 
 /// `max_completion_tokens`, else `max_tokens`, else 0.
 fn requested_output(json: &Map<String, Value>) -> u64 {
-    ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|key| json.get(*key).and_then(Value::as_u64))
-        .unwrap_or(0)
+    ["max_completion_tokens", "max_tokens"].iter().find_map(|key| json.get(*key).and_then(Value::as_u64)).unwrap_or(0)
 }
 
 /// The tokens of every counted text (without the fixed part).
@@ -356,10 +325,7 @@ fn walk<'a>(json: &'a Map<String, Value>, f: &mut impl FnMut(Piece<'a>)) {
     }
     match json.get("prompt") {
         Some(Value::String(prompt)) => f(Piece::Text(prompt)),
-        Some(Value::Array(prompts)) => prompts
-            .iter()
-            .filter_map(Value::as_str)
-            .for_each(|p| f(Piece::Text(p))),
+        Some(Value::Array(prompts)) => prompts.iter().filter_map(Value::as_str).for_each(|p| f(Piece::Text(p))),
         _ => {}
     }
     for key in ["tools", "functions"] {
@@ -402,16 +368,9 @@ fn content<'a>(content: Option<&'a Value>, f: &mut impl FnMut(Piece<'a>)) {
 }
 
 fn image(part: &Map<String, Value>) -> u64 {
-    let detail = part
-        .get("image_url")
-        .and_then(|i| i.get("detail"))
-        .or_else(|| part.get("detail"))
-        .and_then(Value::as_str);
-    if detail == Some("low") {
-        IMAGE_TOKENS_LOW
-    } else {
-        IMAGE_TOKENS_HIGH
-    }
+    let detail =
+        part.get("image_url").and_then(|i| i.get("detail")).or_else(|| part.get("detail")).and_then(Value::as_str);
+    if detail == Some("low") { IMAGE_TOKENS_LOW } else { IMAGE_TOKENS_HIGH }
 }
 
 fn function<'a>(function: Option<&'a Value>, f: &mut impl FnMut(Piece<'a>)) {
@@ -494,11 +453,8 @@ mod tests {
         ] {
             assert_eq!(Tokenizer::for_name(name), want, "{name}");
         }
-        let aliased = ModelSpec {
-            name: "fast".into(),
-            upstream_model: Some("gpt-4o-mini".into()),
-            ..ModelSpec::default()
-        };
+        let aliased =
+            ModelSpec { name: "fast".into(), upstream_model: Some("gpt-4o-mini".into()), ..ModelSpec::default() };
         assert_eq!(Tokenizer::for_model(&aliased), Tokenizer::O200k);
     }
 
@@ -525,11 +481,19 @@ mod tests {
         }));
         let tool = json!({"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}});
         let texts = [
-            "system", "Be brief.", "user", "What is this?", "ann", "assistant", "look",
-            "{\"q\":1}", "tool", "a cat", "c1",
+            "system",
+            "Be brief.",
+            "user",
+            "What is this?",
+            "ann",
+            "assistant",
+            "look",
+            "{\"q\":1}",
+            "tool",
+            "a cat",
+            "c1",
         ];
-        let text_bytes: u64 =
-            texts.iter().map(|t| t.len() as u64).sum::<u64>() + tool.to_string().len() as u64;
+        let text_bytes: u64 = texts.iter().map(|t| t.len() as u64).sum::<u64>() + tool.to_string().len() as u64;
         let fixed = 4 * TOKENS_PER_MESSAGE
             + TOKENS_PER_NAME
             + TOKENS_PER_TOOL_CALL
@@ -542,14 +506,11 @@ mod tests {
         assert_eq!(estimator.bound(), text_bytes + fixed);
 
         let bpe = Tokenizer::O200k.bpe().unwrap();
-        let text_tokens: u64 = texts
-            .iter()
-            .map(|t| bpe.count_ordinary(t) as u64)
-            .sum::<u64>()
+        let text_tokens: u64 = texts.iter().map(|t| bpe.count_ordinary(t) as u64).sum::<u64>()
             + bpe.count_ordinary(&tool.to_string()) as u64;
         let exact = estimator.estimate(Tokenizer::O200k, Some(1));
         assert_eq!(exact, Estimate { tokens: text_tokens + fixed, method: Method::Tokenizer });
-        assert!(exact.token_estimate().estimated == false);
+        assert!(!exact.token_estimate().estimated);
 
         let bytes = estimator.estimate(Tokenizer::Bytes, Some(1));
         assert_eq!(bytes.tokens, text_bytes.div_ceil(3) + fixed);

@@ -14,10 +14,7 @@ use http::{Request, Response, StatusCode, header};
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError, body,
     catalog::{Catalog, ModelSpec},
-    ext::{
-        BodyEdits, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice, ServedBy,
-        TokenEstimate,
-    },
+    ext::{BodyEdits, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice, ServedBy, TokenEstimate},
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -139,10 +136,7 @@ impl<S> Layer<S> for ContextRoutingLayer {
     type Service = ContextRouting<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ContextRouting {
-            inner,
-            shared: Arc::new(self.shared.clone()),
-        }
+        ContextRouting { inner, shared: Arc::new(self.shared.clone()) }
     }
 }
 
@@ -168,15 +162,11 @@ impl<S> ContextRouting<S> {
 }
 
 /// The response future of [`ContextRouting`].
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
 
 impl<S, F> Service<Request<GatewayBody>> for ContextRouting<S>
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send,
 {
@@ -203,26 +193,14 @@ where
             });
             // Unknown model, or no window known: untouched.
             let Some((request, spec, window)) = target else {
-                return ready
-                    .call(Request::from_parts(parts, body))
-                    .await
-                    .map_err(Into::into);
+                return ready.call(Request::from_parts(parts, body)).await.map_err(Into::into);
             };
 
             let plan = plan(&shared, &request, &spec, window).await?;
             let (sent, sent_window, estimate) = match plan {
                 Plan::Fits(estimate) => (spec.clone(), window, estimate),
-                Plan::Route {
-                    choice,
-                    original_estimate,
-                } => {
-                    record(
-                        &parts.extensions,
-                        &spec,
-                        window,
-                        &choice,
-                        original_estimate.tokens,
-                    );
+                Plan::Route { choice, original_estimate } => {
+                    record(&parts.extensions, &spec, window, &choice, original_estimate.tokens);
                     set_model(&mut parts.extensions, &spec.name, &choice.spec.name, 1);
                     ContextRoutingStats::add(&shared.stats.proactive_fallbacks, 1);
                     (choice.spec.clone(), choice.window, choice.estimate.token_estimate())
@@ -230,12 +208,8 @@ where
             };
             parts.extensions.insert(estimate);
 
-            let retry = (shared.reactive && any_larger(&shared.catalog, sent_window))
-                .then(|| parts.clone());
-            let response = ready
-                .call(Request::from_parts(parts, body))
-                .await
-                .map_err(Into::into)?;
+            let retry = (shared.reactive && any_larger(&shared.catalog, sent_window)).then(|| parts.clone());
+            let response = ready.call(Request::from_parts(parts, body)).await.map_err(Into::into)?;
             let Some(mut retry) = retry else {
                 return Ok(response);
             };
@@ -246,19 +220,13 @@ where
             let (head, error_body) = response.into_parts();
             let captured = read_capped(error_body, ERROR_BODY_LIMIT).await;
             // The model that failed: the one an inner layer says answered, else the one sent.
-            let failed = head
-                .extensions
-                .get::<ServedBy>()
-                .and_then(|s| shared.catalog.get(&s.model))
-                .cloned()
-                .unwrap_or(sent);
+            let failed =
+                head.extensions.get::<ServedBy>().and_then(|s| shared.catalog.get(&s.model)).cloned().unwrap_or(sent);
             let choice = match (captured.complete && is_context_length_error(&captured.bytes))
                 .then(|| failed.context_window)
                 .flatten()
             {
-                Some(failed_window) => {
-                    reactive_choice(&shared, &request, &failed, failed_window).await?
-                }
+                Some(failed_window) => reactive_choice(&shared, &request, &failed, failed_window).await?,
                 None => None,
             };
             let Some((choice, failed_window)) = choice else {
@@ -271,25 +239,14 @@ where
                 to = %choice.spec.name,
                 "upstream reported a context-length error; re-sending once to a larger model"
             );
-            record(
-                &retry.extensions,
-                &failed,
-                failed_window,
-                &choice,
-                estimate.tokens,
-            );
+            record(&retry.extensions, &failed, failed_window, &choice, estimate.tokens);
             let attempt = head.extensions.get::<ServedBy>().map_or(1, |s| s.attempts) + 1;
             set_model(&mut retry.extensions, &spec.name, &choice.spec.name, attempt);
             retry.extensions.insert(choice.estimate.token_estimate());
             ContextRoutingStats::add(&shared.stats.reactive_fallbacks, 1);
 
-            poll_fn(|cx| ready.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
-            ready
-                .call(Request::from_parts(retry, body::full(request.raw().clone())))
-                .await
-                .map_err(Into::into)
+            poll_fn(|cx| ready.poll_ready(cx)).await.map_err(Into::into)?;
+            ready.call(Request::from_parts(retry, body::full(request.raw().clone()))).await.map_err(Into::into)
         })
     }
 }
@@ -298,10 +255,7 @@ enum Plan {
     /// The request fits the requested model.
     Fits(TokenEstimate),
     /// It goes to `choice`.
-    Route {
-        choice: Choice,
-        original_estimate: TokenEstimate,
-    },
+    Route { choice: Choice, original_estimate: TokenEstimate },
 }
 
 /// The proactive decision, tokenizing on the blocking pool when the text is large.
@@ -341,10 +295,7 @@ fn decide(
         Ok(Plan::Fits(estimate.token_estimate()))
     } else {
         match choose(&shared.catalog, spec, 0, estimator) {
-            Some(choice) => Ok(Plan::Route {
-                choice,
-                original_estimate: estimate.token_estimate(),
-            }),
+            Some(choice) => Ok(Plan::Route { choice, original_estimate: estimate.token_estimate() }),
             None => {
                 ContextRoutingStats::add(&stats.rejected, 1);
                 Err(GatewayError::ContextLengthExceeded {
@@ -374,10 +325,7 @@ async fn reactive_choice(
         move || {
             let mut estimator = RequestEstimator::new(request.json());
             let choice = choose(&shared.catalog, &failed, failed_window, &mut estimator);
-            ContextRoutingStats::add(
-                &shared.stats.tokenized,
-                u64::from(estimator.tokenizer_runs()),
-            );
+            ContextRoutingStats::add(&shared.stats.tokenized, u64::from(estimator.tokenizer_runs()));
             choice.map(|c| (c, failed_window))
         }
     };
@@ -403,24 +351,14 @@ fn declared_too_long(response: &Response<GatewayBody>) -> bool {
 
 /// Writes the [`ModelChoice`] and the `model` body edit.
 fn set_model(extensions: &mut http::Extensions, requested: &str, current: &str, attempt: u32) {
-    extensions.insert(ModelChoice {
-        requested: requested.into(),
-        current: current.into(),
-        attempt,
-    });
+    extensions.insert(ModelChoice { requested: requested.into(), current: current.into(), attempt });
     let mut edits = extensions.remove::<BodyEdits>().unwrap_or_default();
     edits.set("model", current.into(), EditScope::Always);
     extensions.insert(edits);
 }
 
 /// Records `context_length_fallback` on the request's sink, if any.
-fn record(
-    extensions: &http::Extensions,
-    from: &ModelSpec,
-    from_window: u64,
-    choice: &Choice,
-    estimated_tokens: u64,
-) {
+fn record(extensions: &http::Extensions, from: &ModelSpec, from_window: u64, choice: &Choice, estimated_tokens: u64) {
     if let Some(events) = extensions.get::<FallbackEvents>() {
         events.record(FallbackEvent::ContextLength {
             original_model: from.name.clone(),

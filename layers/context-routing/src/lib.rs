@@ -87,22 +87,21 @@ use std::sync::LazyLock;
 use llmgate_core::catalog::ModelSpec;
 
 pub use layer::{
-    ContextRouting, ContextRoutingLayer, ContextRoutingStats, DEFAULT_OFFLOAD_THRESHOLD,
-    ERROR_BODY_LIMIT, ResponseFuture, StatsSnapshot,
+    ContextRouting, ContextRoutingLayer, ContextRoutingStats, DEFAULT_OFFLOAD_THRESHOLD, ERROR_BODY_LIMIT,
+    ResponseFuture, StatsSnapshot,
 };
 
 /// The default catalogue file, as shipped.
 pub const DEFAULT_MODELS_YAML: &str = include_str!("../default_models.yaml");
 
-static DEFAULT_MODELS: LazyLock<Vec<ModelSpec>> =
-    LazyLock::new(|| match serde_yaml::from_str(DEFAULT_MODELS_YAML) {
-        Ok(models) => models,
-        Err(error) => {
-            // A test parses the shipped file, so this cannot happen in a released build.
-            tracing::error!(%error, "the default model catalogue does not parse; using none");
-            Vec::new()
-        }
-    });
+static DEFAULT_MODELS: LazyLock<Vec<ModelSpec>> = LazyLock::new(|| match serde_yaml::from_str(DEFAULT_MODELS_YAML) {
+    Ok(models) => models,
+    Err(error) => {
+        // A test parses the shipped file, so this cannot happen in a released build.
+        tracing::error!(%error, "the default model catalogue does not parse; using none");
+        Vec::new()
+    }
+});
 
 /// The default catalogue: OpenAI's gpt-4o, gpt-4o-mini, gpt-4.1, gpt-4.1-mini, o1, o1-mini and
 /// gpt-3.5-turbo by their API names, and `gemini/gemini-2.5-pro`, `-2.5-flash`, `-2.5-flash-lite`

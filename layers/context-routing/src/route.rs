@@ -32,43 +32,26 @@ pub(crate) fn choose(
             return None;
         }
         let estimate = estimator.estimate_for(spec);
-        estimate.fits(window).then(|| Choice {
-            spec: spec.clone(),
-            window,
-            estimate,
-        })
+        estimate.fits(window).then(|| Choice { spec: spec.clone(), window, estimate })
     };
-    if let Some(choice) = from
-        .fallbacks
-        .iter()
-        .filter_map(|name| catalog.get(name))
-        .find_map(&mut candidate)
-    {
+    if let Some(choice) = from.fallbacks.iter().filter_map(|name| catalog.get(name)).find_map(&mut candidate) {
         return Some(choice);
     }
     // Smallest window first: windows are checked without estimating, so only the models that
     // could win are estimated.
-    let mut by_window: Vec<&Arc<ModelSpec>> = catalog
-        .iter()
-        .filter(|s| s.context_window.is_some_and(|w| w > above) && s.name != from.name)
-        .collect();
+    let mut by_window: Vec<&Arc<ModelSpec>> =
+        catalog.iter().filter(|s| s.context_window.is_some_and(|w| w > above) && s.name != from.name).collect();
     by_window.sort_by_key(|s| s.context_window);
     by_window.into_iter().find_map(candidate)
 }
 
 /// The largest context window of the catalogue.
 pub(crate) fn largest_window(catalog: &Catalog) -> u64 {
-    catalog
-        .iter()
-        .filter_map(|s| s.context_window)
-        .max()
-        .unwrap_or(0)
+    catalog.iter().filter_map(|s| s.context_window).max().unwrap_or(0)
 }
 
 /// Whether any catalogue model has a window larger than `window` (a reactive fallback could
 /// exist).
 pub(crate) fn any_larger(catalog: &Catalog, window: u64) -> bool {
-    catalog
-        .iter()
-        .any(|s| s.context_window.is_some_and(|w| w > window))
+    catalog.iter().any(|s| s.context_window.is_some_and(|w| w > window))
 }

@@ -10,8 +10,8 @@ use llmgate_core::{
     BoxError, GatewayBody, GatewayError, body,
     catalog::{Catalog, ModelSpec},
     ext::{
-        BodyEdits, FallbackEvent, FallbackEventSink, FallbackEvents, LlmRequest, ModelChoice,
-        TokenEstimate, UpstreamMode,
+        BodyEdits, FallbackEvent, FallbackEventSink, FallbackEvents, LlmRequest, ModelChoice, TokenEstimate,
+        UpstreamMode,
     },
     json::parse_chat_body,
 };
@@ -69,8 +69,7 @@ fn chat(body: Value, events: Option<&Arc<Events>>) -> Request<GatewayBody> {
     let mut req = Request::new(body::full(raw.clone()));
     req.extensions_mut().insert(LlmRequest::new(raw, json));
     if let Some(events) = events {
-        req.extensions_mut()
-            .insert(FallbackEvents(events.clone() as Arc<dyn FallbackEventSink>));
+        req.extensions_mut().insert(FallbackEvents(events.clone() as Arc<dyn FallbackEventSink>));
     }
     req
 }
@@ -133,10 +132,7 @@ fn context_error() -> Response<GatewayBody> {
     let body = r#"{"error":{"message":"This model's maximum context length is 100 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
     let mut response = Response::new(body::full(body));
     *response.status_mut() = StatusCode::BAD_REQUEST;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     response.headers_mut().insert("x-upstream", http::HeaderValue::from_static("1"));
     response
 }
@@ -193,9 +189,7 @@ async fn fits_untouched_and_fast_path_skips_the_tokenizer() {
     let seen = Arc::default();
     let layer = ContextRoutingLayer::new(catalog());
     let stats = layer.stats();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(upstream(Arc::clone(&seen), ok()));
+    let svc = ServiceBuilder::new().layer(layer).service(upstream(Arc::clone(&seen), ok()));
     let events = Arc::new(Events::default());
     let body = json!({"model": "gpt-4o", "max_tokens": 50,
         "messages": [{"role": "user", "content": "word ".repeat(800)}]});
@@ -209,10 +203,7 @@ async fn fits_untouched_and_fast_path_skips_the_tokenizer() {
     assert_eq!(seen[0].model, "gpt-4o");
     assert!(seen[0].choice.is_none() && !seen[0].has_edits);
     assert_eq!(seen[0].body, body.to_string());
-    assert_eq!(
-        seen[0].estimate,
-        Some(TokenEstimate { tokens: bound, estimated: true })
-    );
+    assert_eq!(seen[0].estimate, Some(TokenEstimate { tokens: bound, estimated: true }));
     assert!(events.0.lock().unwrap().is_empty());
     let stats = stats.snapshot();
     assert_eq!((stats.estimated, stats.fast_path, stats.tokenized), (1, 1, 0));
@@ -252,10 +243,7 @@ async fn too_large_goes_to_the_first_chain_model_that_fits_with_exact_event() {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].model, "mid", "stream={stream}");
-        assert_eq!(
-            seen[0].choice,
-            Some(ModelChoice { requested: "small".into(), current: "mid".into(), attempt: 1 })
-        );
+        assert_eq!(seen[0].choice, Some(ModelChoice { requested: "small".into(), current: "mid".into(), attempt: 1 }));
         assert_eq!(seen[0].estimate, Some(TokenEstimate { tokens: estimate, estimated: true }));
         assert_eq!(
             *events.0.lock().unwrap(),
@@ -297,9 +285,7 @@ async fn nothing_fits_is_refused_without_calling_upstream() {
     let calls = Arc::new(AtomicUsize::new(0));
     // Bytes-estimated models only: o200k packs 400,000 × "a" into far fewer tokens, and
     // `gpt-4o` would take it.
-    let catalog = Arc::new(Catalog::new(
-        catalog().iter().filter(|s| s.name != "gpt-4o").map(|s| (**s).clone()),
-    ));
+    let catalog = Arc::new(Catalog::new(catalog().iter().filter(|s| s.name != "gpt-4o").map(|s| (**s).clone())));
     let layer = ContextRoutingLayer::new(catalog);
     let stats = layer.stats();
     let counted = Arc::clone(&calls);
@@ -308,10 +294,7 @@ async fn nothing_fits_is_refused_without_calling_upstream() {
         async { Ok::<_, BoxError>(Response::new(body::empty())) }
     }));
     let events = Arc::new(Events::default());
-    let err = svc
-        .oneshot(chat(sized("small", 400_000), Some(&events)))
-        .await
-        .unwrap_err();
+    let err = svc.oneshot(chat(sized("small", 400_000), Some(&events))).await.unwrap_err();
     assert_eq!(
         GatewayError::find(&*err),
         Some(&GatewayError::ContextLengthExceeded {
@@ -342,10 +325,7 @@ async fn unknown_model_passes_untouched() {
 #[tokio::test]
 async fn large_requests_are_estimated_on_the_blocking_pool() {
     let seen = Arc::default();
-    let catalog = Arc::new(Catalog::new([
-        spec("gpt-4o", 1_000, &["gpt-4.1"]),
-        spec("gpt-4.1", 1_000_000, &[]),
-    ]));
+    let catalog = Arc::new(Catalog::new([spec("gpt-4o", 1_000, &["gpt-4.1"]), spec("gpt-4.1", 1_000_000, &[])]));
     let layer = ContextRoutingLayer::new(catalog).offload_threshold(0);
     let stats = layer.stats();
     let svc = layer.layer(upstream(Arc::clone(&seen), ok()));
@@ -363,9 +343,8 @@ async fn large_requests_are_estimated_on_the_blocking_pool() {
 #[tokio::test]
 async fn upstream_context_error_is_retried_once_on_a_larger_model() {
     let seen = Arc::default();
-    let answer: Answer = Arc::new(|s: &Seen| {
-        if s.model == "small" { context_error() } else { Response::new(body::full("ok")) }
-    });
+    let answer: Answer =
+        Arc::new(|s: &Seen| if s.model == "small" { context_error() } else { Response::new(body::full("ok")) });
     let layer = ContextRoutingLayer::new(catalog());
     let stats = layer.stats();
     let svc = layer.layer(upstream(Arc::clone(&seen), answer));
@@ -379,10 +358,7 @@ async fn upstream_context_error_is_retried_once_on_a_larger_model() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].model, "small");
     assert_eq!(seen[1].model, "mid");
-    assert_eq!(
-        seen[1].choice,
-        Some(ModelChoice { requested: "small".into(), current: "mid".into(), attempt: 2 })
-    );
+    assert_eq!(seen[1].choice, Some(ModelChoice { requested: "small".into(), current: "mid".into(), attempt: 2 }));
     // The re-sent body is the client's bytes (the `model` edit is applied by `EncodeJson`).
     assert_eq!(serde_json::from_slice::<Value>(&seen[1].body).unwrap(), body);
     assert_eq!(
@@ -446,9 +422,7 @@ async fn other_400s_and_no_larger_model_pass_the_error_on_byte_for_byte() {
 async fn reactive_off_passes_the_error_on() {
     let seen = Arc::default();
     let answer: Answer = Arc::new(|_| context_error());
-    let svc = ContextRoutingLayer::new(catalog())
-        .reactive(false)
-        .layer(upstream(Arc::clone(&seen), answer));
+    let svc = ContextRoutingLayer::new(catalog()).reactive(false).layer(upstream(Arc::clone(&seen), answer));
     let response = svc.oneshot(chat(sized("small", 30), None)).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(seen.lock().unwrap().len(), 1);
