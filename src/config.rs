@@ -78,6 +78,28 @@ struct LangfuseFile {
     secrets_path: Option<PathBuf>,
     api: Option<LangfuseApi>,
     emit: Option<Emit>,
+    #[serde(default)]
+    export: ExportSettings,
+}
+
+/// How the Langfuse exporter batches (defaults like the official SDKs).
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSettings {
+    /// Spans per export request.
+    pub batch_max_spans: usize,
+    /// The longest a span waits for its batch, in milliseconds.
+    pub batch_delay_ms: u64,
+    /// Spans queued at most; past it new spans are dropped and counted.
+    pub queue_max_spans: usize,
+    /// How long one export request may take before it counts as failed and is retried.
+    pub timeout_ms: u64,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self { batch_max_spans: 512, batch_delay_ms: 5000, queue_max_spans: 2048, timeout_ms: 30_000 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +195,8 @@ pub struct Config {
     pub langfuse_api: LangfuseApi,
     /// What to export to Langfuse; `None` means by upstream mode (all for openai, events for litellm).
     pub emit: Option<Emit>,
+    /// How the Langfuse exporter batches.
+    pub langfuse_export: ExportSettings,
     /// Allowed `encoded_base_url` prefixes.
     pub encoded_base_url_allow: Vec<String>,
     /// Static API keys; empty means no auth.
@@ -383,6 +407,7 @@ impl Config {
                 .or_else(|| langfuse.and_then(|l| l.secrets_path.clone())),
             langfuse_api: langfuse.and_then(|l| l.api).unwrap_or_default(),
             emit: langfuse.and_then(|l| l.emit),
+            langfuse_export: langfuse.map(|l| l.export).unwrap_or_default(),
             encoded_base_url_allow: file.encoded_base_url.map(|e| e.allow).unwrap_or_default(),
             api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
             max_wait,

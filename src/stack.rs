@@ -147,7 +147,13 @@ impl Gateway {
         let langfuse = match &config.langfuse_host {
             Some(host) if config.emit != Some(Emit::Off) => {
                 let client = LangfuseClient::new(http_client::<Full<Bytes>>(config.request_timeout));
-                let exporter = LangfuseExporter::spawn(ExporterConfig::new(host.as_str()), client);
+                let settings = config.langfuse_export;
+                let exporter_config = ExporterConfig::new(host.as_str())
+                    .max_batch_spans(settings.batch_max_spans)
+                    .schedule_delay(Duration::from_millis(settings.batch_delay_ms))
+                    .max_queue_spans(settings.queue_max_spans)
+                    .export_timeout(Duration::from_millis(settings.timeout_ms));
+                let exporter = LangfuseExporter::spawn(exporter_config, client);
                 let emit = match config.emit {
                     Some(Emit::All) => langfuse::Emit::All,
                     Some(Emit::Events) => langfuse::Emit::Events,
