@@ -13,6 +13,8 @@
 //! # }
 //! ```
 
+#![allow(clippy::result_large_err, clippy::collapsible_if)]
+
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -117,10 +119,7 @@ pub struct State {
 impl State {
     /// Observations of `project_id` (visible or not), in arrival order.
     pub fn observations(&self, project_id: &str) -> Vec<&StoredObservation> {
-        self.stored
-            .iter()
-            .filter(|o| o.project_id == project_id)
-            .collect()
+        self.stored.iter().filter(|o| o.project_id == project_id).collect()
     }
 
     /// Export requests that reached the ingestion endpoint.
@@ -168,9 +167,7 @@ impl Drop for LangfuseStandIn {
 impl LangfuseStandIn {
     /// Starts on `127.0.0.1:0`.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the Langfuse stand-in");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the Langfuse stand-in");
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -180,11 +177,7 @@ impl LangfuseStandIn {
             connections: watch::channel(0).0,
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-        Self {
-            addr,
-            shared,
-            accept: Mutex::new(Some(accept)),
-        }
+        Self { addr, shared, accept: Mutex::new(Some(accept)) }
     }
 
     /// `http://127.0.0.1:<port>` (the `LANGFUSE_HOST`).
@@ -194,9 +187,7 @@ impl LangfuseStandIn {
 
     /// Registers a project and its key pair.
     pub fn add_project(&self, id: &str, public_key: &str, secret_key: &str) {
-        self.lock()
-            .projects
-            .push((id.into(), public_key.into(), secret_key.into()));
+        self.lock().projects.push((id.into(), public_key.into(), secret_key.into()));
     }
 
     /// Switches the ingestion endpoint's behaviour.
@@ -207,11 +198,7 @@ impl LangfuseStandIn {
 
     /// Data becomes readable this long after ingestion.
     pub fn set_visibility_delay(&self, delay: Duration) {
-        *self
-            .shared
-            .visibility_delay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = delay;
+        *self.shared.visibility_delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
     }
 
     /// Stops listening and closes every open connection: clients get "connection refused".
@@ -263,14 +250,8 @@ impl LangfuseStandIn {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(30), wait)
-            .await
-            .is_err()
-        {
-            panic!(
-                "Langfuse stand-in: condition not met within 30 s; state: {:#?}",
-                self.lock().exports
-            );
+        if tokio::time::timeout(Duration::from_secs(30), wait).await.is_err() {
+            panic!("Langfuse stand-in: condition not met within 30 s; state: {:#?}", self.lock().exports);
         }
     }
 }
@@ -287,8 +268,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = closed.changed() => {}
@@ -300,10 +280,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("ct"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("ct"));
     r
 }
 
@@ -315,24 +292,15 @@ fn message(status: StatusCode, text: impl Into<String>) -> Response<Full<Bytes>>
 fn authenticate(state: &State, req: &Request<Incoming>) -> Option<String> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let encoded = value.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (pk, sk) = decoded.split_once(':')?;
-    state
-        .projects
-        .iter()
-        .find(|(_, p, s)| p == pk && s == sk)
-        .map(|(id, _, _)| id.clone())
+    state.projects.iter().find(|(_, p, s)| p == pk && s == sk).map(|(id, _, _)| id.clone())
 }
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
-    let project = authenticate(
-        &shared.state.lock().unwrap_or_else(|p| p.into_inner()),
-        &req,
-    );
+    let project = authenticate(&shared.state.lock().unwrap_or_else(|p| p.into_inner()), &req);
     match (req.method(), path.as_str()) {
         (&Method::POST, "/api/public/otel/v1/traces") => ingest(shared, req, project).await,
         (&Method::GET, p) if p.starts_with("/api/public/") => {
@@ -349,11 +317,8 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
                 .unwrap_or_default();
             let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            let visible: Vec<&StoredObservation> = state
-                .stored
-                .iter()
-                .filter(|o| o.project_id == project && o.visible_at <= now)
-                .collect();
+            let visible: Vec<&StoredObservation> =
+                state.stored.iter().filter(|o| o.project_id == project && o.visible_at <= now).collect();
             let result = if p == "/api/public/traces" {
                 v3_list(&visible, &query)
             } else if let Some(id) = p.strip_prefix("/api/public/traces/") {
@@ -371,17 +336,8 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 
 // === ingestion ===
 
-async fn ingest(
-    shared: &Shared,
-    req: Request<Incoming>,
-    project: Option<String>,
-) -> Response<Full<Bytes>> {
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+async fn ingest(shared: &Shared, req: Request<Incoming>, project: Option<String>) -> Response<Full<Bytes>> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut record = ExportRecord {
         status: 0,
         at: Instant::now(),
@@ -392,19 +348,10 @@ async fn ingest(
         project_id: project.clone(),
         spans: 0,
     };
-    let fault = shared
-        .fault
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let fault = shared.fault.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let answer = |shared: &Shared, mut record: ExportRecord, response: Response<Full<Bytes>>| {
         record.status = response.status().as_u16();
-        shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .exports
-            .push(record);
+        shared.state.lock().unwrap_or_else(|p| p.into_inner()).exports.push(record);
         shared.touch();
         response
     };
@@ -412,12 +359,7 @@ async fn ingest(
         Fault::None => {}
         Fault::Hang => {
             record.status = 0;
-            shared
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .exports
-                .push(record.clone());
+            shared.state.lock().unwrap_or_else(|p| p.into_inner()).exports.push(record.clone());
             shared.touch();
             std::future::pending::<()>().await;
         }
@@ -431,19 +373,12 @@ async fn ingest(
                 json!({"message": "Rate limit exceeded", "code": "rate_limited",
                        "details": {"retryAfterSeconds": retry_after_secs, "limit": 1000, "remaining": 0}}),
             );
-            r.headers_mut().insert(
-                header::RETRY_AFTER,
-                retry_after_secs.to_string().parse().expect("ra"),
-            );
+            r.headers_mut().insert(header::RETRY_AFTER, retry_after_secs.to_string().parse().expect("ra"));
             return answer(shared, record, r);
         }
     }
     let Some(project) = project else {
-        return answer(
-            shared,
-            record,
-            message(StatusCode::UNAUTHORIZED, "Invalid credentials"),
-        );
+        return answer(shared, record, message(StatusCode::UNAUTHORIZED, "Invalid credentials"));
     };
     if let Some(v) = &record.ingestion_version {
         match v.trim().parse::<u32>() {
@@ -452,10 +387,7 @@ async fn ingest(
                 return answer(
                     shared,
                     record,
-                    message(
-                        StatusCode::BAD_REQUEST,
-                        "Invalid x-langfuse-ingestion-version header",
-                    ),
+                    message(StatusCode::BAD_REQUEST, "Invalid x-langfuse-ingestion-version header"),
                 );
             }
         }
@@ -465,30 +397,15 @@ async fn ingest(
     } else if record.content_type.starts_with("application/json") {
         true
     } else {
-        return answer(
-            shared,
-            record,
-            message(StatusCode::BAD_REQUEST, "Unsupported content type"),
-        );
+        return answer(shared, record, message(StatusCode::BAD_REQUEST, "Unsupported content type"));
     };
     let Ok(body) = req.into_body().collect().await.map(|c| c.to_bytes()) else {
-        return answer(
-            shared,
-            record,
-            message(StatusCode::BAD_REQUEST, "Failed to read body"),
-        );
+        return answer(shared, record, message(StatusCode::BAD_REQUEST, "Failed to read body"));
     };
     let body = if record.gzip {
         let mut out = Vec::new();
-        if flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut out)
-            .is_err()
-        {
-            return answer(
-                shared,
-                record,
-                message(StatusCode::BAD_REQUEST, "Failed to decompress body"),
-            );
+        if flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).is_err() {
+            return answer(shared, record, message(StatusCode::BAD_REQUEST, "Failed to decompress body"));
         }
         Bytes::from(out)
     } else {
@@ -502,21 +419,10 @@ async fn ingest(
     let request = match parsed {
         Ok(r) => r,
         Err(e) => {
-            return answer(
-                shared,
-                record,
-                message(
-                    StatusCode::BAD_REQUEST,
-                    format!("Failed to parse request: {e}"),
-                ),
-            );
+            return answer(shared, record, message(StatusCode::BAD_REQUEST, format!("Failed to parse request: {e}")));
         }
     };
-    let visible_at = Instant::now()
-        + *shared
-            .visibility_delay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    let visible_at = Instant::now() + *shared.visibility_delay.lock().unwrap_or_else(|p| p.into_inner());
     let observations = match map_request(&project, &request, visible_at) {
         Ok(o) => o,
         Err(e) => return answer(shared, record, message(StatusCode::BAD_REQUEST, e)),
@@ -535,24 +441,9 @@ async fn ingest(
 /// OTLP/JSON: rejects non-array `attributes`/`events`, then decodes with the proto types.
 fn decode_json(body: &[u8]) -> Result<ExportTraceServiceRequest, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    for rs in value
-        .get("resourceSpans")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for ss in rs
-            .get("scopeSpans")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            for span in ss
-                .get("spans")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+    for rs in value.get("resourceSpans").and_then(Value::as_array).into_iter().flatten() {
+        for ss in rs.get("scopeSpans").and_then(Value::as_array).into_iter().flatten() {
+            for span in ss.get("spans").and_then(Value::as_array).into_iter().flatten() {
                 for key in ["attributes", "events"] {
                     if span.get(key).is_some_and(|a| !a.is_array()) {
                         return Err(format!("span {key} must be an array"));
@@ -576,18 +467,11 @@ fn any_to_json(v: &AnyValue) -> Value {
             let map: Map<String, Value> = kv
                 .values
                 .iter()
-                .map(|kv| {
-                    (
-                        kv.key.clone(),
-                        kv.value.as_ref().map_or(Value::Null, any_to_json),
-                    )
-                })
+                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json)))
                 .collect();
             Value::String(Value::Object(map).to_string())
         }
-        Some(AV::BytesValue(b)) => {
-            Value::String(base64::engine::general_purpose::STANDARD.encode(b))
-        }
+        Some(AV::BytesValue(b)) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
         _ => Value::Null,
     }
 }
@@ -595,17 +479,8 @@ fn any_to_json(v: &AnyValue) -> Value {
 fn attrs_to_map(attrs: &[KeyValue]) -> Map<String, Value> {
     attrs
         .iter()
-        .filter(|kv| {
-            !kv.key
-                .split('.')
-                .any(|seg| matches!(seg, "__proto__" | "constructor" | "prototype"))
-        })
-        .map(|kv| {
-            (
-                kv.key.clone(),
-                kv.value.as_ref().map_or(Value::Null, any_to_json),
-            )
-        })
+        .filter(|kv| !kv.key.split('.').any(|seg| matches!(seg, "__proto__" | "constructor" | "prototype")))
+        .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json)))
         .collect()
 }
 
@@ -615,17 +490,12 @@ fn hex(bytes: &[u8]) -> String {
 
 fn nanos_to_time(n: u64) -> DateTime<Utc> {
     // Millisecond precision, as Langfuse stores.
-    Utc.timestamp_millis_opt((n / 1_000_000) as i64)
-        .single()
-        .unwrap_or_default()
+    Utc.timestamp_millis_opt((n / 1_000_000) as i64).single().unwrap_or_default()
 }
 
 fn tags_of(v: &Value) -> Vec<String> {
     match v {
-        Value::Array(a) => a
-            .iter()
-            .map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned))
-            .collect(),
+        Value::Array(a) => a.iter().map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned)).collect(),
         Value::String(s) if s.starts_with('[') => {
             serde_json::from_str::<Vec<String>>(s).unwrap_or_else(|_| vec![s.clone()])
         }
@@ -637,16 +507,9 @@ fn tags_of(v: &Value) -> Vec<String> {
 
 fn normalise_environment(env: &str) -> String {
     let lower = env.to_lowercase();
-    let stripped = lower
-        .strip_prefix("langfuse-")
-        .or_else(|| lower.strip_prefix("langfuse_"))
-        .unwrap_or(&lower);
+    let stripped = lower.strip_prefix("langfuse-").or_else(|| lower.strip_prefix("langfuse_")).unwrap_or(&lower);
     let cut: String = stripped.chars().take(40).collect();
-    if !cut.is_empty()
-        && cut
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-    {
+    if !cut.is_empty() && cut.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_') {
         cut
     } else {
         "default".into()
@@ -661,11 +524,7 @@ fn map_request(
 ) -> Result<Vec<StoredObservation>, String> {
     let mut out = Vec::new();
     for rs in &request.resource_spans {
-        let resource = rs
-            .resource
-            .as_ref()
-            .map(|r| attrs_to_map(&r.attributes))
-            .unwrap_or_default();
+        let resource = rs.resource.as_ref().map(|r| attrs_to_map(&r.attributes)).unwrap_or_default();
         for ss in &rs.scope_spans {
             for span in &ss.spans {
                 if span.trace_id.len() != 16 || span.trace_id.iter().all(|b| *b == 0) {
@@ -691,8 +550,7 @@ fn map_request(
                     metadata.extend(m);
                 }
                 let mut trace_metadata = Map::new();
-                if let Some(Value::Object(m)) =
-                    s("langfuse.trace.metadata").and_then(|j| serde_json::from_str(&j).ok())
+                if let Some(Value::Object(m)) = s("langfuse.trace.metadata").and_then(|j| serde_json::from_str(&j).ok())
                 {
                     trace_metadata.extend(m);
                 }
@@ -700,14 +558,11 @@ fn map_request(
                 for (k, v) in &a {
                     if let Some(key) = k.strip_prefix("langfuse.observation.metadata.") {
                         metadata.insert(key.into(), v.clone());
-                    } else if let Some(key) = k
-                        .strip_prefix("langfuse.trace.metadata.")
-                        .or_else(|| k.strip_prefix("langfuse.metadata."))
+                    } else if let Some(key) =
+                        k.strip_prefix("langfuse.trace.metadata.").or_else(|| k.strip_prefix("langfuse.metadata."))
                     {
                         trace_metadata.insert(key.into(), v.clone());
-                    } else if !k.starts_with("langfuse.")
-                        && !matches!(k.as_str(), "user.id" | "session.id")
-                    {
+                    } else if !k.starts_with("langfuse.") && !matches!(k.as_str(), "user.id" | "session.id") {
                         unmapped.insert(k.clone(), v.clone());
                     }
                 }
@@ -722,17 +577,13 @@ fn map_request(
                     .find_map(|k| a.get(*k))
                     .map(tags_of)
                     .unwrap_or_default();
-                let json_obj =
-                    |k: &str| match s(k).and_then(|j| serde_json::from_str::<Value>(&j).ok()) {
-                        Some(Value::Object(m)) => m,
-                        _ => Map::new(),
-                    };
+                let json_obj = |k: &str| match s(k).and_then(|j| serde_json::from_str::<Value>(&j).ok()) {
+                    Some(Value::Object(m)) => m,
+                    _ => Map::new(),
+                };
                 let mut cost_details = json_obj("langfuse.observation.cost_details");
                 if cost_details.is_empty() {
-                    if let Some(c) = a
-                        .get("gen_ai.usage.cost")
-                        .or_else(|| a.get("llm.cost.total"))
-                    {
+                    if let Some(c) = a.get("gen_ai.usage.cost").or_else(|| a.get("llm.cost.total")) {
                         cost_details.insert("total".into(), c.clone());
                     }
                 }
@@ -744,21 +595,14 @@ fn map_request(
                         "DEFAULT".into()
                     }
                 });
-                let status_message = s("langfuse.observation.status_message").or_else(|| {
-                    status
-                        .map(|st| st.message.clone())
-                        .filter(|m| !m.is_empty())
-                });
-                let resource_str =
-                    |k: &str| resource.get(k).and_then(Value::as_str).map(str::to_owned);
-                let environment = first(&[
-                    "langfuse.environment",
-                    "deployment.environment.name",
-                    "deployment.environment",
-                ])
-                .or_else(|| resource_str("deployment.environment.name"))
-                .or_else(|| resource_str("deployment.environment"))
-                .map_or_else(|| "default".into(), |e| normalise_environment(&e));
+                let status_message = s("langfuse.observation.status_message")
+                    .or_else(|| status.map(|st| st.message.clone()).filter(|m| !m.is_empty()));
+                let resource_str = |k: &str| resource.get(k).and_then(Value::as_str).map(str::to_owned);
+                let environment =
+                    first(&["langfuse.environment", "deployment.environment.name", "deployment.environment"])
+                        .or_else(|| resource_str("deployment.environment.name"))
+                        .or_else(|| resource_str("deployment.environment"))
+                        .map_or_else(|| "default".into(), |e| normalise_environment(&e));
                 let (start, end) = match (span.start_time_unix_nano, span.end_time_unix_nano) {
                     (0, 0) => (0, 0),
                     (0, e) => (e, e),
@@ -790,16 +634,11 @@ fn map_request(
                     usage_details: json_obj("langfuse.observation.usage_details"),
                     cost_details,
                     metadata,
-                    trace_name: s("langfuse.trace.name")
-                        .or_else(|| is_root.then(|| span.name.clone())),
+                    trace_name: s("langfuse.trace.name").or_else(|| is_root.then(|| span.name.clone())),
                     tags,
                     trace_metadata,
                     user_id: first(&["langfuse.user.id", "user.id"]),
-                    session_id: first(&[
-                        "langfuse.session.id",
-                        "session.id",
-                        "gen_ai.conversation.id",
-                    ]),
+                    session_id: first(&["langfuse.session.id", "session.id", "gen_ai.conversation.id"]),
                     environment,
                     release: s("langfuse.release").or_else(|| resource_str("langfuse.release")),
                     version: s("langfuse.version").or_else(|| resource_str("service.version")),
@@ -832,10 +671,7 @@ fn io_value(s: &Option<String>) -> Value {
 }
 
 fn cost_total(o: &StoredObservation) -> f64 {
-    o.cost_details
-        .get("total")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0)
+    o.cost_details.get("total").and_then(Value::as_f64).unwrap_or(0.0)
 }
 
 /// A trace assembled from its observations (root first).
@@ -849,15 +685,10 @@ impl TraceView<'_> {
         self.obs.iter().copied().find(|o| o.is_root())
     }
     fn timestamp(&self) -> DateTime<Utc> {
-        self.root()
-            .map(|r| r.start_time)
-            .or_else(|| self.obs.iter().map(|o| o.start_time).min())
-            .unwrap_or_default()
+        self.root().map(|r| r.start_time).or_else(|| self.obs.iter().map(|o| o.start_time).min()).unwrap_or_default()
     }
     fn first<T>(&self, f: impl Fn(&StoredObservation) -> Option<T>) -> Option<T> {
-        self.root()
-            .and_then(&f)
-            .or_else(|| self.obs.iter().find_map(|o| f(o)))
+        self.root().and_then(&f).or_else(|| self.obs.iter().find_map(|o| f(o)))
     }
     fn tags(&self) -> Vec<String> {
         let mut tags: Vec<String> = Vec::new();
@@ -877,20 +708,12 @@ impl TraceView<'_> {
                 metadata.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        let end = self
-            .obs
-            .iter()
-            .map(|o| o.end_time)
-            .max()
-            .unwrap_or_default();
+        let end = self.obs.iter().map(|o| o.end_time).max().unwrap_or_default();
         let ts0 = self.timestamp();
         let observations: Vec<Value> = if full {
             self.obs.iter().map(|o| v3_observation(o)).collect()
         } else {
-            self.obs
-                .iter()
-                .map(|o| Value::String(o.id.clone()))
-                .collect()
+            self.obs.iter().map(|o| Value::String(o.id.clone())).collect()
         };
         json!({
             "id": self.id,
@@ -952,37 +775,22 @@ fn group_traces<'a>(obs: &[&'a StoredObservation]) -> Vec<TraceView<'a>> {
             })
             .push(o);
     }
-    order
-        .into_iter()
-        .map(|id| TraceView {
-            obs: groups.remove(&id).unwrap_or_default(),
-            id,
-        })
-        .collect()
+    order.into_iter().map(|id| TraceView { obs: groups.remove(&id).unwrap_or_default(), id }).collect()
 }
 
 type Reply = Result<Response<Full<Bytes>>, Response<Full<Bytes>>>;
 
 fn v3_list(obs: &[&StoredObservation], query: &[(String, String)]) -> Reply {
     let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
-    let page: usize = get("page")
-        .map_or(Ok(1), str::parse)
-        .map_err(|_| message(StatusCode::BAD_REQUEST, "Invalid page"))?;
-    let limit: usize = get("limit")
-        .map_or(Ok(50), str::parse)
-        .map_err(|_| message(StatusCode::BAD_REQUEST, "Invalid limit"))?;
+    let page: usize =
+        get("page").map_or(Ok(1), str::parse).map_err(|_| message(StatusCode::BAD_REQUEST, "Invalid page"))?;
+    let limit: usize =
+        get("limit").map_or(Ok(50), str::parse).map_err(|_| message(StatusCode::BAD_REQUEST, "Invalid limit"))?;
     if page == 0 || limit == 0 || limit > 100 {
-        return Err(message(
-            StatusCode::BAD_REQUEST,
-            "page must be >= 1 and limit 1-100",
-        ));
+        return Err(message(StatusCode::BAD_REQUEST, "page must be >= 1 and limit 1-100"));
     }
     let mut tags: Vec<String> = Vec::new();
-    let tag_values: Vec<&str> = query
-        .iter()
-        .filter(|(k, _)| k == "tags")
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let tag_values: Vec<&str> = query.iter().filter(|(k, _)| k == "tags").map(|(_, v)| v.as_str()).collect();
     if tag_values.len() == 1 {
         tags.extend(tag_values[0].split(',').map(str::to_owned));
     } else {
@@ -997,12 +805,9 @@ fn v3_list(obs: &[&StoredObservation], query: &[(String, String)]) -> Reply {
             tags.iter().all(|x| tt.contains(x))
                 && from.is_none_or(|f| t.timestamp() >= f)
                 && to.is_none_or(|e| t.timestamp() < e)
-                && get("userId")
-                    .is_none_or(|u| t.first(|o| o.user_id.clone()).as_deref() == Some(u))
-                && get("sessionId")
-                    .is_none_or(|u| t.first(|o| o.session_id.clone()).as_deref() == Some(u))
-                && get("name")
-                    .is_none_or(|u| t.first(|o| o.trace_name.clone()).as_deref() == Some(u))
+                && get("userId").is_none_or(|u| t.first(|o| o.user_id.clone()).as_deref() == Some(u))
+                && get("sessionId").is_none_or(|u| t.first(|o| o.session_id.clone()).as_deref() == Some(u))
+                && get("name").is_none_or(|u| t.first(|o| o.trace_name.clone()).as_deref() == Some(u))
         })
         .collect();
     let (field, desc) = match get("orderBy") {
@@ -1025,12 +830,7 @@ fn v3_list(obs: &[&StoredObservation], query: &[(String, String)]) -> Reply {
         traces.reverse();
     }
     let total = traces.len();
-    let data: Vec<Value> = traces
-        .iter()
-        .skip((page - 1) * limit)
-        .take(limit)
-        .map(|t| t.json(false))
-        .collect();
+    let data: Vec<Value> = traces.iter().skip((page - 1) * limit).take(limit).map(|t| t.json(false)).collect();
     Ok(json_response(
         StatusCode::OK,
         json!({"data": data, "meta": {"page": page, "limit": limit, "totalItems": total, "totalPages": total.div_ceil(limit)}}),
@@ -1040,30 +840,14 @@ fn v3_list(obs: &[&StoredObservation], query: &[(String, String)]) -> Reply {
 fn v3_get(obs: &[&StoredObservation], id: &str) -> Reply {
     let mine: Vec<&StoredObservation> = obs.iter().copied().filter(|o| o.trace_id == id).collect();
     if mine.is_empty() {
-        return Err(message(
-            StatusCode::NOT_FOUND,
-            format!("Trace {id} not found within authorized project"),
-        ));
+        return Err(message(StatusCode::NOT_FOUND, format!("Trace {id} not found within authorized project")));
     }
-    let view = TraceView {
-        id: id.into(),
-        obs: mine,
-    };
+    let view = TraceView { id: id.into(), obs: mine };
     Ok(json_response(StatusCode::OK, view.json(true)))
 }
 
-const GROUPS: &[&str] = &[
-    "core",
-    "basic",
-    "time",
-    "io",
-    "metadata",
-    "model",
-    "usage",
-    "prompt",
-    "metrics",
-    "trace_context",
-];
+const GROUPS: &[&str] =
+    &["core", "basic", "time", "io", "metadata", "model", "usage", "prompt", "metrics", "trace_context"];
 
 fn v4_row(o: &StoredObservation, groups: &[&str]) -> Value {
     let mut row = json!({
@@ -1081,11 +865,9 @@ fn v4_row(o: &StoredObservation, groups: &[&str]) -> Value {
     };
     for g in groups {
         match *g {
-            "basic" => add(
-                json!({"name": o.name, "level": o.level, "statusMessage": o.status_message,
+            "basic" => add(json!({"name": o.name, "level": o.level, "statusMessage": o.status_message,
                 "version": o.version, "environment": o.environment, "bookmarked": false, "public": false,
-                "userId": o.user_id, "sessionId": o.session_id, "isRootObservation": o.is_root()}),
-            ),
+                "userId": o.user_id, "sessionId": o.session_id, "isRootObservation": o.is_root()})),
             "time" => add(json!({"completionStartTime": o.completion_start_time,
                 "createdAt": ts(&o.start_time), "updatedAt": ts(&o.end_time)})),
             "io" => add(json!({"input": o.input, "output": o.output})),
@@ -1093,17 +875,13 @@ fn v4_row(o: &StoredObservation, groups: &[&str]) -> Value {
             "model" => add(
                 json!({"providedModelName": o.model, "internalModelId": null, "modelParameters": o.model_parameters}),
             ),
-            "usage" => add(
-                json!({"usageDetails": o.usage_details, "costDetails": o.cost_details,
-                "totalCost": cost_total(o), "usagePricingTierName": null}),
-            ),
+            "usage" => add(json!({"usageDetails": o.usage_details, "costDetails": o.cost_details,
+                "totalCost": cost_total(o), "usagePricingTierName": null})),
             "prompt" => add(json!({"promptId": null, "promptName": null, "promptVersion": null})),
             "metrics" => add(
                 json!({"latency": (o.end_time - o.start_time).num_milliseconds() as f64 / 1000.0, "timeToFirstToken": null}),
             ),
-            "trace_context" => {
-                add(json!({"tags": o.tags, "release": o.release, "traceName": o.trace_name}))
-            }
+            "trace_context" => add(json!({"tags": o.tags, "release": o.release, "traceName": o.trace_name})),
             _ => {}
         }
     }
@@ -1131,18 +909,9 @@ fn column_string(o: &StoredObservation, column: &str) -> Option<Option<String>> 
 
 /// One `filter` condition; `Err` for what Langfuse would reject.
 fn condition_matches(o: &StoredObservation, c: &Value) -> Result<bool, String> {
-    let ty = c
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or("filter condition without type")?;
-    let column = c
-        .get("column")
-        .and_then(Value::as_str)
-        .ok_or("filter condition without column")?;
-    let op = c
-        .get("operator")
-        .and_then(Value::as_str)
-        .ok_or("filter condition without operator")?;
+    let ty = c.get("type").and_then(Value::as_str).ok_or("filter condition without type")?;
+    let column = c.get("column").and_then(Value::as_str).ok_or("filter condition without column")?;
+    let op = c.get("operator").and_then(Value::as_str).ok_or("filter condition without operator")?;
     let value = c.get("value").ok_or("filter condition without value")?;
     match ty {
         "arrayOptions" => {
@@ -1163,8 +932,7 @@ fn condition_matches(o: &StoredObservation, c: &Value) -> Result<bool, String> {
             })
         }
         "string" | "stringOptions" | "categoryOptions" => {
-            let actual =
-                column_string(o, column).ok_or_else(|| format!("unknown column {column}"))?;
+            let actual = column_string(o, column).ok_or_else(|| format!("unknown column {column}"))?;
             let actual = actual.unwrap_or_default();
             Ok(match (op, value) {
                 ("=", Value::String(v)) => &actual == v,
@@ -1178,8 +946,8 @@ fn condition_matches(o: &StoredObservation, c: &Value) -> Result<bool, String> {
             })
         }
         "datetime" => {
-            let t = parse_time(value.as_str().ok_or("datetime value must be a string")?)
-                .map_err(|_| "invalid datetime")?;
+            let t =
+                parse_time(value.as_str().ok_or("datetime value must be a string")?).map_err(|_| "invalid datetime")?;
             let actual = match column {
                 "startTime" => o.start_time,
                 "endTime" => o.end_time,
@@ -1194,14 +962,8 @@ fn condition_matches(o: &StoredObservation, c: &Value) -> Result<bool, String> {
             })
         }
         "stringObject" => {
-            let key = c
-                .get("key")
-                .and_then(Value::as_str)
-                .ok_or("stringObject without key")?;
-            let actual = o
-                .metadata
-                .get(key)
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+            let key = c.get("key").and_then(Value::as_str).ok_or("stringObject without key")?;
+            let actual = o.metadata.get(key).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
             Ok(match (op, value.as_str()) {
                 ("=", Some(v)) => actual.as_deref() == Some(v),
                 ("contains", Some(v)) => actual.is_some_and(|a| a.contains(v)),
@@ -1226,19 +988,12 @@ fn v4_observations(obs: &[&StoredObservation], query: &[(String, String)]) -> Re
     if get("parseIoAsJson") == Some("true") {
         return Err(bad("parseIoAsJson is no longer supported".into()));
     }
-    let limit: usize = get("limit")
-        .map_or(Ok(50), str::parse)
-        .map_err(|_| bad("Invalid limit".into()))?;
+    let limit: usize = get("limit").map_or(Ok(50), str::parse).map_err(|_| bad("Invalid limit".into()))?;
     if limit == 0 || limit > 1000 {
         return Err(bad("limit must be 1-1000".into()));
     }
     let mut groups: Vec<&str> = vec!["core"];
-    for g in get("fields")
-        .unwrap_or("core,basic")
-        .split(',')
-        .map(str::trim)
-        .filter(|g| !g.is_empty())
-    {
+    for g in get("fields").unwrap_or("core,basic").split(',').map(str::trim).filter(|g| !g.is_empty()) {
         if !GROUPS.contains(&g) {
             return Err(bad(format!("Invalid field group {g}")));
         }
@@ -1259,31 +1014,19 @@ fn v4_observations(obs: &[&StoredObservation], query: &[(String, String)]) -> Re
     };
     let from = get("fromStartTime").map(parse_time).transpose()?;
     let to = get("toStartTime").map(parse_time).transpose()?;
-    let simple: Vec<(&str, &str)> = [
-        "type",
-        "name",
-        "traceId",
-        "userId",
-        "sessionId",
-        "level",
-        "version",
-        "environment",
-    ]
-    .into_iter()
-    .filter_map(|k| get(k).map(|v| (k, v)))
-    .collect();
+    let simple: Vec<(&str, &str)> =
+        ["type", "name", "traceId", "userId", "sessionId", "level", "version", "environment"]
+            .into_iter()
+            .filter_map(|k| get(k).map(|v| (k, v)))
+            .collect();
     let is_root = get("isRootObservation").map(|v| v == "true");
     let mut rows: Vec<&StoredObservation> = Vec::new();
     for o in obs {
-        let mut keep =
-            from.is_none_or(|f| o.start_time >= f) && to.is_none_or(|t| o.start_time < t);
+        let mut keep = from.is_none_or(|f| o.start_time >= f) && to.is_none_or(|t| o.start_time < t);
         keep &= is_root.is_none_or(|r| o.is_root() == r);
         for (k, v) in &simple {
             // Filter conditions on the same column take precedence over simple parameters.
-            if filter
-                .iter()
-                .any(|c| c.get("column").and_then(Value::as_str) == Some(k))
-            {
+            if filter.iter().any(|c| c.get("column").and_then(Value::as_str) == Some(k)) {
                 continue;
             }
             keep &= column_string(o, k).flatten().as_deref() == Some(*v);
@@ -1295,25 +1038,13 @@ fn v4_observations(obs: &[&StoredObservation], query: &[(String, String)]) -> Re
             rows.push(o);
         }
     }
-    rows.sort_by(|a, b| {
-        b.start_time
-            .cmp(&a.start_time)
-            .then_with(|| b.id.cmp(&a.id))
-    });
-    let page: Vec<Value> = rows
-        .iter()
-        .skip(offset)
-        .take(limit)
-        .map(|o| v4_row(o, &groups))
-        .collect();
+    rows.sort_by(|a, b| b.start_time.cmp(&a.start_time).then_with(|| b.id.cmp(&a.id)));
+    let page: Vec<Value> = rows.iter().skip(offset).take(limit).map(|o| v4_row(o, &groups)).collect();
     let next = offset + page.len();
     let meta = if next < rows.len() {
         json!({"cursor": base64::engine::general_purpose::STANDARD.encode(next.to_string())})
     } else {
         json!({})
     };
-    Ok(json_response(
-        StatusCode::OK,
-        json!({"data": page, "meta": meta}),
-    ))
+    Ok(json_response(StatusCode::OK, json!({"data": page, "meta": meta})))
 }

@@ -332,12 +332,12 @@ fn judge(
 
 /// The recorded output: the JSON body, or for SSE the assembled message, bounded.
 pub(crate) fn output_text(o: &Outcome, limit: usize) -> String {
-    if o.sse {
-        if let Some(assembled) = assemble_sse(&o.captured) {
-            let text = assembled.to_string();
-            let cut = text.len() > limit || o.truncated;
-            return if cut { bounded_text(text.as_bytes(), limit, text.len() as u64, true) } else { text };
-        }
+    if o.sse
+        && let Some(assembled) = assemble_sse(&o.captured)
+    {
+        let text = assembled.to_string();
+        let cut = text.len() > limit || o.truncated;
+        return if cut { bounded_text(text.as_bytes(), limit, text.len() as u64, true) } else { text };
     }
     bounded_text(&o.captured, limit, o.bytes, o.truncated)
 }
@@ -570,11 +570,11 @@ pub(crate) fn record_generation(
                 metadata.insert("output_cost_usd".into(), json!(cost.output));
             }
         }
-        if o.sse {
-            if let Some(first) = o.first_frame_at {
-                let first = info.started + first.saturating_duration_since(info.started_at);
-                attrs.push(kv_str("langfuse.observation.completion_start_time", iso_millis(first)));
-            }
+        if o.sse
+            && let Some(first) = o.first_frame_at
+        {
+            let first = info.started + first.saturating_duration_since(info.started_at);
+            attrs.push(kv_str("langfuse.observation.completion_start_time", iso_millis(first)));
         }
     }
     metadata.insert("is_primary".into(), info.is_primary.into());

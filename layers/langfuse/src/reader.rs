@@ -398,7 +398,7 @@ impl V4Reader {
             .into_iter()
             .filter_map(|id| {
                 let mut rows = groups.remove(&id)?;
-                rows.sort_by(|a, b| string(a, "startTime").cmp(&string(b, "startTime")));
+                rows.sort_by_key(|r| string(r, "startTime"));
                 let root = rows
                     .iter()
                     .find(|r| r.get("isRootObservation").and_then(Value::as_bool) == Some(true))
@@ -432,15 +432,14 @@ impl V4Reader {
 
 /// The window to look for a trace in: around the UUIDv7 timestamp when the id is one.
 fn window_for(trace_id: &str) -> (SystemTime, SystemTime) {
-    if let Ok(uuid) = uuid::Uuid::parse_str(trace_id) {
-        if uuid.get_version_num() == 7 {
-            if let Some(ts) = uuid.get_timestamp() {
-                let (secs, nanos) = ts.to_unix();
-                let at = UNIX_EPOCH + Duration::new(secs, nanos);
-                let day = Duration::from_secs(86_400);
-                return (at.checked_sub(day).unwrap_or(UNIX_EPOCH), at + day);
-            }
-        }
+    if let Ok(uuid) = uuid::Uuid::parse_str(trace_id)
+        && uuid.get_version_num() == 7
+        && let Some(ts) = uuid.get_timestamp()
+    {
+        let (secs, nanos) = ts.to_unix();
+        let at = UNIX_EPOCH + Duration::new(secs, nanos);
+        let day = Duration::from_secs(86_400);
+        return (at.checked_sub(day).unwrap_or(UNIX_EPOCH), at + day);
     }
     TraceQuery::default().window()
 }

@@ -127,10 +127,10 @@ fn trace_attributes(
             }
         }
     }
-    if let Some(id) = insertion_id {
-        if !attrs.iter().any(|kv| kv.key == "langfuse.trace.metadata.insertion_id") {
-            attrs.push(kv_str("langfuse.trace.metadata.insertion_id", id.0.to_string()));
-        }
+    if let Some(id) = insertion_id
+        && !attrs.iter().any(|kv| kv.key == "langfuse.trace.metadata.insertion_id")
+    {
+        attrs.push(kv_str("langfuse.trace.metadata.insertion_id", id.0.to_string()));
     }
     if !tags.is_empty() {
         attrs.push(kv_str_array("langfuse.trace.tags", tags));

@@ -135,8 +135,8 @@ fn stack(
 {
     ServiceBuilder::new().layer(layer).layer(LangfuseAttemptLayer::new().catalog(catalog())).service(service_fn(
         move |req: Request<GatewayBody>| async move {
-            if events {
-                if let Some(sink) = req.extensions().get::<FallbackEvents>() {
+            if events && let Some(sink) = req.extensions().get::<FallbackEvents>() {
+                {
                     sink.record(FallbackEvent::RateLimit {
                         original_model: MODEL.into(),
                         fallback_model: "gemini/gemini-2.5-flash-lite".into(),
@@ -210,55 +210,59 @@ async fn json_completion_is_one_trace_in_the_right_project() {
     assert!(String::from_utf8_lossy(&out).contains("hello"));
 
     lf.wait_for(|s| s.observations("p1").len() == 2).await;
-    let state = lf.lock();
-    assert!(state.observations("p2").is_empty());
-    let obs = state.observations("p1");
-    let root = find(&obs, "SPAN");
-    let generation = find(&obs, "GENERATION");
-    assert_eq!((root.len(), generation.len()), (1, 1));
-    let (root, generation) = (root[0], generation[0]);
-    for o in &obs {
-        assert_eq!(o.trace_id, hex_id(id), "trace id = insertion id");
-        assert_eq!(o.tags, expected_tags(id, "r1"));
-        assert!(o.attributes["langfuse.trace.tags"].is_array(), "tags go as a string array");
-        assert_eq!(o.trace_name.as_deref(), Some("chat-completion"));
-        assert_eq!(o.user_id.as_deref(), Some("user-1"));
-        assert_eq!(o.session_id.as_deref(), Some("sess-1"));
-        assert_eq!(o.trace_metadata["rollout_id"], "r1");
-        assert_eq!(o.trace_metadata["insertion_id"], id.0.to_string());
-        assert_eq!(o.environment, "test");
-        assert_eq!(o.release.as_deref(), Some("r1"));
-    }
-    assert!(root.is_root());
-    assert_eq!(root.name, "chat-completion");
-    assert_eq!(root.level, "DEFAULT");
-    assert!(root.input.as_deref().unwrap().contains("\"messages\""));
-    assert!(root.output.as_deref().unwrap().contains("hello"));
+    {
+        let state = lf.lock();
+        assert!(state.observations("p2").is_empty());
+        let obs = state.observations("p1");
+        let root = find(&obs, "SPAN");
+        let generation = find(&obs, "GENERATION");
+        assert_eq!((root.len(), generation.len()), (1, 1));
+        let (root, generation) = (root[0], generation[0]);
+        for o in &obs {
+            assert_eq!(o.trace_id, hex_id(id), "trace id = insertion id");
+            assert_eq!(o.tags, expected_tags(id, "r1"));
+            assert!(o.attributes["langfuse.trace.tags"].is_array(), "tags go as a string array");
+            assert_eq!(o.trace_name.as_deref(), Some("chat-completion"));
+            assert_eq!(o.user_id.as_deref(), Some("user-1"));
+            assert_eq!(o.session_id.as_deref(), Some("sess-1"));
+            assert_eq!(o.trace_metadata["rollout_id"], "r1");
+            assert_eq!(o.trace_metadata["insertion_id"], id.0.to_string());
+            assert_eq!(o.environment, "test");
+            assert_eq!(o.release.as_deref(), Some("r1"));
+        }
+        assert!(root.is_root());
+        assert_eq!(root.name, "chat-completion");
+        assert_eq!(root.level, "DEFAULT");
+        assert!(root.input.as_deref().unwrap().contains("\"messages\""));
+        assert!(root.output.as_deref().unwrap().contains("hello"));
 
-    assert_eq!(generation.parent_observation_id.as_deref(), Some(root.id.as_str()));
-    assert_eq!(generation.name, "llm_call_openai_gpt-4o-mini");
-    assert_eq!(generation.model.as_deref(), Some(MODEL));
-    assert_eq!(generation.model_parameters.as_ref().unwrap()["temperature"], 0.2);
-    assert_eq!(Value::Object(generation.usage_details.clone()), json!({"input": 1000, "output": 500, "total": 1500}));
-    let total = generation.cost_details["total"].as_f64().unwrap();
-    assert!((total - 0.00045).abs() < 1e-12, "cost {total}");
-    assert!((generation.metadata["cost_usd"].as_f64().unwrap() - 0.00045).abs() < 1e-12);
-    assert!((generation.metadata["input_cost_usd"].as_f64().unwrap() - 0.00015).abs() < 1e-12);
-    assert!((generation.metadata["output_cost_usd"].as_f64().unwrap() - 0.0003).abs() < 1e-12);
-    assert_eq!(generation.metadata["is_primary"], true);
-    assert_eq!(generation.metadata["http_status"], 200);
-    assert_eq!(generation.metadata["attempt"], 1);
-    assert!(generation.metadata["latency_seconds"].is_number());
-    assert!(generation.completion_start_time.is_none());
+        assert_eq!(generation.parent_observation_id.as_deref(), Some(root.id.as_str()));
+        assert_eq!(generation.name, "llm_call_openai_gpt-4o-mini");
+        assert_eq!(generation.model.as_deref(), Some(MODEL));
+        assert_eq!(generation.model_parameters.as_ref().unwrap()["temperature"], 0.2);
+        assert_eq!(
+            Value::Object(generation.usage_details.clone()),
+            json!({"input": 1000, "output": 500, "total": 1500})
+        );
+        let total = generation.cost_details["total"].as_f64().unwrap();
+        assert!((total - 0.00045).abs() < 1e-12, "cost {total}");
+        assert!((generation.metadata["cost_usd"].as_f64().unwrap() - 0.00045).abs() < 1e-12);
+        assert!((generation.metadata["input_cost_usd"].as_f64().unwrap() - 0.00015).abs() < 1e-12);
+        assert!((generation.metadata["output_cost_usd"].as_f64().unwrap() - 0.0003).abs() < 1e-12);
+        assert_eq!(generation.metadata["is_primary"], true);
+        assert_eq!(generation.metadata["http_status"], 200);
+        assert_eq!(generation.metadata["attempt"], 1);
+        assert!(generation.metadata["latency_seconds"].is_number());
+        assert!(generation.completion_start_time.is_none());
 
-    for export in &state.exports {
-        assert_eq!(export.project_id.as_deref(), Some("p1"));
-        assert!(export.gzip);
-        assert_eq!(export.ingestion_version.as_deref(), Some("4"));
-        assert_eq!(export.sdk_name.as_deref(), Some("llmgate"));
-        assert_eq!(export.content_type, "application/x-protobuf");
+        for export in &state.exports {
+            assert_eq!(export.project_id.as_deref(), Some("p1"));
+            assert!(export.gzip);
+            assert_eq!(export.ingestion_version.as_deref(), Some("4"));
+            assert_eq!(export.sdk_name.as_deref(), Some("llmgate"));
+            assert_eq!(export.content_type, "application/x-protobuf");
+        }
     }
-    drop(state);
     until(|| exporter.snapshot().exported == 2).await;
     let snap = exporter.snapshot();
     assert_eq!((snap.dropped, snap.failed, snap.queue_depth), (0, 0, 0));
