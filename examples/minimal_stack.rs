@@ -20,15 +20,9 @@ use tower::{ServiceBuilder, ServiceExt, util::BoxCloneService};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let base_url = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "http://127.0.0.1:4010/v1".into());
-    let target = UpstreamTarget {
-        name: "mock".into(),
-        base_url: base_url.into(),
-        mode: UpstreamMode::OpenAi,
-        api_key: None,
-    };
+    let base_url = std::env::args().nth(1).unwrap_or_else(|| "http://127.0.0.1:4010/v1".into());
+    let target =
+        UpstreamTarget { name: "mock".into(), base_url: base_url.into(), mode: UpstreamMode::OpenAi, api_key: None };
     let upstream = HyperUpstream::new(target, Duration::from_secs(30));
 
     let stack = ServiceBuilder::new()
