@@ -2,6 +2,7 @@
 //! ephemeral ports, real sockets, a real HTTP client, real redis-server processes.
 #![allow(unreachable_pub)]
 
+mod fallback;
 mod langfuse;
 mod metadata;
 mod proxy;

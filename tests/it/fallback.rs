@@ -1,0 +1,783 @@
+//! Issue 6 through the reference proxy: rate-limit fallback (local limits, upstream 429s,
+//! cooldowns, quota exhaustion, exhausted chains, shared budgets across processes on Redis and
+//! Redis Cluster, Redis outages, streaming) and the `GET /stats` counters.
+//!
+//! The `reason` of the `rate_limit_fallback` events is checked by the Langfuse tests.
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use llmgate::mock_upstream::{MockOptions, MockUpstream};
+use llmgate_test_support::redis::{RedisCluster, RedisServer};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::support::*;
+
+const CHAT: &str = "/v1/chat/completions";
+
+// === helpers ===
+
+/// A chat request for `model` with a short prompt.
+async fn chat(url: &str, model: &str, headers: &[(&str, &str)]) -> Reply {
+    post_json(url, headers, &chat_body(model, false)).await
+}
+
+/// A chat body whose prompt is `words` five-byte words long.
+fn big_body(model: &str, words: usize) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "word ".repeat(words)}]})
+}
+
+/// The `model` of every chat request the mock received, in order.
+fn models_seen(mock: &MockUpstream) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .filter(|r| r.uri.ends_with("/chat/completions"))
+        .map(|r| r.json()["model"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `GET /stats` of the gateway at `base` (`http://host:port`).
+async fn stats(base: &str) -> Value {
+    let reply = send(Method::GET, &format!("{base}/stats"), &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()
+}
+
+fn base(gw: &TestGateway) -> String {
+    gw.url("")
+}
+
+/// The `Retry-After` header as seconds.
+fn retry_after(reply: &Reply) -> u64 {
+    let value = reply.headers.get("retry-after").unwrap_or_else(|| panic!("no Retry-After: {:?}", reply.headers));
+    value.to_str().unwrap().parse().unwrap_or_else(|e| panic!("Retry-After {value:?}: {e}"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Seconds until the next 00:00 UTC.
+fn secs_to_midnight_utc() -> u64 {
+    86_400 - unix_now() % 86_400
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) for `unix` seconds.
+fn http_date(unix: u64) -> String {
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil date from days since the epoch (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// The counters a test checks, as one JSON object (the rest of the snapshot is ignored).
+fn counters(stats: &Value, names: &[&str]) -> Value {
+    Value::Object(names.iter().map(|n| (n.to_string(), stats[*n].clone())).collect())
+}
+
+const MAIN_COUNTERS: &[&str] =
+    &["total_requests", "primary_requests", "fallback_requests", "rate_limit_fallbacks", "rate_limit_waits"];
+
+// === local limits ===
+
+#[tokio::test]
+async fn rpm_limit_falls_back_to_the_next_model() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, limits: {rpm: 2}, fallbacks: [beta]}\n  - {name: beta}\n",
+    )
+    .await;
+    for _ in 0..3 {
+        let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "alpha", "beta"]);
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, MAIN_COUNTERS),
+        json!({"total_requests": 3, "primary_requests": 2, "fallback_requests": 1,
+               "rate_limit_fallbacks": 1, "rate_limit_waits": 0})
+    );
+    let rate = stats["fallback_rate_percent"].as_f64().unwrap();
+    assert!((rate - 100.0 / 3.0).abs() < 0.01, "{rate}");
+}
+
+#[tokio::test]
+async fn tpm_limit_falls_back_after_a_big_prompt() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, context_window: 1000000, limits: {tpm: 1000}, fallbacks: [beta]}\n  - {name: beta}\n",
+    )
+    .await;
+    // ~2,000 tokens: the full bucket lets one request through (it needs at most the whole
+    // budget), which leaves the bucket empty for the rest of the minute.
+    let reply = post_json(&gw.url(CHAT), &[], &big_body("alpha", 1600)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = post_json(&gw.url(CHAT), &[], &big_body("alpha", 1600)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // Even a short prompt finds no tokens left; rpm is unlimited, so tokens are what refuse.
+    let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "beta"]);
+    assert_eq!(
+        counters(&stats(&base(&gw)).await, MAIN_COUNTERS),
+        json!({"total_requests": 3, "primary_requests": 1, "fallback_requests": 2,
+               "rate_limit_fallbacks": 2, "rate_limit_waits": 0})
+    );
+}
+
+#[tokio::test]
+async fn rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, limits: {rpd: 1}, fallbacks: [beta]}\n  - {name: beta}\n  - {name: solo, limits: {rpd: 1}}\n",
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "beta"]);
+
+    // A model with no chain: the day is used up, so the client is told to come back at the
+    // daily reset (00:00 UTC), not in a minute.
+    assert_eq!(chat(&gw.url(CHAT), "solo", &[]).await.status, StatusCode::OK);
+    let before = secs_to_midnight_utc();
+    let reply = chat(&gw.url(CHAT), "solo", &[]).await;
+    let after = secs_to_midnight_utc();
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    if after < before {
+        let retry = retry_after(&reply);
+        assert!((after..=before + 1).contains(&retry), "Retry-After {retry}, midnight in {after}..{before} s");
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "solo"]);
+    assert_eq!(
+        counters(&stats(&base(&gw)).await, MAIN_COUNTERS),
+        json!({"total_requests": 4, "primary_requests": 2, "fallback_requests": 1,
+               "rate_limit_fallbacks": 2, "rate_limit_waits": 0})
+    );
+}
+
+// === upstream 429s ===
+
+#[tokio::test]
+async fn upstream_429_within_max_wait_waits_then_succeeds_on_the_same_model() {
+    // Every 2nd chat request is answered 429 with `Retry-After: 1`.
+    let mock = MockUpstream::start(MockOptions { rate_limit_every: Some(2), ..MockOptions::default() }).await.unwrap();
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "rate_limit: {max_wait_seconds: 2}\nmodels:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n",
+    )
+    .await;
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["model"], "alpha");
+    // The retry waited for the `Retry-After` (a lower bound only: it cannot come sooner).
+    assert!(started.elapsed() >= Duration::from_secs(1), "retried after {:?}", started.elapsed());
+    assert_eq!(models_seen(&mock), ["alpha", "alpha", "alpha"]);
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, MAIN_COUNTERS),
+        json!({"total_requests": 2, "primary_requests": 2, "fallback_requests": 0,
+               "rate_limit_fallbacks": 0, "rate_limit_waits": 1})
+    );
+    assert_eq!(stats["upstream_429s"], 1);
+}
+
+#[tokio::test]
+async fn upstream_429_longer_than_max_wait_falls_back_at_once() {
+    let mock = MockUpstream::start(MockOptions { rate_limit_every: Some(2), ..MockOptions::default() }).await.unwrap();
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "rate_limit: {max_wait_seconds: 0.5}\nmodels:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n",
+    )
+    .await;
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["model"], "beta");
+    assert_eq!(models_seen(&mock), ["alpha", "alpha", "beta"]);
+    assert_eq!(
+        counters(&stats(&base(&gw)).await, MAIN_COUNTERS),
+        json!({"total_requests": 2, "primary_requests": 1, "fallback_requests": 1,
+               "rate_limit_fallbacks": 1, "rate_limit_waits": 0})
+    );
+}
+
+#[tokio::test]
+async fn retry_after_cools_the_model_down_for_the_next_requests() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n  - {name: solo}\n",
+    )
+    .await;
+    let fail = [("x-mock-fail", "alpha=429:rate_limit_exceeded,solo=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let reply = chat(&gw.url(CHAT), "alpha", &fail).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["model"], "beta");
+    // The next requests carry no failure header: they go straight to the fallback.
+    for _ in 0..3 {
+        let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["model"], "beta");
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "beta", "beta", "beta"]);
+
+    // A model with no chain: the client gets the upstream's wait, and so does the next client,
+    // which is refused without a call upstream.
+    let reply = chat(&gw.url(CHAT), "solo", &fail).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert!((29..=30).contains(&retry_after(&reply)), "{:?}", reply.headers);
+    let reply = chat(&gw.url(CHAT), "solo", &[]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert!((25..=30).contains(&retry_after(&reply)), "{:?}", reply.headers);
+    assert_eq!(models_seen(&mock).iter().filter(|m| *m == "solo").count(), 1);
+
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, MAIN_COUNTERS),
+        json!({"total_requests": 6, "primary_requests": 0, "fallback_requests": 4,
+               "rate_limit_fallbacks": 6, "rate_limit_waits": 0})
+    );
+    assert_eq!(counters(&stats, &["upstream_429s", "cooldowns_active"]), json!({"upstream_429s": 2, "cooldowns_active": 2}));
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(&mock, "models:\n  - {name: solo}\n").await;
+    let date = http_date(unix_now() + 40);
+    let reply = chat(&gw.url(CHAT), "solo", &[("x-mock-status", "429"), ("x-mock-retry-after", &date)]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert!((35..=41).contains(&retry_after(&reply)), "{date}: {:?}", reply.headers);
+}
+
+#[tokio::test]
+async fn a_short_cooldown_ends_and_the_model_is_used_again() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(&mock, "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n").await;
+    let started = std::time::Instant::now();
+    let fail = [("x-mock-fail", "alpha=429:rate_limit_exceeded"), ("x-mock-retry-after", "1")];
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &fail).await.json()["model"], "beta");
+    within(async {
+        loop {
+            if chat(&gw.url(CHAT), "alpha", &[]).await.json()["model"] == "alpha" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Not before the `Retry-After` (a lower bound only).
+    assert!(started.elapsed() >= Duration::from_secs(1), "alpha again after {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn quota_exhaustion_cools_the_model_down_until_the_daily_reset() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n  - {name: solo}\n",
+    )
+    .await;
+    // The quota 429 says `Retry-After: 1`, but a quota does not come back in a second.
+    let fail = [("x-mock-fail", "alpha=429:insufficient_quota,solo=429:insufficient_quota"), ("x-mock-retry-after", "1")];
+    let reply = chat(&gw.url(CHAT), "alpha", &fail).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["model"], "beta");
+
+    let before = secs_to_midnight_utc();
+    let reply = chat(&gw.url(CHAT), "solo", &fail).await;
+    let after = secs_to_midnight_utc();
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    if after < before && after > 5 {
+        let retry = retry_after(&reply);
+        assert!((after..=before + 1).contains(&retry), "Retry-After {retry}, midnight in {after}..{before} s");
+    }
+
+    // Well past the `Retry-After` of 1 s, the model is still cooling down.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+    assert_eq!(reply.json()["model"], "beta");
+    let reply = chat(&gw.url(CHAT), "solo", &[]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    if secs_to_midnight_utc() > 5 {
+        assert!(retry_after(&reply) > 5, "{:?}", reply.headers);
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "solo", "beta"]);
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(counters(&stats, &["upstream_429s", "cooldowns_active"]), json!({"upstream_429s": 2, "cooldowns_active": 2}));
+}
+
+// === chains ===
+
+#[tokio::test]
+async fn an_exhausted_chain_is_an_openai_429_with_retry_after_and_the_models_tried() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, limits: {rpm: 1}, fallbacks: [beta]}\n  - {name: beta, limits: {rpm: 1}}\n",
+    )
+    .await;
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert!(reply.headers["content-type"].to_str().unwrap().starts_with("application/json"));
+    let retry = retry_after(&reply);
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    let error = &reply.json()["error"];
+    assert_eq!(error["type"], "rate_limit_error");
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("alpha") && message.contains("beta"), "{message}");
+    assert!(message.find("alpha") < message.find("beta"), "tried in chain order: {message}");
+    assert_eq!(models_seen(&mock), ["alpha", "beta"]);
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, MAIN_COUNTERS),
+        json!({"total_requests": 3, "primary_requests": 1, "fallback_requests": 1,
+               "rate_limit_fallbacks": 3, "rate_limit_waits": 0})
+    );
+    assert_eq!(stats["chains_exhausted"], 1);
+}
+
+/// 100 requests to each model with unlimited limits (`null`, `-1`, absent) all reach that model;
+/// their only fallback refuses everything, so a wrongly blocked request would be a 429.
+async fn unlimited_never_blocks(redis_yaml: &str) {
+    let mock = mock().await;
+    let yaml = format!(
+        "{redis_yaml}models:
+  - {{name: u-null, limits: {{rpm: null, tpm: null, rpd: null}}, fallbacks: [never]}}
+  - {{name: u-minus-one, limits: {{rpm: -1, tpm: -1, rpd: -1}}, fallbacks: [never]}}
+  - {{name: u-absent, fallbacks: [never]}}
+  - {{name: never, limits: {{rpm: 0, tpm: 0, rpd: 0}}}}
+"
+    );
+    let gw = TestGateway::in_front_of(&mock, &yaml).await;
+    let url = gw.url(CHAT);
+    for model in ["u-null", "u-minus-one", "u-absent"] {
+        let mut tasks = JoinSet::new();
+        for _ in 0..100 {
+            let url = url.clone();
+            // A prompt of ~1,000 tokens: tpm is exercised too.
+            tasks.spawn(async move { post_json(&url, &[], &big_body(model, 800)).await.status });
+        }
+        while let Some(status) = tasks.join_next().await {
+            assert_eq!(status.unwrap(), StatusCode::OK, "{model}");
+        }
+    }
+    let seen = models_seen(&mock);
+    assert_eq!(seen.len(), 300);
+    for model in ["u-null", "u-minus-one", "u-absent"] {
+        assert_eq!(seen.iter().filter(|m| *m == model).count(), 100, "{model}");
+    }
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, MAIN_COUNTERS),
+        json!({"total_requests": 300, "primary_requests": 300, "fallback_requests": 0,
+               "rate_limit_fallbacks": 0, "rate_limit_waits": 0})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unlimited_limits_never_block_in_memory() {
+    unlimited_never_blocks("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unlimited_limits_never_block_on_redis() {
+    let redis = RedisServer::start();
+    unlimited_never_blocks(&format!("redis: {{url: \"{}\"}}\n", redis.url())).await;
+}
+
+// === streaming ===
+
+#[tokio::test]
+async fn streaming_falls_back_before_the_first_byte() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n  - {name: gamma, limits: {rpm: 0}, fallbacks: [beta]}\n",
+    )
+    .await;
+    // The primary answers 429: the client sees only the fallback's stream.
+    let reply =
+        post_json(&gw.url(CHAT), &[("x-mock-fail", "alpha=429:rate_limit_exceeded")], &chat_body("alpha", true)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.headers["content-type"], "text/event-stream");
+    let text = reply.text();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("rate_limit_exceeded") && !text.contains("Rate limit"), "{text}");
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    assert!(chunks.len() >= 2, "{text}");
+    assert!(chunks.iter().all(|c| c["model"] == "beta"), "{text}");
+    assert_eq!(models_seen(&mock), ["alpha", "beta"]);
+
+    // A local limit: the stream comes from the fallback, and it is streamed, not buffered (the
+    // second chunk would come after ten minutes).
+    let req = request(
+        Method::POST,
+        &gw.url(CHAT),
+        &[("content-type", "application/json"), ("x-mock-chunks", "2"), ("x-mock-chunk-delay-ms", "600000")],
+        chat_body("gamma", true).to_string(),
+    );
+    let response = open(req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = within(body.frame()).await.unwrap().unwrap().into_data().unwrap();
+    let first = String::from_utf8_lossy(&first);
+    assert!(first.contains("tok0") && first.contains("\"model\":\"beta\""), "{first}");
+    drop(body);
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "beta"]);
+}
+
+// === stats ===
+
+#[tokio::test]
+async fn stats_count_a_scripted_mix() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:
+  - {name: alpha, context_window: 100000, limits: {rpm: 2}, fallbacks: [beta]}
+  - {name: beta, context_window: 100000}
+  - {name: tiny, context_window: 50, fallbacks: [beta]}
+  - {name: solo, context_window: 100000, limits: {rpm: 1}}
+",
+    )
+    .await;
+    let url = gw.url(CHAT);
+    let ok = |reply: Reply, model: &str| {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["model"], model);
+    };
+    ok(chat(&url, "alpha", &[]).await, "alpha"); // primary
+    ok(chat(&url, "alpha", &[]).await, "alpha"); // primary
+    ok(chat(&url, "alpha", &[]).await, "beta"); // rpm fallback
+    ok(chat(&url, "beta", &[]).await, "beta"); // primary
+    ok(post_json(&url, &[], &big_body("tiny", 100)).await, "beta"); // context fallback
+    ok(chat(&url, "not-in-any-catalogue", &[]).await, "not-in-any-catalogue"); // untouched
+    ok(chat(&url, "solo", &[]).await, "solo"); // primary
+    assert_eq!(chat(&url, "solo", &[]).await.status, StatusCode::TOO_MANY_REQUESTS); // rpm, no chain
+    let reply = chat(&url, "beta", &[("x-mock-fail", "beta=429:rate_limit_exceeded")]).await; // upstream 429, no chain
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(
+            &stats,
+            &[
+                "total_requests",
+                "primary_requests",
+                "fallback_requests",
+                "rate_limit_fallbacks",
+                "rate_limit_waits",
+                "context_fallbacks",
+                "upstream_429s",
+                "chains_exhausted",
+                "store_outages",
+            ]
+        ),
+        json!({
+            "total_requests": 9,
+            "primary_requests": 5,
+            "fallback_requests": 2,
+            "rate_limit_fallbacks": 3,
+            "rate_limit_waits": 0,
+            "context_fallbacks": 1,
+            "upstream_429s": 1,
+            "chains_exhausted": 2,
+            "store_outages": 0,
+        })
+    );
+    let rate = stats["fallback_rate_percent"].as_f64().unwrap();
+    assert!((rate - 200.0 / 9.0).abs() < 0.01, "{rate}");
+}
+
+// === Redis outages ===
+
+const OUTAGE_MODELS: &str = "models:
+  - {name: alpha, limits: {rpm: 4}, fallbacks: [beta]}
+  - {name: beta}
+";
+
+#[tokio::test]
+async fn redis_killed_with_fail_closed_refuses() {
+    let mock = mock().await;
+    let mut redis = RedisServer::start();
+    let yaml = format!("redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_closed}}\n{OUTAGE_MODELS}", redis.url());
+    let gw = TestGateway::in_front_of(&mock, &yaml).await;
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    redis.kill();
+    for _ in 0..2 {
+        let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+        assert!(reply.headers.contains_key("retry-after"));
+        assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+    }
+    assert_eq!(models_seen(&mock), ["alpha"], "nothing goes upstream while the budget cannot be checked");
+    let snapshot = stats(&base(&gw)).await;
+    assert!(snapshot["store_outages"].as_u64().unwrap() >= 1, "{snapshot}");
+    assert_eq!(snapshot["store_in_outage"], true, "{snapshot}");
+
+    // Redis back: requests are served again.
+    redis.restart();
+    within(async {
+        while chat(&gw.url(CHAT), "alpha", &[]).await.status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(stats(&base(&gw)).await["store_in_outage"], false);
+}
+
+#[tokio::test]
+async fn redis_killed_with_fail_open_serves_on_per_process_budgets() {
+    let mock = mock().await;
+    let mut redis = RedisServer::start();
+    // Two replicas share rpm 4: during the outage this process allows 2 a minute.
+    let yaml = format!(
+        "redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_open, replicas: 2}}\n{OUTAGE_MODELS}",
+        redis.url()
+    );
+    let gw = TestGateway::in_front_of(&mock, &yaml).await;
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    redis.kill();
+    for _ in 0..3 {
+        let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "alpha", "alpha", "beta"]);
+    let snapshot = stats(&base(&gw)).await;
+    assert_eq!(snapshot["store_outages"], 1, "one outage, however many failed calls: {snapshot}");
+    assert!(snapshot["store_errors"].as_u64().unwrap() >= 3, "{snapshot}");
+    assert_eq!(snapshot["store_in_outage"], true, "{snapshot}");
+}
+
+// === the proxy binary, several processes ===
+
+/// A `llmgate serve` child process with its own config file and log; killed on drop.
+struct ChildGateway {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl ChildGateway {
+    /// Writes `yaml` to a temporary config file, starts the binary on a free port and waits
+    /// until `GET /health` answers.
+    async fn spawn(yaml: &str) -> Self {
+        for _attempt in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let dir = std::env::temp_dir().join(format!("llmgate-fallback-it-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = dir.join("llmgate.yaml");
+            std::fs::write(&config, yaml).unwrap();
+            let log = File::create(dir.join("log")).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_llmgate"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .env_clear()
+                .env("PORT", port.to_string())
+                .env("HOST", "127.0.0.1")
+                .env("LOG_LEVEL", "warn")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("spawn llmgate");
+            let mut gateway = Self { child, port, dir };
+            if gateway.wait_healthy().await {
+                return gateway;
+            }
+            // It exited (most likely the port was taken in between): try another port.
+            eprintln!("llmgate on port {port} exited early: {}", gateway.log());
+        }
+        panic!("llmgate did not start");
+    }
+
+    /// Polls `/health` until it answers 200 (true) or the process exits (false).
+    async fn wait_healthy(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                eprintln!("llmgate exited with {status}");
+                return false;
+            }
+            let req = Request::get(self.url("/health")).body(Full::<Bytes>::default()).unwrap();
+            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), client().request(req)).await
+                && response.status() == StatusCode::OK
+            {
+                return true;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "llmgate never became healthy: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two proxy processes on one Redis (or Redis Cluster) URL: a burst of 200 requests, in four
+/// waves of 50 spread over both, gets exactly 50 answers from the upstream (rpm 50, no chain).
+async fn two_processes_share_one_budget(redis_url: &str) {
+    let mock = mock().await;
+    // `fail_closed`: a Redis error can only lower the count, never hide a budget that is not shared.
+    let yaml = format!(
+        "upstreams:\n  mock: {{url: \"{}\", mode: openai}}\nredis: {{url: \"{redis_url}\"}}
+rate_limit: {{on_redis_outage: fail_closed}}
+models:
+  - {{name: shared, limits: {{rpm: 50}}}}
+  - {{name: warmup}}
+",
+        mock.url()
+    );
+    let gateways = [ChildGateway::spawn(&yaml).await, ChildGateway::spawn(&yaml).await];
+    // Each process connects to Redis (lazily) before the burst.
+    for gw in &gateways {
+        let reply = chat(&gw.url(CHAT), "warmup", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{} / {}", reply.text(), gw.log());
+    }
+
+    let mut ok = [0usize; 2];
+    let mut refused = [0usize; 2];
+    for _wave in 0..4 {
+        let mut tasks = JoinSet::new();
+        for i in 0..50 {
+            let which = i % 2;
+            let url = gateways[which].url(CHAT);
+            tasks.spawn(async move { (which, chat(&url, "shared", &[]).await) });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (which, reply) = done.unwrap();
+            match reply.status {
+                StatusCode::OK => ok[which] += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+                    assert!(reply.headers.contains_key("retry-after"));
+                    refused[which] += 1;
+                }
+                other => panic!("unexpected {other}: {}", reply.text()),
+            }
+        }
+    }
+    assert_eq!(ok[0] + ok[1], 50, "200s per process: {ok:?}");
+    assert_eq!(refused[0] + refused[1], 150, "429s per process: {refused:?}");
+    assert!(ok[0] > 0 && ok[1] > 0, "both processes served part of the budget: {ok:?}");
+    assert_eq!(models_seen(&mock).iter().filter(|m| *m == "shared").count(), 50);
+    for gw in &gateways {
+        let snapshot = stats(&gw.url("")).await;
+        assert_eq!(snapshot["store_errors"], 0, "{snapshot}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_on_one_redis_never_exceed_rpm_50_together() {
+    let redis = RedisServer::start();
+    two_processes_share_one_budget(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_on_a_three_node_redis_cluster_never_exceed_rpm_50_together() {
+    let cluster = RedisCluster::start(3);
+    let nodes: Vec<String> =
+        cluster.urls().iter().map(|u| u.trim_start_matches("redis://").to_string()).collect();
+    two_processes_share_one_budget(&format!("redis+cluster://{}", nodes.join(","))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_a_redis_outage_once_per_outage() {
+    let mock = mock().await;
+    let mut redis = RedisServer::start();
+    let yaml = format!(
+        "upstreams:\n  mock: {{url: \"{}\", mode: openai}}\nredis: {{url: \"{}\"}}
+rate_limit: {{on_redis_outage: fail_open}}
+models:
+  - {{name: alpha, limits: {{rpm: 100}}}}
+",
+        mock.url(),
+        redis.url()
+    );
+    let gw = ChildGateway::spawn(&yaml).await;
+    let unreachable = |log: &str| log.lines().filter(|l| l.contains("rate-limit store: Redis unreachable")).count();
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    assert_eq!(unreachable(&gw.log()), 0, "{}", gw.log());
+
+    redis.kill();
+    for _ in 0..3 {
+        let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "fail_open serves: {}", reply.text());
+    }
+    let log = gw.log();
+    assert_eq!(unreachable(&log), 1, "{log}");
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("Redis unreachable")), "{log}");
+    assert_eq!(stats(&gw.url("")).await["store_outages"], 1);
+
+    // Back, then gone again: a second outage, a second warning.
+    redis.restart();
+    within(async {
+        while stats(&gw.url("")).await["store_in_outage"] == true {
+            assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(gw.log().contains("Redis reachable again"), "{}", gw.log());
+    redis.kill();
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    assert_eq!(unreachable(&gw.log()), 2, "{}", gw.log());
+    assert_eq!(stats(&gw.url("")).await["store_outages"], 2);
+}
