@@ -20,18 +20,48 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 /// Deterministic English-like text of about `bytes` bytes.
 fn prose(bytes: usize) -> String {
     const WORDS: &[&str] = &[
-        "the", "model", "request", "gateway", "context", "window", "token", "of", "and", "to",
-        "a", "in", "is", "that", "for", "routing", "fallback", "estimate", "with", "upstream",
-        "response", "stream", "latency", "budget", "provider", "larger", "smaller", "chain",
-        "catalogue", "price", "Kubernetes", "configuration", "2025", "error", "retry", "JSON",
+        "the",
+        "model",
+        "request",
+        "gateway",
+        "context",
+        "window",
+        "token",
+        "of",
+        "and",
+        "to",
+        "a",
+        "in",
+        "is",
+        "that",
+        "for",
+        "routing",
+        "fallback",
+        "estimate",
+        "with",
+        "upstream",
+        "response",
+        "stream",
+        "latency",
+        "budget",
+        "provider",
+        "larger",
+        "smaller",
+        "chain",
+        "catalogue",
+        "price",
+        "Kubernetes",
+        "configuration",
+        "2025",
+        "error",
+        "retry",
+        "JSON",
     ];
     let mut out = String::with_capacity(bytes + 16);
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut n = 0u32;
     while out.len() < bytes {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         out.push_str(WORDS[(state >> 33) as usize % WORDS.len()]);
         n += 1;
         out.push_str(match n % 17 {
@@ -58,10 +88,7 @@ fn request(model: &str, system: usize, user: usize) -> Map<String, Value> {
 }
 
 fn spec(name: &str) -> ModelSpec {
-    default_catalog()
-        .into_iter()
-        .find(|m| m.name == name)
-        .unwrap()
+    default_catalog().into_iter().find(|m| m.name == name).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -72,10 +99,7 @@ fn bench(c: &mut Criterion) {
     let small = request("gpt-4o", 1024, 3 * 1024);
     let raw = serde_json::to_vec(&small).unwrap();
     assert!((4000..4300).contains(&raw.len()), "{}", raw.len());
-    assert_eq!(
-        estimate::estimate(&small, &gpt4o).method,
-        estimate::Method::Bound
-    );
+    assert_eq!(estimate::estimate(&small, &gpt4o).method, estimate::Method::Bound);
     c.bench_function("estimate 4 KiB request, fast path (gpt-4o)", |b| {
         b.iter(|| estimate::estimate(black_box(&small), black_box(&gpt4o)))
     });
@@ -95,13 +119,10 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     // The whole layer on the small request: estimate, extensions, boxed future, parts clone.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let catalog = Arc::new(Catalog::new(default_catalog()));
-    let svc = ContextRoutingLayer::new(catalog).layer(service_fn(
-        |_req: Request<GatewayBody>| async { Ok::<_, BoxError>(Response::new(body::empty())) },
-    ));
+    let svc = ContextRoutingLayer::new(catalog)
+        .layer(service_fn(|_req: Request<GatewayBody>| async { Ok::<_, BoxError>(Response::new(body::empty())) }));
     let raw = Bytes::from(raw);
     let llm = LlmRequest::new(raw.clone(), small.clone());
     c.bench_function("layer call, 4 KiB request (gpt-4o)", |b| {
