@@ -69,7 +69,7 @@ fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Opti
     }
 }
 
-/// Loads both tokenizers now (about a tenth of a second each), so that the first large request
+/// Loads both tokenizers now (a sizeable fraction of a second), so that the first large request
 /// does not pay for it. Call it once at start-up, off the async runtime's worker threads.
 pub fn warm_up() {
     LazyLock::force(&O200K);

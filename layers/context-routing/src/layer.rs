@@ -30,7 +30,7 @@ use crate::{
 pub const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Requests whose counted text is larger than this are estimated on a blocking thread when they
-/// need a tokenizer (about a millisecond of tokenizing at this size).
+/// need a tokenizer (about 1.5 ms of tokenizing at this size: o200k reads ~40 MiB/s).
 pub const DEFAULT_OFFLOAD_THRESHOLD: u64 = 64 * 1024;
 
 // === ContextRoutingStats ===
