@@ -351,15 +351,14 @@ impl Config {
             if !names.insert(model.name.as_str()) {
                 return Err(ConfigError(format!("{}model '{}' is defined twice", at("name", &model.name), model.name)));
             }
-            if let Some(up) = &model.upstream {
-                if !upstreams.contains_key(up) {
+            if let Some(up) = &model.upstream
+                && !upstreams.contains_key(up) {
                     return Err(ConfigError(format!(
                         "{}model '{}': unknown upstream '{up}'",
                         at("upstream", up),
                         model.name
                     )));
                 }
-            }
         }
 
         let redis_url = match env("REDIS_URL") {
@@ -531,26 +530,8 @@ mod tests {
         None
     }
 
-    fn write(text: &str) -> tempfile_path::TempPath {
-        tempfile_path::TempPath::with(text)
-    }
-
-    mod tempfile_path {
-        pub struct TempPath(pub std::path::PathBuf);
-        impl TempPath {
-            pub fn with(text: &str) -> Self {
-                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let path = std::env::temp_dir().join(format!("llmgate-config-{}-{n}.yaml", std::process::id()));
-                std::fs::write(&path, text).unwrap();
-                Self(path)
-            }
-        }
-        impl Drop for TempPath {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
+    fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, Path::new("test.yaml"), env)
     }
 
     #[test]
@@ -565,7 +546,7 @@ mod tests {
 
     #[test]
     fn env_wins_over_file() {
-        let file = write("listen: \"0.0.0.0:9000\"\nrequest_timeout_secs: 10\n");
+        let text = "listen: \"0.0.0.0:9000\"\nrequest_timeout_secs: 10\n";
         let env = |k: &str| match k {
             "PORT" => Some("4100".to_string()),
             "LITELLM_URL" => Some("http://litellm:4000/".to_string()),
@@ -574,7 +555,7 @@ mod tests {
             "REDIS_PASSWORD" => Some("pw".to_string()),
             _ => None,
         };
-        let config = Config::load(Some(&file.0), &env).unwrap();
+        let config = parse(text, &env).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:4100");
         assert_eq!(&*config.default_target().base_url, "http://litellm:4000");
         assert_eq!(config.default_target().mode, UpstreamMode::LiteLlm);
@@ -584,23 +565,20 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
-        let file = write("listen: \"127.0.0.1:1\"\nupstreams:\n  a:\n    url: http://a\n    colour: red\n");
-        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        let text = "listen: \"127.0.0.1:1\"\nupstreams:\n  a:\n    url: http://a\n    colour: red\n";
+        let err = parse(text, &no_env).unwrap_err().to_string();
         assert!(err.contains("colour") && err.contains("line 5"), "{err}");
 
-        let file = write("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n");
-        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        let err = parse("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n", &no_env).unwrap_err().to_string();
         assert!(err.contains("default_upstream 'b'") && err.contains("line 3"), "{err}");
 
-        let file = write("models:\n  - name: m\n    limits: {rpm: -5}\n");
-        let err = Config::load(Some(&file.0), &no_env).unwrap_err().to_string();
+        let err = parse("models:\n  - name: m\n    limits: {rpm: -5}\n", &no_env).unwrap_err().to_string();
         assert!(err.contains("invalid limit -5") && err.contains("line 3"), "{err}");
     }
 
     #[test]
     fn full_example_parses() {
-        let file = write(
-            r#"
+        let text = r#"
 listen: "127.0.0.1:4000"
 request_timeout_secs: 60
 upstreams:
@@ -621,10 +599,9 @@ langfuse: {host: "https://cloud.langfuse.com", secrets_path: secrets.yaml, api: 
 encoded_base_url: {allow: ["https://api.fireworks.ai/inference/v1"]}
 auth: {api_keys: ["k1"]}
 rate_limit: {max_wait_seconds: 2}
-"#,
-        );
+"#;
         let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-x".to_string());
-        let config = Config::load(Some(&file.0), &env).unwrap();
+        let config = parse(text, &env).unwrap();
         assert_eq!(config.default_upstream, "litellm");
         assert_eq!(config.upstreams["openai"].api_key.as_ref().unwrap().expose(), "sk-x");
         assert_eq!(config.models[0].limits.rpm, Some(500));

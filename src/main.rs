@@ -97,6 +97,8 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             let config = load(config)?;
             init_logging(&config.log_filter);
             let listen = config.listen;
+            // Load the tokenizers before the first request, off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(llmgate_context_routing::warm_up).await;
             let gateway = Gateway::from_config(config).await?;
             let listener =
                 llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;

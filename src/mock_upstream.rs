@@ -186,7 +186,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Ga
     if let Some(response) = injected_failure(
         headers,
         &model,
-        state.options.rate_limit_every.is_some_and(|every| every > 0 && n % every == 0),
+        state.options.rate_limit_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)),
     ) {
         return Ok(response);
     }
@@ -318,8 +318,8 @@ fn stream(
         let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     let mut response = Response::new(body::boxed(channel));
-    response.headers_mut().insert(header::CONTENT_TYPE, "text/event-stream".parse().expect("static header"));
-    response.headers_mut().insert(header::CACHE_CONTROL, "no-cache".parse().expect("static header"));
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    response.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
     response
 }
 

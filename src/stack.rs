@@ -79,8 +79,11 @@ impl Background {
     }
 }
 
+/// The insertion-id store and the rate store.
+type Stores = (Arc<dyn InsertionStore>, Arc<dyn RateStore>);
+
 /// The stores: Redis (one shared connection) when configured, else in memory.
-fn stores(config: &Config) -> Result<(Arc<dyn InsertionStore>, Arc<dyn RateStore>), BoxError> {
+fn stores(config: &Config) -> Result<Stores, BoxError> {
     let ttl = config.insertion_ttl;
     let prefix = config.insertion_prefix.clone();
     let Some(url) = &config.redis_url else {
