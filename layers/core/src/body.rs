@@ -15,9 +15,7 @@ pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 /// An empty body.
@@ -35,15 +33,9 @@ where
 }
 
 /// A JSON response with the given status.
-pub fn json_response(
-    status: http::StatusCode,
-    value: &serde_json::Value,
-) -> http::Response<GatewayBody> {
+pub fn json_response(status: http::StatusCode, value: &serde_json::Value) -> http::Response<GatewayBody> {
     let mut response = http::Response::new(full(value.to_string()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     response
 }

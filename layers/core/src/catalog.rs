@@ -55,9 +55,9 @@ fn limit<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::E
     match Option::<i64>::deserialize(deserializer)? {
         None | Some(-1) => Ok(None),
         Some(n) if n >= 0 => Ok(Some(n as u64)),
-        Some(n) => Err(serde::de::Error::custom(format!(
-            "invalid limit {n}: use a count, or null or -1 for unlimited"
-        ))),
+        Some(n) => {
+            Err(serde::de::Error::custom(format!("invalid limit {n}: use a count, or null or -1 for unlimited")))
+        }
     }
 }
 
@@ -87,11 +87,7 @@ impl Pricing {
     pub fn cost(&self, input: u64, output: u64) -> Cost {
         let input = input as f64 / 1e6 * self.input_per_1m;
         let output = output as f64 / 1e6 * self.output_per_1m;
-        Cost {
-            input,
-            output,
-            total: input + output,
-        }
+        Cost { input, output, total: input + output }
     }
 }
 
@@ -144,25 +140,14 @@ mod tests {
 
     #[test]
     fn cost_matches_the_guides_example() {
-        let cost = Pricing {
-            input_per_1m: 0.15,
-            output_per_1m: 0.6,
-        }
-        .cost(1000, 500);
+        let cost = Pricing { input_per_1m: 0.15, output_per_1m: 0.6 }.cost(1000, 500);
         assert!((cost.total - 0.00045).abs() < 1e-12);
     }
 
     #[test]
     fn minus_one_and_null_are_unlimited() {
         let limits: Limits = serde_json::from_str(r#"{"rpm": -1, "tpm": null, "rpd": 5}"#).unwrap();
-        assert_eq!(
-            limits,
-            Limits {
-                rpm: None,
-                tpm: None,
-                rpd: Some(5)
-            }
-        );
+        assert_eq!(limits, Limits { rpm: None, tpm: None, rpd: Some(5) });
         assert!(serde_json::from_str::<Limits>(r#"{"rpm": -2}"#).is_err());
     }
 }

@@ -129,19 +129,12 @@ impl GatewayError {
         let mut response = json_response(self.status(), &body);
         match self {
             Self::MethodNotAllowed { allow } => {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            Self::RateLimited {
-                retry_after: Some(after),
-                ..
-            } => {
+            Self::RateLimited { retry_after: Some(after), .. } => {
                 // Round up: a client that waits the advertised time must find budget.
                 let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }
@@ -173,27 +166,17 @@ impl fmt::Display for GatewayError {
             Self::PayloadTooLarge { limit: Some(limit) } => {
                 write!(f, "Request body is larger than the limit of {limit} bytes")
             }
-            Self::PayloadTooLarge { limit: None } => {
-                f.write_str("Request body is larger than the configured limit")
-            }
+            Self::PayloadTooLarge { limit: None } => f.write_str("Request body is larger than the configured limit"),
             Self::MethodNotAllowed { allow } => {
                 write!(f, "Method not allowed on this route; allowed: {allow}")
             }
-            Self::ContextLengthExceeded {
-                estimate,
-                max,
-                model,
-            } => write!(
+            Self::ContextLengthExceeded { estimate, max, model } => write!(
                 f,
                 "The request needs about {estimate} tokens, more than the context window of \
                  '{model}' and of every model that could take it (the largest available holds {max})"
             ),
             Self::RateLimited { retry_after, tried } => {
-                write!(
-                    f,
-                    "All models are rate limited; tried: {}",
-                    tried.join(", ")
-                )?;
+                write!(f, "All models are rate limited; tried: {}", tried.join(", "))?;
                 if let Some(after) = retry_after {
                     write!(f, "; retry after {:.1} s", after.as_secs_f64())?;
                 }
@@ -201,18 +184,11 @@ impl fmt::Display for GatewayError {
             }
             Self::UpstreamUnavailable(m) => write!(f, "Upstream unavailable: {m}"),
             Self::UpstreamTimeout(Some(after)) => {
-                write!(
-                    f,
-                    "Upstream did not answer within {} s",
-                    after.as_secs_f64()
-                )
+                write!(f, "Upstream did not answer within {} s", after.as_secs_f64())
             }
             Self::UpstreamTimeout(None) => f.write_str("Upstream did not answer in time"),
             Self::MissingContext(what) => {
-                write!(
-                    f,
-                    "Internal error: the stack is missing the '{what}' context"
-                )
+                write!(f, "Internal error: the stack is missing the '{what}' context")
             }
         }
     }
@@ -239,10 +215,7 @@ mod tests {
             }
         }
         let err: BoxError = Box::new(Wrapper(GatewayError::NotFound("x".into())));
-        assert_eq!(
-            GatewayError::find(&*err),
-            Some(&GatewayError::NotFound("x".into()))
-        );
+        assert_eq!(GatewayError::find(&*err), Some(&GatewayError::NotFound("x".into())));
     }
 
     #[test]

@@ -136,11 +136,7 @@ impl LlmRequest {
 
     /// Whether the client asked for a stream.
     pub fn is_stream(&self) -> bool {
-        self.0
-            .json
-            .get("stream")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.0.json.get("stream").and_then(Value::as_bool).unwrap_or(false)
     }
 
     /// The client's own `metadata.tags` (strings only).
@@ -234,21 +230,14 @@ impl BodyEdits {
     }
 
     fn put(&mut self, key: &'static str, value: Option<Value>, scope: EditScope) {
-        match self
-            .edits
-            .iter_mut()
-            .find(|e| e.key == key && e.scope == scope)
-        {
+        match self.edits.iter_mut().find(|e| e.key == key && e.scope == scope) {
             Some(edit) => edit.value = value,
             None => self.edits.push(BodyEdit { key, value, scope }),
         }
     }
 
     /// The edits that apply to `mode`, later ones winning; `None` as value means remove.
-    pub fn for_mode(
-        &self,
-        mode: UpstreamMode,
-    ) -> impl Iterator<Item = (&'static str, Option<&Value>)> {
+    pub fn for_mode(&self, mode: UpstreamMode) -> impl Iterator<Item = (&'static str, Option<&Value>)> {
         self.edits
             .iter()
             .filter(move |e| e.scope == EditScope::Always || e.scope == EditScope::Mode(mode))

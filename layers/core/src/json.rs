@@ -68,9 +68,7 @@ pub struct DecodeJsonLayer {
 impl DecodeJsonLayer {
     /// A decoder with the default limit of 32 MiB.
     pub const fn new() -> Self {
-        Self {
-            limit: DEFAULT_BODY_LIMIT,
-        }
+        Self { limit: DEFAULT_BODY_LIMIT }
     }
 
     /// Sets the body limit in bytes.
@@ -90,10 +88,7 @@ impl<S> Layer<S> for DecodeJsonLayer {
     type Service = DecodeJson<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        DecodeJson {
-            inner,
-            limit: self.limit,
-        }
+        DecodeJson { inner, limit: self.limit }
     }
 }
 
@@ -106,10 +101,7 @@ pub struct DecodeJson<S> {
 
 impl<S, F, B, ResBody> Service<Request<B>> for DecodeJson<S>
 where
-    S: Service<Request<GatewayBody>, Response = Response<ResBody>, Future = F>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<GatewayBody>, Response = Response<ResBody>, Future = F> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     // Naming the future (rather than bounding `S::Future`) sidesteps a higher-ranked `Send`
     // inference limitation of async blocks.
@@ -137,10 +129,7 @@ where
             checked?;
             let (raw, json) = read_json(body, limit).await?;
             parts.extensions.insert(LlmRequest::new(raw.clone(), json));
-            ready
-                .call(Request::from_parts(parts, body::full(raw)))
-                .await
-                .map_err(Into::into)
+            ready.call(Request::from_parts(parts, body::full(raw))).await.map_err(Into::into)
         })
     }
 }
@@ -152,14 +141,11 @@ pub fn check_headers(headers: &http::HeaderMap, limit: usize) -> Result<(), Gate
         && encoding.as_bytes() != b"identity"
     {
         return Err(GatewayError::UnsupportedMediaType(
-                "Compressed request bodies are not supported on chat routes; send the JSON body uncompressed"
-                    .into(),
-            ));
+            "Compressed request bodies are not supported on chat routes; send the JSON body uncompressed".into(),
+        ));
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit: Some(limit) });
     }
@@ -168,10 +154,7 @@ pub fn check_headers(headers: &http::HeaderMap, limit: usize) -> Result<(), Gate
 
 /// Reads and parses a chat body: 413 past `limit`, 400 for anything that is not a JSON object
 /// with sensible `model` and `messages`.
-pub async fn read_json<B>(
-    body: B,
-    limit: usize,
-) -> Result<(Bytes, Map<String, Value>), GatewayError>
+pub async fn read_json<B>(body: B, limit: usize) -> Result<(Bytes, Map<String, Value>), GatewayError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -182,9 +165,7 @@ where
             return Err(GatewayError::PayloadTooLarge { limit: Some(limit) });
         }
         Err(error) => {
-            return Err(GatewayError::bad_request(format!(
-                "Could not read the request body: {error}"
-            )));
+            return Err(GatewayError::bad_request(format!("Could not read the request body: {error}")));
         }
     };
     Ok((raw.clone(), parse_chat_body(&raw)?))
@@ -193,21 +174,15 @@ where
 /// Parses a chat body into a JSON object and checks the fields every layer relies on.
 pub fn parse_chat_body(raw: &[u8]) -> Result<Map<String, Value>, GatewayError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
-        return Err(GatewayError::bad_request(
-            "Request body is empty; expected a JSON object",
-        ));
+        return Err(GatewayError::bad_request("Request body is empty; expected a JSON object"));
     }
     let json = match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(map)) => map,
         Ok(_) => {
-            return Err(GatewayError::bad_request(
-                "Request body must be a JSON object",
-            ));
+            return Err(GatewayError::bad_request("Request body must be a JSON object"));
         }
         Err(error) => {
-            return Err(GatewayError::bad_request(format!(
-                "Invalid JSON in request body: {error}"
-            )));
+            return Err(GatewayError::bad_request(format!("Invalid JSON in request body: {error}")));
         }
     };
     if json.get("model").is_some_and(|m| !m.is_string()) {
@@ -238,9 +213,7 @@ pub struct EncodeJsonLayer {
 impl EncodeJsonLayer {
     /// An encoder that assumes `openai` mode when no [`UpstreamTarget`] says otherwise.
     pub const fn new() -> Self {
-        Self {
-            default_mode: UpstreamMode::OpenAi,
-        }
+        Self { default_mode: UpstreamMode::OpenAi }
     }
 
     /// The mode assumed when the request carries no [`UpstreamTarget`].
@@ -254,10 +227,7 @@ impl<S> Layer<S> for EncodeJsonLayer {
     type Service = EncodeJson<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        EncodeJson {
-            inner,
-            default_mode: self.default_mode,
-        }
+        EncodeJson { inner, default_mode: self.default_mode }
     }
 }
 
@@ -286,49 +256,29 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let Some(request) = parts.extensions.get::<LlmRequest>() else {
-            return self
-                .inner
-                .call(Request::from_parts(parts, body::boxed(body)));
+            return self.inner.call(Request::from_parts(parts, body::boxed(body)));
         };
-        let mode = parts
-            .extensions
-            .get::<UpstreamTarget>()
-            .map_or(self.default_mode, |t| t.mode);
+        let mode = parts.extensions.get::<UpstreamTarget>().map_or(self.default_mode, |t| t.mode);
         let bytes = encode(request, parts.extensions.get::<BodyEdits>(), mode);
         drop(body);
         parts.headers.remove(header::TRANSFER_ENCODING);
         parts.headers.remove(header::CONTENT_ENCODING);
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        parts.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        self.inner
-            .call(Request::from_parts(parts, body::full(bytes)))
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        self.inner.call(Request::from_parts(parts, body::full(bytes)))
     }
 }
 
 /// The body of one attempt: the client's bytes when nothing applies to `mode`, else one
 /// serialisation of the parsed body with the edits applied.
 pub fn encode(request: &LlmRequest, edits: Option<&BodyEdits>, mode: UpstreamMode) -> Bytes {
-    let strip_tags = mode == UpstreamMode::OpenAi
-        && request
-            .json()
-            .get("metadata")
-            .and_then(|m| m.get("tags"))
-            .is_some();
+    let strip_tags =
+        mode == UpstreamMode::OpenAi && request.json().get("metadata").and_then(|m| m.get("tags")).is_some();
     let has_edits = edits.is_some_and(|e| e.any_for(mode));
     if !strip_tags && !has_edits {
         return request.raw().clone();
     }
-    let edited = Edited {
-        json: request.json(),
-        edits,
-        mode,
-        strip_tags,
-    };
+    let edited = Edited { json: request.json(), edits, mode, strip_tags };
     let mut out = Vec::with_capacity(request.raw().len() + 256);
     match serde_json::to_writer(&mut out, &edited) {
         Ok(()) => Bytes::from(out),
@@ -348,11 +298,7 @@ struct Edited<'a> {
 impl Edited<'_> {
     /// The last edit of `key` for this mode: `Some(None)` removes the key.
     fn edit(&self, key: &str) -> Option<Option<&Value>> {
-        self.edits?
-            .for_mode(self.mode)
-            .filter(|(k, _)| *k == key)
-            .last()
-            .map(|(_, v)| v)
+        self.edits?.for_mode(self.mode).filter(|(k, _)| *k == key).last().map(|(_, v)| v)
     }
 }
 
@@ -365,11 +311,8 @@ impl Serialize for Edited<'_> {
                 Some(None) => {}
                 None if self.strip_tags && key == "metadata" => {
                     if let Some(object) = value.as_object() {
-                        let rest: Map<String, Value> = object
-                            .iter()
-                            .filter(|(k, _)| *k != "tags")
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
+                        let rest: Map<String, Value> =
+                            object.iter().filter(|(k, _)| *k != "tags").map(|(k, v)| (k.clone(), v.clone())).collect();
                         if !rest.is_empty() {
                             map.serialize_entry(key, &rest)?;
                         }
@@ -401,10 +344,7 @@ mod tests {
     use crate::ext::EditScope;
 
     fn request(raw: &'static str) -> LlmRequest {
-        LlmRequest::new(
-            Bytes::from_static(raw.as_bytes()),
-            parse_chat_body(raw.as_bytes()).unwrap(),
-        )
+        LlmRequest::new(Bytes::from_static(raw.as_bytes()), parse_chat_body(raw.as_bytes()).unwrap())
     }
 
     #[test]
@@ -418,19 +358,12 @@ mod tests {
         let req = request(r#"{"model":"a","metadata":{"tags":["t"],"k":"v"},"x":1}"#);
         let mut edits = BodyEdits::default();
         edits.set("model", "b".into(), EditScope::Always);
-        edits.set(
-            "langfuse_host",
-            "h".into(),
-            EditScope::Mode(UpstreamMode::LiteLlm),
-        );
+        edits.set("langfuse_host", "h".into(), EditScope::Mode(UpstreamMode::LiteLlm));
         edits.remove("x", EditScope::Mode(UpstreamMode::LiteLlm));
         let openai = encode(&req, Some(&edits), UpstreamMode::OpenAi);
         assert_eq!(openai, r#"{"model":"b","metadata":{"k":"v"},"x":1}"#);
         let litellm = encode(&req, Some(&edits), UpstreamMode::LiteLlm);
-        assert_eq!(
-            litellm,
-            r#"{"model":"b","metadata":{"tags":["t"],"k":"v"},"langfuse_host":"h"}"#
-        );
+        assert_eq!(litellm, r#"{"model":"b","metadata":{"tags":["t"],"k":"v"},"langfuse_host":"h"}"#);
     }
 
     #[test]
@@ -441,15 +374,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        for bad in [
-            "",
-            "  ",
-            "[1]",
-            "{",
-            r#"{"model":1}"#,
-            r#"{"messages":{}}"#,
-            r#"{"metadata":{"tags":"x"}}"#,
-        ] {
+        for bad in ["", "  ", "[1]", "{", r#"{"model":1}"#, r#"{"messages":{}}"#, r#"{"metadata":{"tags":"x"}}"#] {
             assert!(parse_chat_body(bad.as_bytes()).is_err(), "{bad}");
         }
         let deep = "[".repeat(200) + &"]".repeat(200);

@@ -52,6 +52,7 @@ pub mod body;
 pub mod catalog;
 pub mod error;
 pub mod ext;
+pub mod future;
 pub mod json;
 pub mod rescue;
 pub mod usage;

@@ -78,10 +78,7 @@ impl<S> Layer<S> for RescueLayer {
     type Service = Rescue<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Rescue {
-            inner,
-            not_ready: None,
-        }
+        Rescue { inner, not_ready: None }
     }
 }
 
@@ -97,10 +94,7 @@ pub struct Rescue<S> {
 
 impl<S: Clone> Clone for Rescue<S> {
     fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            not_ready: None,
-        }
+        Self { inner: self.inner.clone(), not_ready: None }
     }
 }
 
@@ -127,12 +121,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         match self.not_ready.take() {
-            Some(error) => RescueFuture::Failed {
-                response: Some(error_response(&error)),
-            },
-            None => RescueFuture::Inner {
-                inner: self.inner.call(req),
-            },
+            Some(error) => RescueFuture::Failed { response: Some(error_response(&error)) },
+            None => RescueFuture::Inner { inner: self.inner.call(req) },
         }
     }
 }

@@ -69,10 +69,7 @@ impl Usage {
     /// (`input_tokens`/`output_tokens`) usage object.
     pub fn from_json(usage: &Value) -> Option<Usage> {
         let object = usage.as_object()?;
-        let count = |keys: &[&str]| {
-            keys.iter()
-                .find_map(|k| object.get(*k).and_then(Value::as_u64))
-        };
+        let count = |keys: &[&str]| keys.iter().find_map(|k| object.get(*k).and_then(Value::as_u64));
         let input = count(&["prompt_tokens", "input_tokens"]);
         let output = count(&["completion_tokens", "output_tokens"]);
         if input.is_none() && output.is_none() {
@@ -80,28 +77,14 @@ impl Usage {
         }
         let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
         let total = count(&["total_tokens"]).unwrap_or(input + output);
-        Some(Usage {
-            input,
-            output,
-            total,
-        })
+        Some(Usage { input, output, total })
     }
 
     /// Merges a later usage report into this one: known counts win.
     fn merge(self, later: Usage, later_has_input: bool) -> Usage {
-        let input = if later_has_input {
-            later.input
-        } else {
-            self.input
-        };
-        let output = later
-            .output
-            .max(if later_has_input { 0 } else { self.output });
-        Usage {
-            input,
-            output,
-            total: later.total.max(input + output),
-        }
+        let input = if later_has_input { later.input } else { self.input };
+        let output = later.output.max(if later_has_input { 0 } else { self.output });
+        Usage { input, output, total: later.total.max(input + output) }
     }
 }
 
@@ -196,17 +179,12 @@ impl SseScanner {
         let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
             return;
         };
-        let usage = chunk
-            .get("usage")
-            .or_else(|| chunk.get("message").and_then(|m| m.get("usage")));
+        let usage = chunk.get("usage").or_else(|| chunk.get("message").and_then(|m| m.get("usage")));
         let Some(usage) = usage else { return };
         let Some(found) = Usage::from_json(usage) else {
             return;
         };
-        let has_input = usage
-            .get("prompt_tokens")
-            .or_else(|| usage.get("input_tokens"))
-            .is_some();
+        let has_input = usage.get("prompt_tokens").or_else(|| usage.get("input_tokens")).is_some();
         self.usage = Some(match self.usage {
             Some(earlier) => earlier.merge(found, has_input),
             None => found,
@@ -219,8 +197,7 @@ impl SseScanner {
 fn usage_object_follows(data: &[u8]) -> bool {
     memchr::memmem::find_iter(data, b"\"usage\"").any(|at| {
         let rest = data[at + 7..].trim_ascii_start();
-        rest.strip_prefix(b":")
-            .is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
+        rest.strip_prefix(b":").is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
     })
 }
 
@@ -279,9 +256,7 @@ impl fmt::Debug for UsageOutcome {
 
 impl UsageOutcome {
     fn new() -> Self {
-        Self {
-            state: Arc::new(Mutex::new(State::Pending(Vec::new()))),
-        }
+        Self { state: Arc::new(Mutex::new(State::Pending(Vec::new()))) }
     }
 
     /// Calls `f` once with the outcome: now if it is known, else when it fires. `f` runs on the
@@ -336,20 +311,13 @@ pub fn tap(response: &mut Response<GatewayBody>, capture: usize) -> UsageOutcome
     if let Some(existing) = response.extensions().get::<UsageOutcome>() {
         return existing.clone();
     }
-    let content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.as_bytes());
+    let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes());
     let kind = match content_type {
         Some(ct) if ct.starts_with(b"text/event-stream") => Kind::Sse(SseScanner::default()),
         Some(ct) if memchr::memmem::find(ct, b"json").is_some() => Kind::Json,
         _ => Kind::Other,
     };
-    let capture = if matches!(kind, Kind::Json) {
-        capture.max(JSON_USAGE_LIMIT)
-    } else {
-        capture
-    };
+    let capture = if matches!(kind, Kind::Json) { capture.max(JSON_USAGE_LIMIT) } else { capture };
     let outcome = UsageOutcome::new();
     let body = std::mem::replace(response.body_mut(), crate::body::empty());
     let tapped = UsageTap::new(body, kind, capture, outcome.clone());
@@ -405,14 +373,7 @@ impl<B: Body<Data = Bytes>> UsageTap<B> {
             outcome: Some(outcome),
         };
         if empty && let Some(outcome) = tap.outcome.take() {
-            outcome.fire(report(
-                &mut tap.kind,
-                &mut tap.captured,
-                false,
-                0,
-                None,
-                StreamEnd::Complete,
-            ));
+            outcome.fire(report(&mut tap.kind, &mut tap.captured, false, 0, None, StreamEnd::Complete));
         }
         tap
     }
@@ -471,10 +432,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let polled = match this.inner.as_mut().poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
@@ -494,8 +452,7 @@ where
                     if data.len() > room {
                         *this.truncated = true;
                     }
-                    this.captured
-                        .extend_from_slice(&data[..data.len().min(room)]);
+                    this.captured.extend_from_slice(&data[..data.len().min(room)]);
                 }
                 this.inner.is_end_stream().then_some(StreamEnd::Complete)
             }
@@ -503,14 +460,7 @@ where
         if let Some(end) = end
             && let Some(outcome) = this.outcome.take()
         {
-            outcome.fire(report(
-                this.kind,
-                this.captured,
-                *this.truncated,
-                *this.bytes,
-                *this.first_frame_at,
-                end,
-            ));
+            outcome.fire(report(this.kind, this.captured, *this.truncated, *this.bytes, *this.first_frame_at, end));
         }
         Poll::Ready(polled)
     }
@@ -537,23 +487,13 @@ mod tests {
         scanner
     }
 
-    const FINAL: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n";
+    const FINAL: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n";
 
     #[test]
     fn finds_usage_in_final_chunk() {
-        let s = scan(&[
-            "data: {\"choices\":[{}],\"usage\":null}\n\n",
-            FINAL,
-            "data: [DONE]\n\n",
-        ]);
-        assert_eq!(
-            s.usage(),
-            Some(Usage {
-                input: 5,
-                output: 7,
-                total: 12
-            })
-        );
+        let s = scan(&["data: {\"choices\":[{}],\"usage\":null}\n\n", FINAL, "data: [DONE]\n\n"]);
+        assert_eq!(s.usage(), Some(Usage { input: 5, output: 7, total: 12 }));
         assert!(s.saw_done());
     }
 
@@ -571,14 +511,7 @@ mod tests {
             "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n",
             "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n",
         ]);
-        assert_eq!(
-            s.usage(),
-            Some(Usage {
-                input: 9,
-                output: 15,
-                total: 24
-            })
-        );
+        assert_eq!(s.usage(), Some(Usage { input: 9, output: 15, total: 24 }));
     }
 
     #[test]

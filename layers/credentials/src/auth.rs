@@ -14,8 +14,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// The future an [`AuthProvider`] returns.
-pub type AuthFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Option<AccountInfo>, GatewayError>> + Send + 'a>>;
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<AccountInfo>, GatewayError>> + Send + 'a>>;
 
 /// Decides whether a request may proceed, and who sent it.
 ///
@@ -60,11 +59,7 @@ impl StaticApiKeys {
         I: IntoIterator<Item = K>,
         K: AsRef<str>,
     {
-        Self::with_accounts(
-            keys.into_iter()
-                .enumerate()
-                .map(|(i, key)| (format!("api-key-{}", i + 1), key)),
-        )
+        Self::with_accounts(keys.into_iter().enumerate().map(|(i, key)| (format!("api-key-{}", i + 1), key)))
     }
 
     /// The given `(account_id, key)` pairs. Empty keys are ignored.
@@ -77,14 +72,7 @@ impl StaticApiKeys {
         let keys = keys
             .into_iter()
             .filter(|(_, key)| !key.as_ref().trim().is_empty())
-            .map(|(account, key)| {
-                (
-                    AccountInfo {
-                        account_id: account.into(),
-                    },
-                    key.as_ref().trim().as_bytes().into(),
-                )
-            })
+            .map(|(account, key)| (AccountInfo { account_id: account.into() }, key.as_ref().trim().as_bytes().into()))
             .collect();
         Self { keys }
     }
@@ -102,9 +90,7 @@ impl StaticApiKeys {
     /// The account of `headers`' bearer token, or 401.
     pub fn check(&self, headers: &HeaderMap) -> Result<AccountInfo, GatewayError> {
         let Some(presented) = bearer_token(headers) else {
-            return Err(GatewayError::Unauthorized(
-                "Missing API key: send it as 'Authorization: Bearer <key>'".into(),
-            ));
+            return Err(GatewayError::Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'".into()));
         };
         let mut found: Option<usize> = None;
         let mut matched_any = 0u8;
@@ -132,9 +118,7 @@ impl AuthProvider for StaticApiKeys {
 
 impl fmt::Debug for StaticApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticApiKeys")
-            .field("keys", &self.keys.len())
-            .finish_non_exhaustive()
+        f.debug_struct("StaticApiKeys").field("keys", &self.keys.len()).finish_non_exhaustive()
     }
 }
 
@@ -224,10 +208,7 @@ impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Auth {
-            inner,
-            provider: self.provider.clone(),
-        }
+        Auth { inner, provider: self.provider.clone() }
     }
 }
 
@@ -258,9 +239,7 @@ where
     S: fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Auth")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
+        f.debug_struct("Auth").field("inner", &self.inner).finish_non_exhaustive()
     }
 }
 
@@ -291,10 +270,7 @@ where
             if let Some(account) = account {
                 parts.extensions.insert(account);
             }
-            ready
-                .call(Request::from_parts(parts, body))
-                .await
-                .map_err(Into::into)
+            ready.call(Request::from_parts(parts, body)).await.map_err(Into::into)
         })
     }
 }
@@ -319,20 +295,8 @@ mod tests {
 
     #[test]
     fn constant_time_eq_is_eq() {
-        for (a, b) in [
-            ("", ""),
-            ("a", "a"),
-            ("abc", "abc"),
-            ("abc", "abd"),
-            ("abc", "ab"),
-            ("ab", "abc"),
-            ("", "a"),
-        ] {
-            assert_eq!(
-                constant_time_eq(a.as_bytes(), b.as_bytes()) == 1,
-                a == b,
-                "{a} {b}"
-            );
+        for (a, b) in [("", ""), ("a", "a"), ("abc", "abc"), ("abc", "abd"), ("abc", "ab"), ("ab", "abc"), ("", "a")] {
+            assert_eq!(constant_time_eq(a.as_bytes(), b.as_bytes()) == 1, a == b, "{a} {b}");
         }
         // A presented key that is the configured key's prefix padded with its complement.
         assert_eq!(constant_time_eq(&[0x00], &[0x00, 0xff]), 0);
@@ -350,25 +314,11 @@ mod tests {
 
     #[test]
     fn static_keys() {
-        let keys = StaticApiKeys::with_accounts([
-            ("alice", "sk-alice"),
-            ("bob", "sk-bob"),
-            ("dup", "sk-bob"),
-            ("empty", " "),
-        ]);
+        let keys =
+            StaticApiKeys::with_accounts([("alice", "sk-alice"), ("bob", "sk-bob"), ("dup", "sk-bob"), ("empty", " ")]);
         assert_eq!(keys.len(), 3);
-        assert_eq!(
-            keys.check(&headers(Some("Bearer sk-alice")))
-                .unwrap()
-                .account_id,
-            "alice"
-        );
-        assert_eq!(
-            keys.check(&headers(Some("Bearer sk-bob")))
-                .unwrap()
-                .account_id,
-            "bob"
-        );
+        assert_eq!(keys.check(&headers(Some("Bearer sk-alice"))).unwrap().account_id, "alice");
+        assert_eq!(keys.check(&headers(Some("Bearer sk-bob"))).unwrap().account_id, "bob");
         for bad in [
             None,
             Some("Bearer sk-ali"),
@@ -382,31 +332,14 @@ mod tests {
             assert!(!error.to_string().contains("sk-"), "{error}");
         }
         let numbered = StaticApiKeys::new(["k1", "k2"]);
-        assert_eq!(
-            numbered
-                .check(&headers(Some("Bearer k2")))
-                .unwrap()
-                .account_id,
-            "api-key-2"
-        );
-        assert!(
-            StaticApiKeys::new(Vec::<String>::new())
-                .check(&headers(Some("Bearer ")))
-                .is_err()
-        );
+        assert_eq!(numbered.check(&headers(Some("Bearer k2"))).unwrap().account_id, "api-key-2");
+        assert!(StaticApiKeys::new(Vec::<String>::new()).check(&headers(Some("Bearer "))).is_err());
         assert!(!format!("{keys:?}").contains("sk-"));
     }
 
-    async fn call(
-        layer: AuthLayer,
-        authorization: Option<&str>,
-    ) -> Result<(StatusCode, String), BoxError> {
+    async fn call(layer: AuthLayer, authorization: Option<&str>) -> Result<(StatusCode, String), BoxError> {
         let svc = layer.layer(service_fn(|req: Request<()>| async move {
-            let account = req
-                .extensions()
-                .get::<AccountInfo>()
-                .map(|a| a.account_id.clone())
-                .unwrap_or_default();
+            let account = req.extensions().get::<AccountInfo>().map(|a| a.account_id.clone()).unwrap_or_default();
             Ok::<_, Infallible>(Response::new(account))
         }));
         let mut builder = Request::post("/chat/completions");
@@ -419,23 +352,15 @@ mod tests {
 
     #[tokio::test]
     async fn layer_admits_and_refuses() {
-        let keys = AuthLayer::new(Arc::new(StaticApiKeys::with_accounts([(
-            "alice", "sk-alice",
-        )])));
-        assert_eq!(
-            call(keys.clone(), Some("Bearer sk-alice")).await.unwrap(),
-            (StatusCode::OK, "alice".into())
-        );
+        let keys = AuthLayer::new(Arc::new(StaticApiKeys::with_accounts([("alice", "sk-alice")])));
+        assert_eq!(call(keys.clone(), Some("Bearer sk-alice")).await.unwrap(), (StatusCode::OK, "alice".into()));
         for bad in [None, Some("Bearer nope")] {
             let error = call(keys.clone(), bad).await.unwrap_err();
             let error = GatewayError::find(&*error).unwrap();
             assert!(matches!(error, GatewayError::Unauthorized(_)));
             assert_eq!(error.to_response().status(), StatusCode::UNAUTHORIZED);
         }
-        assert_eq!(
-            call(AuthLayer::default(), None).await.unwrap(),
-            (StatusCode::OK, String::new())
-        );
+        assert_eq!(call(AuthLayer::default(), None).await.unwrap(), (StatusCode::OK, String::new()));
     }
 
     #[tokio::test]
@@ -446,21 +371,13 @@ mod tests {
                 Box::pin(async move {
                     tokio::task::yield_now().await;
                     if request.uri.path() == "/chat/completions" {
-                        Ok(Some(AccountInfo {
-                            account_id: "by-path".into(),
-                        }))
+                        Ok(Some(AccountInfo { account_id: "by-path".into() }))
                     } else {
                         Err(GatewayError::Unauthorized("no".into()))
                     }
                 })
             }
         }
-        assert_eq!(
-            call(AuthLayer::new(Arc::new(ByPath)), None)
-                .await
-                .unwrap()
-                .1,
-            "by-path"
-        );
+        assert_eq!(call(AuthLayer::new(Arc::new(ByPath)), None).await.unwrap().1, "by-path");
     }
 }

@@ -39,20 +39,17 @@ const URL_SAFE_ANY_PADDING: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-const HOW_TO_ALLOW: &str = "add its URL prefix (e.g. https://api.fireworks.ai/inference/v1) to encoded_base_url.allow in the config";
+const HOW_TO_ALLOW: &str =
+    "add its URL prefix (e.g. https://api.fireworks.ai/inference/v1) to encoded_base_url.allow in the config";
 
 /// Decodes an `encoded_base_url` segment: URL-safe base64, padded or not, strict alphabet,
 /// UTF-8. Failures are `BadRequest("Invalid encoded_base_url: …")`.
 pub fn decode_base_url(encoded: &str) -> Result<String, GatewayError> {
-    let invalid = |why: &dyn fmt::Display| {
-        GatewayError::BadRequest(format!("Invalid encoded_base_url: {why}"))
-    };
+    let invalid = |why: &dyn fmt::Display| GatewayError::BadRequest(format!("Invalid encoded_base_url: {why}"));
     if encoded.is_empty() {
         return Err(invalid(&"empty"));
     }
-    let bytes = URL_SAFE_ANY_PADDING
-        .decode(encoded)
-        .map_err(|error| invalid(&error))?;
+    let bytes = URL_SAFE_ANY_PADDING.decode(encoded).map_err(|error| invalid(&error))?;
     String::from_utf8(bytes).map_err(|_| invalid(&"the decoded value is not valid UTF-8"))
 }
 
@@ -69,11 +66,7 @@ pub struct AllowlistError {
 
 impl fmt::Display for AllowlistError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid encoded_base_url.allow entry '{}': {}",
-            self.entry, self.reason
-        )
+        write!(f, "invalid encoded_base_url.allow entry '{}': {}", self.entry, self.reason)
     }
 }
 
@@ -124,22 +117,12 @@ impl BaseUrlAllowlist {
             .into_iter()
             .map(|entry| {
                 let entry = entry.as_ref();
-                let fail = |reason| AllowlistError {
-                    entry: entry.to_owned(),
-                    reason,
-                };
+                let fail = |reason| AllowlistError { entry: entry.to_owned(), reason };
                 let parsed = parse_url(entry.trim()).map_err(fail)?;
                 if has_dot_or_encoded_separator(&parsed.path) {
-                    return Err(fail(
-                        "the path must not contain '.', '..' or encoded separators",
-                    ));
+                    return Err(fail("the path must not contain '.', '..' or encoded separators"));
                 }
-                Ok(Entry {
-                    https: parsed.https,
-                    host: parsed.host,
-                    port: parsed.port,
-                    path: parsed.path,
-                })
+                Ok(Entry { https: parsed.https, host: parsed.host, port: parsed.port, path: parsed.path })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { entries })
@@ -169,27 +152,16 @@ impl BaseUrlAllowlist {
         }
         let parsed = match parse_url(url) {
             Ok(parsed) => parsed,
-            Err(
-                reason @ ("only http and https URLs are allowed"
-                | "userinfo (user@host) is not allowed"),
-            ) => {
-                return Err(GatewayError::Forbidden(format!(
-                    "encoded_base_url is not allowed: {reason}"
-                )));
+            Err(reason @ ("only http and https URLs are allowed" | "userinfo (user@host) is not allowed")) => {
+                return Err(GatewayError::Forbidden(format!("encoded_base_url is not allowed: {reason}")));
             }
             Err(reason) => {
-                return Err(GatewayError::BadRequest(format!(
-                    "Invalid encoded_base_url: {reason}"
-                )));
+                return Err(GatewayError::BadRequest(format!("Invalid encoded_base_url: {reason}")));
             }
         };
-        let forbidden = |why: String| {
-            GatewayError::Forbidden(format!("encoded_base_url is not allowed: {why}"))
-        };
+        let forbidden = |why: String| GatewayError::Forbidden(format!("encoded_base_url is not allowed: {why}"));
         if has_dot_or_encoded_separator(&parsed.path) {
-            return Err(forbidden(
-                "its path has '.', '..' or encoded separators".into(),
-            ));
+            return Err(forbidden("its path has '.', '..' or encoded separators".into()));
         }
         let named_exactly = self.entries.iter().any(|e| e.host == parsed.host);
         if !named_exactly && is_internal_host(&parsed.host) {
@@ -202,10 +174,7 @@ impl BaseUrlAllowlist {
         if self.entries.iter().any(|entry| entry.allows(&parsed)) {
             Ok(())
         } else {
-            Err(forbidden(format!(
-                "'{}' is not in the allowlist; to allow it, {HOW_TO_ALLOW}",
-                origin(&parsed)
-            )))
+            Err(forbidden(format!("'{}' is not in the allowlist; to allow it, {HOW_TO_ALLOW}", origin(&parsed))))
         }
     }
 }
@@ -217,10 +186,7 @@ impl Entry {
             && self.port == url.port
             && (self.path.is_empty()
                 || url.path == self.path
-                || url
-                    .path
-                    .strip_prefix(&self.path)
-                    .is_some_and(|rest| rest.starts_with('/')))
+                || url.path.strip_prefix(&self.path).is_some_and(|rest| rest.starts_with('/')))
     }
 }
 
@@ -238,9 +204,7 @@ fn origin(url: &Parsed) -> String {
 fn parse_url(url: &str) -> Result<Parsed, &'static str> {
     // The scheme first, by hand: `file:/x` or `gopher:` must read as "wrong scheme", whatever
     // `http::Uri` makes of the rest.
-    let scheme = url
-        .split_once(':')
-        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    let scheme = url.split_once(':').map(|(scheme, _)| scheme.to_ascii_lowercase());
     let https = match scheme.as_deref() {
         Some("https") => true,
         Some("http") => false,
@@ -250,9 +214,7 @@ fn parse_url(url: &str) -> Result<Parsed, &'static str> {
         return Err("not an absolute http(s) URL (fragment or backslash)");
     }
     let uri: Uri = url.parse().map_err(|_| "not an absolute http(s) URL")?;
-    let authority = uri
-        .authority()
-        .ok_or("not an absolute http(s) URL (no host)")?;
+    let authority = uri.authority().ok_or("not an absolute http(s) URL (no host)")?;
     if authority.as_str().contains('@') {
         return Err("userinfo (user@host) is not allowed");
     }
@@ -270,12 +232,7 @@ fn parse_url(url: &str) -> Result<Parsed, &'static str> {
         None => 80,
     };
     let path = uri.path().trim_end_matches('/').to_owned();
-    Ok(Parsed {
-        https,
-        host,
-        port,
-        path,
-    })
+    Ok(Parsed { https, host, port, path })
 }
 
 /// `.`/`..` segments (also percent-encoded) or encoded `/` and `\`: things a server might
@@ -296,9 +253,7 @@ fn is_internal_host(host: &str) -> bool {
     if name == "localhost" || name.ends_with(".localhost") || name.is_empty() {
         return true;
     }
-    let v4 = |ip: Ipv4Addr| {
-        ip.is_loopback() || ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast()
-    };
+    let v4 = |ip: Ipv4Addr| ip.is_loopback() || ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast();
     if let Ok(ip) = name.parse::<Ipv4Addr>() {
         return v4(ip);
     }
@@ -345,17 +300,7 @@ mod tests {
 
     #[test]
     fn bad_base64_is_400() {
-        for bad in [
-            "",
-            "a",
-            "aGk*",
-            "aGk+",
-            "aGk/",
-            "a GVsbG8=",
-            "aGk===",
-            "=aGk",
-            "_w",
-        ] {
+        for bad in ["", "a", "aGk*", "aGk+", "aGk/", "a GVsbG8=", "aGk===", "=aGk", "_w"] {
             let error = decode_base_url(bad).unwrap_err();
             assert!(
                 matches!(&error, GatewayError::BadRequest(m) if m.starts_with("Invalid encoded_base_url: ")),
@@ -369,14 +314,9 @@ mod tests {
 
     #[test]
     fn empty_allowlist_refuses_with_how_to() {
-        let error = BaseUrlAllowlist::empty()
-            .check(&padded("https://api.fireworks.ai/inference/v1"))
-            .unwrap_err();
+        let error = BaseUrlAllowlist::empty().check(&padded("https://api.fireworks.ai/inference/v1")).unwrap_err();
         assert_eq!(error.status(), http::StatusCode::FORBIDDEN);
-        assert!(
-            error.to_string().contains("encoded_base_url.allow"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("encoded_base_url.allow"), "{error}");
     }
 
     #[test]
@@ -394,10 +334,7 @@ mod tests {
         ];
         for url in allowed {
             assert_eq!(list.check(&padded(url)).as_deref().ok(), Some(url), "{url}");
-            assert!(
-                list.check(&URL_SAFE_NO_PAD.encode(url)).is_ok(),
-                "{url} unpadded"
-            );
+            assert!(list.check(&URL_SAFE_NO_PAD.encode(url)).is_ok(), "{url} unpadded");
         }
         let refused = [
             "file:///etc/passwd",
@@ -438,11 +375,7 @@ mod tests {
         ];
         for url in refused {
             let error = list.check(&padded(url)).unwrap_err();
-            assert_eq!(
-                error.status(),
-                http::StatusCode::FORBIDDEN,
-                "{url}: {error}"
-            );
+            assert_eq!(error.status(), http::StatusCode::FORBIDDEN, "{url}: {error}");
             // Userinfo is never echoed.
             assert!(!error.to_string().contains("pass"), "{error}");
         }
@@ -456,10 +389,7 @@ mod tests {
         ] {
             let error = list.check(&padded(url)).unwrap_err();
             assert!(
-                matches!(
-                    error.status(),
-                    http::StatusCode::BAD_REQUEST | http::StatusCode::FORBIDDEN
-                ),
+                matches!(error.status(), http::StatusCode::BAD_REQUEST | http::StatusCode::FORBIDDEN),
                 "{url}: {error}"
             );
             assert!(list.check(&padded(url)).is_err());
@@ -468,11 +398,7 @@ mod tests {
 
     #[test]
     fn internal_hosts_need_an_exact_entry() {
-        let list = allow(&[
-            "http://localhost:8000",
-            "http://[::1]:9000/v1",
-            "http://127.0.0.1:4000",
-        ]);
+        let list = allow(&["http://localhost:8000", "http://[::1]:9000/v1", "http://127.0.0.1:4000"]);
         assert!(list.check_url("http://localhost:8000/v1").is_ok());
         assert!(list.check_url("http://[::1]:9000/v1/x").is_ok());
         assert!(list.check_url("http://127.0.0.1:4000").is_ok());
@@ -504,22 +430,12 @@ mod tests {
         ] {
             assert!(is_internal_host(host), "{host}");
         }
-        for host in [
-            "api.example.com",
-            "10.0.0.5",
-            "8.8.8.8",
-            "[2001:db8::1]",
-            "[fec0::1]",
-            "localhost.example.com",
-        ] {
+        for host in ["api.example.com", "10.0.0.5", "8.8.8.8", "[2001:db8::1]", "[fec0::1]", "localhost.example.com"] {
             assert!(!is_internal_host(host), "{host}");
         }
         // What `http::Uri` hands over for an IPv6 literal keeps the brackets.
         let parsed = parse_url("http://[::1]:8080/x").unwrap();
-        assert_eq!(
-            (parsed.host.as_str(), parsed.port, parsed.path.as_str()),
-            ("[::1]", 8080, "/x")
-        );
+        assert_eq!((parsed.host.as_str(), parsed.port, parsed.path.as_str()), ("[::1]", 8080, "/x"));
     }
 
     #[test]

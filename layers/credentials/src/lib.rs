@@ -62,14 +62,13 @@
 
 mod auth;
 mod base_url;
-mod future;
 mod project;
 mod secrets;
 mod upstream_auth;
 
 pub use auth::{Auth, AuthFuture, AuthLayer, AuthProvider, NoAuth, StaticApiKeys, bearer_token};
 pub use base_url::{AllowlistError, BaseUrlAllowlist, decode_base_url};
-pub use future::ResponseFuture;
+pub use llmgate_core::future::ResponseFuture;
 pub use project::{DEFAULT_LANGFUSE_HOST, ProjectLayer, ProjectService};
 pub use secrets::{Projects, Secrets, SecretsError};
 pub use upstream_auth::{API_KEY_MODEL_PREFIX, UpstreamAuth, UpstreamAuthLayer};
@@ -90,11 +89,11 @@ mod tests {
     /// Every credential-holding type of this crate, formatted with `{:?}`, shows no key.
     #[test]
     fn debug_never_shows_a_secret() {
-        let yaml = "langfuse_keys: {p1: {public_key: pk-lf-PUBLIC, secret_key: sk-lf-SECRET}}\ndefault_project_id: p1\n";
+        let yaml =
+            "langfuse_keys: {p1: {public_key: pk-lf-PUBLIC, secret_key: sk-lf-SECRET}}\ndefault_project_id: p1\n";
         let secrets = Secrets::from_yaml_str(yaml).unwrap();
         let projects = Arc::new(Projects::from(secrets.clone()));
-        let layer = ProjectLayer::new(projects.clone())
-            .base_url_allowlist(vec!["https://api.example.com".into()]);
+        let layer = ProjectLayer::new(projects.clone()).base_url_allowlist(vec!["https://api.example.com".into()]);
         let keys = StaticApiKeys::with_accounts([("a", "sk-gw-SECRET")]);
         let texts = [
             format!("{secrets:?}"),
@@ -108,17 +107,11 @@ mod tests {
             format!("{:?}", Secret::new("sk-lf-SECRET")),
             format!(
                 "{:?}",
-                Secrets::from_yaml_str(
-                    "langfuse_keys: {p1: sk-lf-SECRET}\ndefault_project_id: p1\n"
-                )
-                .unwrap_err()
+                Secrets::from_yaml_str("langfuse_keys: {p1: sk-lf-SECRET}\ndefault_project_id: p1\n").unwrap_err()
             ),
         ];
         for text in texts {
-            assert!(
-                !text.contains("SECRET") && !text.contains("PUBLIC"),
-                "{text}"
-            );
+            assert!(!text.contains("SECRET") && !text.contains("PUBLIC"), "{text}");
         }
     }
 }

@@ -15,7 +15,9 @@ use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{base_url::BaseUrlAllowlist, future::ResponseFuture, secrets::Projects};
+use llmgate_core::future::ResponseFuture;
+
+use crate::{base_url::BaseUrlAllowlist, secrets::Projects};
 
 /// `LANGFUSE_HOST`'s default.
 pub const DEFAULT_LANGFUSE_HOST: &str = "https://cloud.langfuse.com";
@@ -104,10 +106,7 @@ impl<S> Layer<S> for ProjectLayer {
     type Service = ProjectService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ProjectService {
-            inner,
-            config: self.config.clone(),
-        }
+        ProjectService { inner, config: self.config.clone() }
     }
 }
 
@@ -145,10 +144,7 @@ impl<S> ProjectService<S> {
 
 impl<S: fmt::Debug> fmt::Debug for ProjectService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProjectService")
-            .field("inner", &self.inner)
-            .field("config", &self.config)
-            .finish()
+        f.debug_struct("ProjectService").field("inner", &self.inner).field("config", &self.config).finish()
     }
 }
 
@@ -177,9 +173,7 @@ where
 impl Config {
     fn prepare(&self, extensions: &mut Extensions) -> Result<(), GatewayError> {
         let meta = extensions.get::<RouteMeta>();
-        let project = self
-            .projects
-            .resolve(meta.and_then(|m| m.project.as_deref()))?;
+        let project = self.projects.resolve(meta.and_then(|m| m.project.as_deref()))?;
         let base_url = meta
             .and_then(|m| m.encoded_base_url.as_deref())
             .map(|encoded| self.allowlist.check(encoded))
@@ -190,16 +184,8 @@ impl Config {
         let edits = extensions.get_or_insert_default::<BodyEdits>();
         if let Some(project) = &project {
             let keys = &project.langfuse;
-            edits.set(
-                "langfuse_public_key",
-                Value::from(&*keys.public_key),
-                LITELLM,
-            );
-            edits.set(
-                "langfuse_secret_key",
-                Value::from(keys.secret_key.expose()),
-                LITELLM,
-            );
+            edits.set("langfuse_public_key", Value::from(&*keys.public_key), LITELLM);
+            edits.set("langfuse_secret_key", Value::from(keys.secret_key.expose()), LITELLM);
             edits.set("langfuse_host", Value::from(&*self.langfuse_host), LITELLM);
         }
         if let Some(url) = &base_url {
@@ -277,18 +263,13 @@ mod tests {
         let layer = ProjectLayer::new(projects()).langfuse_host("https://lf.example");
         let seen = run(layer.clone(), Some(meta(None, None))).await.unwrap();
         assert_eq!(seen.get::<Project>().map(|p| &*p.id), Some("p1"));
-        let seen = run(layer.clone(), Some(meta(Some("p2"), None)))
-            .await
-            .unwrap();
+        let seen = run(layer.clone(), Some(meta(Some("p2"), None))).await.unwrap();
         assert_eq!(seen.get::<Project>().map(|p| &*p.id), Some("p2"));
         assert_eq!(
             body_for(&seen, UpstreamMode::LiteLlm),
             r#"{"model":"m","base_url":"client","langfuse_public_key":"pk-lf-2","langfuse_secret_key":"sk-lf-2","langfuse_host":"https://lf.example"}"#
         );
-        assert_eq!(
-            body_for(&seen, UpstreamMode::OpenAi),
-            r#"{"model":"m","base_url":"client"}"#
-        );
+        assert_eq!(body_for(&seen, UpstreamMode::OpenAi), r#"{"model":"m","base_url":"client"}"#);
         // No RouteMeta at all: the default project.
         let seen = run(layer, None).await.unwrap();
         assert_eq!(seen.get::<Project>().map(|p| &*p.id), Some("p1"));
@@ -296,12 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_project_is_404_naming_only_it() {
-        let error = run(
-            ProjectLayer::new(projects()),
-            Some(meta(Some("nope"), None)),
-        )
-        .await
-        .unwrap_err();
+        let error = run(ProjectLayer::new(projects()), Some(meta(Some("nope"), None))).await.unwrap_err();
         let error = GatewayError::find(&*error).unwrap();
         assert_eq!(error.status(), StatusCode::NOT_FOUND);
         assert_eq!(error.to_string(), "Project 'nope' not found");
@@ -314,80 +290,37 @@ mod tests {
         assert!(seen.get::<Project>().is_none());
         assert!(seen.get::<BodyEdits>().is_none());
         let error = run(layer, Some(meta(Some("p1"), None))).await.unwrap_err();
-        assert!(matches!(
-            GatewayError::find(&*error),
-            Some(GatewayError::NotFound(_))
-        ));
+        assert!(matches!(GatewayError::find(&*error), Some(GatewayError::NotFound(_))));
     }
 
     #[tokio::test]
     async fn encoded_base_url_allowed() {
-        let layer = ProjectLayer::new(Arc::new(Projects::empty())).base_url_allowlist(vec![
-            "https://api.fireworks.ai/inference".into(),
-            "not a url".into(),
-        ]);
+        let layer = ProjectLayer::new(Arc::new(Projects::empty()))
+            .base_url_allowlist(vec!["https://api.fireworks.ai/inference".into(), "not a url".into()]);
         let url = "https://api.fireworks.ai/inference/v1";
-        let seen = run(layer, Some(meta(None, Some(URL_SAFE.encode(url)))))
-            .await
-            .unwrap();
-        assert_eq!(
-            seen.get::<BaseUrlOverride>(),
-            Some(&BaseUrlOverride(url.into()))
-        );
-        assert_eq!(
-            body_for(&seen, UpstreamMode::LiteLlm),
-            format!(r#"{{"model":"m","base_url":"{url}"}}"#)
-        );
-        assert_eq!(
-            body_for(&seen, UpstreamMode::OpenAi),
-            r#"{"model":"m","base_url":"client"}"#
-        );
+        let seen = run(layer, Some(meta(None, Some(URL_SAFE.encode(url))))).await.unwrap();
+        assert_eq!(seen.get::<BaseUrlOverride>(), Some(&BaseUrlOverride(url.into())));
+        assert_eq!(body_for(&seen, UpstreamMode::LiteLlm), format!(r#"{{"model":"m","base_url":"{url}"}}"#));
+        assert_eq!(body_for(&seen, UpstreamMode::OpenAi), r#"{"model":"m","base_url":"client"}"#);
     }
 
     #[tokio::test]
     async fn encoded_base_url_refusals() {
         let closed = ProjectLayer::new(projects());
-        let error = run(
-            closed,
-            Some(meta(
-                None,
-                Some(URL_SAFE.encode("https://api.fireworks.ai")),
-            )),
-        )
-        .await
-        .unwrap_err();
+        let error = run(closed, Some(meta(None, Some(URL_SAFE.encode("https://api.fireworks.ai"))))).await.unwrap_err();
         let error = GatewayError::find(&*error).unwrap();
         assert_eq!(error.status(), StatusCode::FORBIDDEN);
-        assert!(
-            error.to_string().contains("encoded_base_url.allow"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("encoded_base_url.allow"), "{error}");
 
-        let open = ProjectLayer::new(projects())
-            .base_url_allowlist(vec!["https://api.fireworks.ai".into()]);
-        let error = run(open.clone(), Some(meta(None, Some("%%%".into()))))
-            .await
-            .unwrap_err();
+        let open = ProjectLayer::new(projects()).base_url_allowlist(vec!["https://api.fireworks.ai".into()]);
+        let error = run(open.clone(), Some(meta(None, Some("%%%".into())))).await.unwrap_err();
         let error = GatewayError::find(&*error).unwrap();
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
-        assert!(
-            error.to_string().starts_with("Invalid encoded_base_url: "),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with("Invalid encoded_base_url: "), "{error}");
 
-        let error = run(
-            open,
-            Some(meta(
-                None,
-                Some(URL_SAFE.encode("http://169.254.169.254/latest")),
-            )),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(
-            GatewayError::find(&*error).unwrap().status(),
-            StatusCode::FORBIDDEN
-        );
+        let error =
+            run(open, Some(meta(None, Some(URL_SAFE.encode("http://169.254.169.254/latest"))))).await.unwrap_err();
+        assert_eq!(GatewayError::find(&*error).unwrap().status(), StatusCode::FORBIDDEN);
     }
 
     #[tokio::test]

@@ -70,17 +70,9 @@ impl fmt::Display for SecretsError {
                 "Secrets file not found! Expected it at {} (set SECRETS_PATH to point elsewhere)",
                 path.display()
             ),
-            Self::Read { path, source } => write!(
-                f,
-                "Could not read secrets file {}: {source}",
-                path.display()
-            ),
+            Self::Read { path, source } => write!(f, "Could not read secrets file {}: {source}", path.display()),
             Self::InvalidFormat { path, message } => {
-                write!(
-                    f,
-                    "Invalid format in secrets file {}: {message}",
-                    path.display()
-                )
+                write!(f, "Invalid format in secrets file {}: {message}", path.display())
             }
             Self::MissingKey { key } => write!(f, "Missing required key in secrets file: {key}"),
             Self::UnknownDefaultProject { project } => write!(
@@ -116,15 +108,10 @@ impl Secrets {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SecretsError::NotFound {
-                    path: path.to_owned(),
-                });
+                return Err(SecretsError::NotFound { path: path.to_owned() });
             }
             Err(source) => {
-                return Err(SecretsError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
+                return Err(SecretsError::Read { path: path.to_owned(), source });
             }
         };
         Self::parse(&text, path)
@@ -136,83 +123,55 @@ impl Secrets {
     }
 
     fn parse(yaml: &str, path: &Path) -> Result<Self, SecretsError> {
-        let invalid = |message: String| SecretsError::InvalidFormat {
-            path: path.to_owned(),
-            message,
-        };
-        let root: Value =
-            serde_yaml::from_str(yaml).map_err(|error| invalid(syntax_message(&error)))?;
+        let invalid = |message: String| SecretsError::InvalidFormat { path: path.to_owned(), message };
+        let root: Value = serde_yaml::from_str(yaml).map_err(|error| invalid(syntax_message(&error)))?;
         let root = match &root {
             Value::Mapping(map) => map,
             Value::Null => {
-                return Err(SecretsError::MissingKey {
-                    key: "langfuse_keys".into(),
-                });
+                return Err(SecretsError::MissingKey { key: "langfuse_keys".into() });
             }
             _ => return Err(invalid("the document must be a mapping".into())),
         };
         let keys = match get(root, "langfuse_keys") {
             Some(Value::Mapping(keys)) => keys,
             Some(_) => {
-                return Err(invalid(
-                    "'langfuse_keys' must be a mapping of project ids".into(),
-                ));
+                return Err(invalid("'langfuse_keys' must be a mapping of project ids".into()));
             }
             None => {
-                return Err(SecretsError::MissingKey {
-                    key: "langfuse_keys".into(),
-                });
+                return Err(SecretsError::MissingKey { key: "langfuse_keys".into() });
             }
         };
         let default_project_id: Arc<str> = match get(root, "default_project_id") {
             Some(Value::String(id)) => id.as_str().into(),
             Some(_) => return Err(invalid("'default_project_id' must be a string".into())),
             None => {
-                return Err(SecretsError::MissingKey {
-                    key: "default_project_id".into(),
-                });
+                return Err(SecretsError::MissingKey { key: "default_project_id".into() });
             }
         };
         let mut projects = Vec::with_capacity(keys.len());
         for (id, entry) in keys {
             let Value::String(id) = id else {
-                return Err(invalid(
-                    "the project ids under 'langfuse_keys' must be strings".into(),
-                ));
+                return Err(invalid("the project ids under 'langfuse_keys' must be strings".into()));
             };
             let Value::Mapping(entry) = entry else {
-                return Err(invalid(format!(
-                    "'langfuse_keys.{id}' must be a mapping with public_key and secret_key"
-                )));
+                return Err(invalid(format!("'langfuse_keys.{id}' must be a mapping with public_key and secret_key")));
             };
             let field = |name: &str| match get(entry, name) {
                 Some(Value::String(value)) if !value.is_empty() => Ok(value.as_str()),
-                Some(_) => Err(invalid(format!(
-                    "'langfuse_keys.{id}.{name}' must be a non-empty string"
-                ))),
-                None => Err(SecretsError::MissingKey {
-                    key: format!("langfuse_keys.{id}.{name}"),
-                }),
+                Some(_) => Err(invalid(format!("'langfuse_keys.{id}.{name}' must be a non-empty string"))),
+                None => Err(SecretsError::MissingKey { key: format!("langfuse_keys.{id}.{name}") }),
             };
             let public_key = field("public_key")?;
             let secret_key = field("secret_key")?;
             projects.push(Project {
                 id: id.as_str().into(),
-                langfuse: LangfuseKeys {
-                    public_key: public_key.into(),
-                    secret_key: Secret::new(secret_key),
-                },
+                langfuse: LangfuseKeys { public_key: public_key.into(), secret_key: Secret::new(secret_key) },
             });
         }
         if !projects.iter().any(|p| p.id == default_project_id) {
-            return Err(SecretsError::UnknownDefaultProject {
-                project: default_project_id.to_string(),
-            });
+            return Err(SecretsError::UnknownDefaultProject { project: default_project_id.to_string() });
         }
-        Ok(Self {
-            projects,
-            default_project_id,
-        })
+        Ok(Self { projects, default_project_id })
     }
 
     /// The projects, in file order.
@@ -229,10 +188,7 @@ impl Secrets {
 impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Secrets")
-            .field(
-                "projects",
-                &self.projects.iter().map(|p| &*p.id).collect::<Vec<_>>(),
-            )
+            .field("projects", &self.projects.iter().map(|p| &*p.id).collect::<Vec<_>>())
             .field("default_project_id", &self.default_project_id)
             .finish()
     }
@@ -247,11 +203,7 @@ fn syntax_message(error: &serde_yaml::Error) -> String {
     // serde_yaml's syntax errors describe the grammar problem and its position; they do not
     // quote the input. Keep only the text before any quote to be safe.
     let text = error.to_string();
-    let safe = text
-        .split(['"', '\'', '`'])
-        .next()
-        .unwrap_or_default()
-        .trim_end();
+    let safe = text.split(['"', '\'', '`']).next().unwrap_or_default().trim_end();
     match error.location() {
         Some(at) if !safe.contains(" at line ") => {
             format!("{safe} at line {} column {}", at.line(), at.column())
@@ -280,16 +232,8 @@ impl Projects {
 
     /// The projects of a loaded secrets file.
     pub fn from_secrets(secrets: Secrets) -> Self {
-        let default = secrets
-            .projects
-            .iter()
-            .find(|p| p.id == secrets.default_project_id)
-            .cloned();
-        let by_id = secrets
-            .projects
-            .into_iter()
-            .map(|p| (p.id.clone(), p))
-            .collect();
+        let default = secrets.projects.iter().find(|p| p.id == secrets.default_project_id).cloned();
+        let by_id = secrets.projects.into_iter().map(|p| (p.id.clone(), p)).collect();
         Self { by_id, default }
     }
 
@@ -402,68 +346,37 @@ mod tests {
     #[test]
     fn resolve_rules() {
         let projects = Projects::from(Secrets::from_yaml_str(GOOD).unwrap());
-        assert_eq!(
-            projects.resolve(None).unwrap().map(|p| p.id),
-            Some("p1".into())
-        );
-        assert_eq!(
-            projects.resolve(Some("p2")).unwrap().map(|p| p.id),
-            Some("p2".into())
-        );
+        assert_eq!(projects.resolve(None).unwrap().map(|p| p.id), Some("p1".into()));
+        assert_eq!(projects.resolve(Some("p2")).unwrap().map(|p| p.id), Some("p2".into()));
         let error = projects.resolve(Some("nope")).unwrap_err();
-        assert_eq!(
-            error,
-            GatewayError::NotFound("Project 'nope' not found".into())
-        );
+        assert_eq!(error, GatewayError::NotFound("Project 'nope' not found".into()));
         assert!(!error.to_string().contains("p1") && !error.to_string().contains("p2"));
 
         let empty = Projects::empty();
         assert!(empty.resolve(None).unwrap().is_none());
-        assert!(matches!(
-            empty.resolve(Some("p1")),
-            Err(GatewayError::NotFound(_))
-        ));
+        assert!(matches!(empty.resolve(Some("p1")), Err(GatewayError::NotFound(_))));
     }
 
     #[test]
     fn missing_file() {
         let error = Secrets::load("/nonexistent/llmgate/secrets.yaml").unwrap_err();
         assert!(matches!(error, SecretsError::NotFound { .. }));
-        assert!(
-            error.to_string().starts_with("Secrets file not found!"),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with("Secrets file not found!"), "{error}");
     }
 
     #[test]
     fn missing_keys() {
         let cases = [
             ("default_project_id: p1\n", "langfuse_keys"),
-            (
-                "langfuse_keys: {p1: {public_key: pk, secret_key: sk}}\n",
-                "default_project_id",
-            ),
-            (
-                "langfuse_keys: {p1: {public_key: pk}}\ndefault_project_id: p1\n",
-                "langfuse_keys.p1.secret_key",
-            ),
-            (
-                "langfuse_keys: {p1: {secret_key: sk-lf-ZZZ}}\ndefault_project_id: p1\n",
-                "langfuse_keys.p1.public_key",
-            ),
+            ("langfuse_keys: {p1: {public_key: pk, secret_key: sk}}\n", "default_project_id"),
+            ("langfuse_keys: {p1: {public_key: pk}}\ndefault_project_id: p1\n", "langfuse_keys.p1.secret_key"),
+            ("langfuse_keys: {p1: {secret_key: sk-lf-ZZZ}}\ndefault_project_id: p1\n", "langfuse_keys.p1.public_key"),
             ("", "langfuse_keys"),
         ];
         for (yaml, key) in cases {
             let error = Secrets::from_yaml_str(yaml).unwrap_err();
-            assert!(
-                matches!(&error, SecretsError::MissingKey { key: k } if k == key),
-                "{yaml}: {error}"
-            );
-            assert!(
-                error
-                    .to_string()
-                    .starts_with("Missing required key in secrets file:")
-            );
+            assert!(matches!(&error, SecretsError::MissingKey { key: k } if k == key), "{yaml}: {error}");
+            assert!(error.to_string().starts_with("Missing required key in secrets file:"));
             assert!(!error.to_string().contains("sk-lf-ZZZ"));
         }
     }
@@ -474,10 +387,7 @@ mod tests {
             "langfuse_keys:\n  p1: {public_key: \"pk-lf-QQQ, secret_key: sk-lf-SECRET\ndefault_project_id: p1\n",
         );
         let error = Secrets::load(&file.0).unwrap_err();
-        assert!(
-            matches!(error, SecretsError::InvalidFormat { .. }),
-            "{error}"
-        );
+        assert!(matches!(error, SecretsError::InvalidFormat { .. }), "{error}");
         let text = error.to_string();
         assert!(text.starts_with("Invalid format in secrets file"), "{text}");
         assert!(text.contains("line"), "{text}");
@@ -493,10 +403,7 @@ mod tests {
             "langfuse_keys: {1: {public_key: pk, secret_key: sk-lf-SECRET}}\ndefault_project_id: p1\n",
         ] {
             let error = Secrets::from_yaml_str(yaml).unwrap_err();
-            assert!(
-                matches!(error, SecretsError::InvalidFormat { .. }),
-                "{yaml}: {error}"
-            );
+            assert!(matches!(error, SecretsError::InvalidFormat { .. }), "{yaml}: {error}");
             assert!(!error.to_string().contains("SECRET"), "{error}");
             assert!(!format!("{error:?}").contains("SECRET"), "{error:?}");
         }
@@ -504,12 +411,9 @@ mod tests {
 
     #[test]
     fn default_project_must_exist() {
-        let yaml =
-            "langfuse_keys: {p1: {public_key: pk, secret_key: sk}}\ndefault_project_id: p9\n";
+        let yaml = "langfuse_keys: {p1: {public_key: pk, secret_key: sk}}\ndefault_project_id: p9\n";
         let error = Secrets::from_yaml_str(yaml).unwrap_err();
-        assert!(
-            matches!(&error, SecretsError::UnknownDefaultProject { project } if project == "p9")
-        );
+        assert!(matches!(&error, SecretsError::UnknownDefaultProject { project } if project == "p9"));
         assert!(!error.to_string().contains("p1"), "{error}");
     }
 
@@ -517,20 +421,8 @@ mod tests {
     fn debug_shows_no_keys() {
         let secrets = Secrets::from_yaml_str(GOOD).unwrap();
         let projects = Projects::from(secrets.clone());
-        for text in [
-            format!("{secrets:?}"),
-            format!("{projects:?}"),
-            format!("{:?}", Arc::new(projects)),
-        ] {
-            for key in [
-                "pk-lf-AAA",
-                "sk-lf-BBB",
-                "pk-lf-CCC",
-                "sk-lf-DDD",
-                "AAA",
-                "BBB",
-                "DDD",
-            ] {
+        for text in [format!("{secrets:?}"), format!("{projects:?}"), format!("{:?}", Arc::new(projects))] {
+            for key in ["pk-lf-AAA", "sk-lf-BBB", "pk-lf-CCC", "sk-lf-DDD", "AAA", "BBB", "DDD"] {
                 assert!(!text.contains(key), "{text}");
             }
             assert!(text.contains("p1"), "{text}");

@@ -11,7 +11,9 @@ use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{auth::bearer_token, future::ResponseFuture};
+use llmgate_core::future::ResponseFuture;
+
+use crate::auth::bearer_token;
 
 const LITELLM: EditScope = EditScope::Mode(UpstreamMode::LiteLlm);
 
@@ -132,10 +134,7 @@ where
 
 fn prepare<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
     let target = req.extensions().get::<UpstreamTarget>();
-    let server_key = target
-        .and_then(|t| t.api_key.as_ref())
-        .map(|key| authorization(key.expose()))
-        .transpose()?;
+    let server_key = target.and_then(|t| t.api_key.as_ref()).map(|key| authorization(key.expose())).transpose()?;
     let openai = target.is_some_and(|t| t.mode == UpstreamMode::OpenAi);
     if !openai {
         let client_token = bearer_token(req.headers()).map(str::to_owned);
@@ -148,9 +147,8 @@ fn prepare<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
 }
 
 fn authorization(key: &str) -> Result<HeaderValue, GatewayError> {
-    let mut value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
-        GatewayError::Internal("The upstream's API key is not a valid header value".into())
-    })?;
+    let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|_| GatewayError::Internal("The upstream's API key is not a valid header value".into()))?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -159,33 +157,21 @@ fn authorization(key: &str) -> Result<HeaderValue, GatewayError> {
 fn body_api_key(extensions: &mut http::Extensions, client_token: Option<String>) {
     let edits = extensions.get::<BodyEdits>();
     let edited_model = edits.and_then(|e| {
-        e.for_mode(UpstreamMode::LiteLlm)
-            .filter(|(key, _)| *key == "model")
-            .last()
-            .map(|(_, value)| value)
+        e.for_mode(UpstreamMode::LiteLlm).filter(|(key, _)| *key == "model").last().map(|(_, value)| value)
     });
     let model = match edited_model {
         Some(value) => value.and_then(Value::as_str),
         None => extensions.get::<LlmRequest>().and_then(LlmRequest::model),
     };
     let wants_key = model.is_some_and(|m| m.starts_with(API_KEY_MODEL_PREFIX));
-    let has_edit = edits.is_some_and(|e| {
-        e.for_mode(UpstreamMode::LiteLlm)
-            .any(|(key, _)| key == "api_key")
-    });
+    let has_edit = edits.is_some_and(|e| e.for_mode(UpstreamMode::LiteLlm).any(|(key, _)| key == "api_key"));
     match (wants_key, client_token) {
         (true, Some(token)) => {
-            extensions.get_or_insert_default::<BodyEdits>().set(
-                "api_key",
-                Value::String(token),
-                LITELLM,
-            );
+            extensions.get_or_insert_default::<BodyEdits>().set("api_key", Value::String(token), LITELLM);
         }
         _ if has_edit => {
             // Undo an edit left by an earlier attempt: back to what the client sent.
-            let original = extensions
-                .get::<LlmRequest>()
-                .and_then(|r| r.json().get("api_key").cloned());
+            let original = extensions.get::<LlmRequest>().and_then(|r| r.json().get("api_key").cloned());
             let edits = extensions.get_or_insert_default::<BodyEdits>();
             match original {
                 Some(value) => edits.set("api_key", value, LITELLM),
@@ -209,19 +195,11 @@ mod tests {
     use super::*;
 
     fn target(mode: UpstreamMode, key: Option<&str>) -> UpstreamTarget {
-        UpstreamTarget {
-            name: "u".into(),
-            base_url: "http://up".into(),
-            mode,
-            api_key: key.map(Secret::new),
-        }
+        UpstreamTarget { name: "u".into(), base_url: "http://up".into(), mode, api_key: key.map(Secret::new) }
     }
 
     fn llm(body: &'static str) -> LlmRequest {
-        LlmRequest::new(
-            Bytes::from_static(body.as_bytes()),
-            serde_json::from_str(body).unwrap(),
-        )
+        LlmRequest::new(Bytes::from_static(body.as_bytes()), serde_json::from_str(body).unwrap())
     }
 
     /// Runs the layer; returns (Authorization seen, body for the target's mode).
@@ -233,16 +211,10 @@ mod tests {
     ) -> (Option<String>, String) {
         let mode = target.as_ref().map_or(UpstreamMode::LiteLlm, |t| t.mode);
         let svc = UpstreamAuthLayer::new().layer(service_fn(move |req: Request<()>| async move {
-            let auth = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.to_str().unwrap().to_owned());
+            let auth = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap().to_owned());
             let request = req.extensions().get::<LlmRequest>().unwrap();
             let sent = encode(request, req.extensions().get::<BodyEdits>(), mode);
-            Ok::<_, Infallible>(Response::new((
-                auth,
-                String::from_utf8(sent.to_vec()).unwrap(),
-            )))
+            Ok::<_, Infallible>(Response::new((auth, String::from_utf8(sent.to_vec()).unwrap())))
         }));
         let mut builder = Request::post("/chat/completions");
         if let Some(value) = client_auth {
@@ -261,13 +233,9 @@ mod tests {
 
     #[tokio::test]
     async fn forwards_client_authorization_by_default() {
-        let (auth, body) = run(
-            Some(target(UpstreamMode::OpenAi, None)),
-            Some("Bearer sk-client"),
-            r#"{"model":"gpt-4o"}"#,
-            None,
-        )
-        .await;
+        let (auth, body) =
+            run(Some(target(UpstreamMode::OpenAi, None)), Some("Bearer sk-client"), r#"{"model":"gpt-4o"}"#, None)
+                .await;
         assert_eq!(auth.as_deref(), Some("Bearer sk-client"));
         assert_eq!(body, r#"{"model":"gpt-4o"}"#);
         let (auth, _) = run(None, None, r#"{"model":"gpt-4o"}"#, None).await;
@@ -284,57 +252,28 @@ mod tests {
         )
         .await;
         assert_eq!(auth.as_deref(), Some("Bearer sk-server"));
-        let (auth, _) = run(
-            Some(target(UpstreamMode::OpenAi, Some("sk-server"))),
-            None,
-            r#"{"model":"m"}"#,
-            None,
-        )
-        .await;
+        let (auth, _) =
+            run(Some(target(UpstreamMode::OpenAi, Some("sk-server"))), None, r#"{"model":"m"}"#, None).await;
         assert_eq!(auth.as_deref(), Some("Bearer sk-server"));
     }
 
     #[tokio::test]
     async fn fireworks_models_get_api_key_in_litellm_mode_only() {
         let fw = r#"{"model":"fireworks_ai/accounts/fireworks/models/x"}"#;
-        let (_, body) = run(
-            Some(target(UpstreamMode::LiteLlm, None)),
-            Some("Bearer sk-client"),
-            fw,
-            None,
-        )
-        .await;
-        assert_eq!(
-            body,
-            r#"{"model":"fireworks_ai/accounts/fireworks/models/x","api_key":"sk-client"}"#
-        );
+        let (_, body) = run(Some(target(UpstreamMode::LiteLlm, None)), Some("Bearer sk-client"), fw, None).await;
+        assert_eq!(body, r#"{"model":"fireworks_ai/accounts/fireworks/models/x","api_key":"sk-client"}"#);
         // The client's token even when the server-side key replaces the header.
-        let (auth, body) = run(
-            Some(target(UpstreamMode::LiteLlm, Some("sk-server"))),
-            Some("Bearer sk-client"),
-            fw,
-            None,
-        )
-        .await;
+        let (auth, body) =
+            run(Some(target(UpstreamMode::LiteLlm, Some("sk-server"))), Some("Bearer sk-client"), fw, None).await;
         assert_eq!(auth.as_deref(), Some("Bearer sk-server"));
         assert!(body.contains(r#""api_key":"sk-client""#), "{body}");
         // openai mode: nothing.
-        let (_, body) = run(
-            Some(target(UpstreamMode::OpenAi, None)),
-            Some("Bearer sk-client"),
-            fw,
-            None,
-        )
-        .await;
+        let (_, body) = run(Some(target(UpstreamMode::OpenAi, None)), Some("Bearer sk-client"), fw, None).await;
         assert_eq!(body, fw);
         // Other models: nothing.
-        let (_, body) = run(
-            Some(target(UpstreamMode::LiteLlm, None)),
-            Some("Bearer sk-client"),
-            r#"{"model":"gpt-4o"}"#,
-            None,
-        )
-        .await;
+        let (_, body) =
+            run(Some(target(UpstreamMode::LiteLlm, None)), Some("Bearer sk-client"), r#"{"model":"gpt-4o"}"#, None)
+                .await;
         assert_eq!(body, r#"{"model":"gpt-4o"}"#);
         // No bearer token: nothing.
         let (_, body) = run(Some(target(UpstreamMode::LiteLlm, None)), None, fw, None).await;
@@ -346,13 +285,9 @@ mod tests {
         // The routing layer moved the request to a Fireworks model.
         let mut edits = BodyEdits::default();
         edits.set("model", "fireworks_ai/m".into(), EditScope::Always);
-        let (_, body) = run(
-            Some(target(UpstreamMode::LiteLlm, None)),
-            Some("Bearer k"),
-            r#"{"model":"gpt-4o"}"#,
-            Some(edits),
-        )
-        .await;
+        let (_, body) =
+            run(Some(target(UpstreamMode::LiteLlm, None)), Some("Bearer k"), r#"{"model":"gpt-4o"}"#, Some(edits))
+                .await;
         assert_eq!(body, r#"{"model":"fireworks_ai/m","api_key":"k"}"#);
 
         // Moved away from one, with a stale edit from an earlier attempt: undone, client's value back.
@@ -379,12 +314,10 @@ mod tests {
 
     #[tokio::test]
     async fn bad_server_key_fails_closed_without_echo() {
-        let svc = UpstreamAuthLayer::new().layer(service_fn(|_req: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(()))
-        }));
+        let svc = UpstreamAuthLayer::new()
+            .layer(service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
         let mut req = Request::post("/").body(()).unwrap();
-        req.extensions_mut()
-            .insert(target(UpstreamMode::OpenAi, Some("sk-bad\nkey")));
+        req.extensions_mut().insert(target(UpstreamMode::OpenAi, Some("sk-bad\nkey")));
         let error = svc.oneshot(req).await.unwrap_err();
         let error = GatewayError::find(&*error).unwrap();
         assert!(matches!(error, GatewayError::Internal(_)));

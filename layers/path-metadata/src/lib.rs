@@ -68,14 +68,11 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![warn(missing_docs)]
 
-mod future;
 mod route;
 mod service;
 
-pub use future::ResponseFuture;
-pub use route::{
-    CHAT_PATH, MAX_ENCODED_BASE_URL_CHARS, MAX_PROJECT_CHARS, MAX_TAG_CHARS, apply, parse,
-};
+pub use llmgate_core::future::ResponseFuture;
+pub use route::{CHAT_PATH, MAX_ENCODED_BASE_URL_CHARS, MAX_PROJECT_CHARS, MAX_TAG_CHARS, apply, parse};
 pub use service::{PathMetadata, PathMetadataLayer};
 
 #[cfg(test)]
@@ -92,9 +89,7 @@ mod tests {
     use bytes::Bytes;
     use http::{Request, Response, StatusCode, header};
     use http_body_util::BodyExt;
-    use llmgate_core::{
-        GatewayBody, GatewayError, RescueLayer, body, ext::RouteKind, ext::RouteMeta,
-    };
+    use llmgate_core::{GatewayBody, GatewayError, RescueLayer, body, ext::RouteKind, ext::RouteMeta};
     use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 
     use super::*;
@@ -102,15 +97,9 @@ mod tests {
     /// A stack that records what the inner service saw: `path|kind|project`.
     fn stack(
         calls: Arc<AtomicUsize>,
-    ) -> impl tower::Service<
-        Request<GatewayBody>,
-        Response = Response<GatewayBody>,
-        Error = Infallible,
-    > + Clone {
-        ServiceBuilder::new()
-            .layer(RescueLayer::new())
-            .layer(PathMetadataLayer::new())
-            .service(service_fn(move |req: Request<GatewayBody>| {
+    ) -> impl tower::Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone {
+        ServiceBuilder::new().layer(RescueLayer::new()).layer(PathMetadataLayer::new()).service(service_fn(
+            move |req: Request<GatewayBody>| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let meta = req.extensions().get::<RouteMeta>();
@@ -122,24 +111,16 @@ mod tests {
                     );
                     Ok::<_, Infallible>(Response::new(body::full(seen)))
                 }
-            }))
+            },
+        ))
     }
 
     async fn send(method: &str, uri: &str) -> (StatusCode, http::HeaderMap, Bytes, usize) {
         let calls = Arc::new(AtomicUsize::new(0));
-        let request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(body::empty())
-            .unwrap();
+        let request = Request::builder().method(method).uri(uri).body(body::empty()).unwrap();
         let response = stack(calls.clone()).oneshot(request).await.unwrap();
         let (parts, body) = response.into_parts();
-        (
-            parts.status,
-            parts.headers,
-            body.collect().await.unwrap().to_bytes(),
-            calls.load(Ordering::SeqCst),
-        )
+        (parts.status, parts.headers, body.collect().await.unwrap().to_bytes(), calls.load(Ordering::SeqCst))
     }
 
     #[tokio::test]
@@ -161,12 +142,8 @@ mod tests {
 
     #[tokio::test]
     async fn traces_keep_their_path() {
-        let (_, _, body, _) =
-            send("GET", "/v1/project_id/p/traces/pointwise?tags=rollout_id:r").await;
-        assert_eq!(
-            body,
-            "/v1/project_id/p/traces/pointwise?tags=rollout_id:r|Some(TracesPointwise)|p"
-        );
+        let (_, _, body, _) = send("GET", "/v1/project_id/p/traces/pointwise?tags=rollout_id:r").await;
+        assert_eq!(body, "/v1/project_id/p/traces/pointwise?tags=rollout_id:r|Some(TracesPointwise)|p");
         let (_, _, body, _) = send("GET", "/traces").await;
         assert_eq!(body, format!("/traces|{:?}|", Some(RouteKind::Traces)));
     }
@@ -187,11 +164,7 @@ mod tests {
         let (status, headers, body, calls) = send("GET", "/project_id/p/chat/completions").await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(headers[header::ALLOW], "POST");
-        assert!(
-            std::str::from_utf8(&body)
-                .unwrap()
-                .contains("method_not_allowed")
-        );
+        assert!(std::str::from_utf8(&body).unwrap().contains("method_not_allowed"));
         assert_eq!(calls, 0);
         let (status, headers, _, calls) = send("POST", "/v1/traces").await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
@@ -201,11 +174,8 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_segment_is_400_naming_it() {
-        let (status, _, body, calls) = send(
-            "POST",
-            "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/a%2Fb/row_id/w/chat/completions",
-        )
-        .await;
+        let (status, _, body, calls) =
+            send("POST", "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/a%2Fb/row_id/w/chat/completions").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let message = json["error"]["message"].as_str().unwrap();
@@ -215,20 +185,9 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_boxed_gateway_errors() {
-        let svc = PathMetadataLayer::new().layer(service_fn(|_req: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(()))
-        }));
-        let error = svc
-            .oneshot(
-                Request::post("/project_id/../chat/completions")
-                    .body(())
-                    .unwrap(),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            GatewayError::find(&*error),
-            Some(GatewayError::BadRequest(_))
-        ));
+        let svc = PathMetadataLayer::new()
+            .layer(service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
+        let error = svc.oneshot(Request::post("/project_id/../chat/completions").body(()).unwrap()).await.unwrap_err();
+        assert!(matches!(GatewayError::find(&*error), Some(GatewayError::BadRequest(_))));
     }
 }

@@ -88,18 +88,9 @@ const ROLLOUT: Part = Opt(&[
 /// | traces | `[/v1][/project_id/{p}]/traces` |
 /// | pointwise | `[/v1][/project_id/{p}]/traces/pointwise` |
 const ROUTES: &[Route] = &[
-    Route {
-        kind: RouteKind::ChatCompletions,
-        pattern: &[V1, PROJECT, ROLLOUT, Lit("chat"), Lit("completions")],
-    },
-    Route {
-        kind: RouteKind::Traces,
-        pattern: &[V1, PROJECT, Lit("traces")],
-    },
-    Route {
-        kind: RouteKind::TracesPointwise,
-        pattern: &[V1, PROJECT, Lit("traces"), Lit("pointwise")],
-    },
+    Route { kind: RouteKind::ChatCompletions, pattern: &[V1, PROJECT, ROLLOUT, Lit("chat"), Lit("completions")] },
+    Route { kind: RouteKind::Traces, pattern: &[V1, PROJECT, Lit("traces")] },
+    Route { kind: RouteKind::TracesPointwise, pattern: &[V1, PROJECT, Lit("traces"), Lit("pointwise")] },
 ];
 
 /// The most segments any route has: `v1`, project (2), ids (10), base URL (2), `chat/completions`.
@@ -114,12 +105,7 @@ struct Cont<'c> {
 }
 
 /// Backtracking match of `parts` (then the continuation) against all of `segs`.
-fn matches<'a>(
-    parts: &'static [Part],
-    next: Option<&Cont<'_>>,
-    segs: &[&'a str],
-    caps: &mut Captures<'a>,
-) -> bool {
+fn matches<'a>(parts: &'static [Part], next: Option<&Cont<'_>>, segs: &[&'a str], caps: &mut Captures<'a>) -> bool {
     let Some((first, rest)) = parts.split_first() else {
         return match next {
             Some(cont) => matches(cont.parts, cont.next, segs, caps),
@@ -209,11 +195,7 @@ pub fn parse(path: &str) -> Result<Option<RouteMeta>, GatewayError> {
 }
 
 fn build(kind: RouteKind, caps: &Captures<'_>) -> Result<RouteMeta, GatewayError> {
-    let value = |param: Param| {
-        caps[param as usize]
-            .map(|raw| decode(param, raw))
-            .transpose()
-    };
+    let value = |param: Param| caps[param as usize].map(|raw| decode(param, raw)).transpose();
     let project = value(Param::Project)?;
     let rollout = match value(Param::Rollout)? {
         Some(rollout_id) => Some(RolloutIds {
@@ -226,12 +208,7 @@ fn build(kind: RouteKind, caps: &Captures<'_>) -> Result<RouteMeta, GatewayError
         None => None,
     };
     let encoded_base_url = value(Param::EncodedBaseUrl)?;
-    Ok(RouteMeta {
-        kind,
-        project,
-        rollout,
-        encoded_base_url,
-    })
+    Ok(RouteMeta { kind, project, rollout, encoded_base_url })
 }
 
 /// The table captures the five ids together; this only guards that invariant.
@@ -245,11 +222,7 @@ fn invalid(param: Param, why: &str) -> GatewayError {
 
 /// Percent-decodes and checks one segment value.
 fn decode(param: Param, raw: &str) -> Result<String, GatewayError> {
-    let value = if raw.contains('%') {
-        percent_decode(param, raw)?
-    } else {
-        raw.to_owned()
-    };
+    let value = if raw.contains('%') { percent_decode(param, raw)? } else { raw.to_owned() };
     if value.is_empty() {
         return Err(invalid(param, "must not be empty"));
     }
@@ -264,21 +237,16 @@ fn decode(param: Param, raw: &str) -> Result<String, GatewayError> {
     }
     let chars = value.chars().count();
     match param {
-        Param::Project if chars > MAX_PROJECT_CHARS => Err(invalid(
-            param,
-            &format!("must be at most {MAX_PROJECT_CHARS} characters"),
-        )),
-        Param::EncodedBaseUrl if chars > MAX_ENCODED_BASE_URL_CHARS => Err(invalid(
-            param,
-            &format!("must be at most {MAX_ENCODED_BASE_URL_CHARS} characters"),
-        )),
+        Param::Project if chars > MAX_PROJECT_CHARS => {
+            Err(invalid(param, &format!("must be at most {MAX_PROJECT_CHARS} characters")))
+        }
+        Param::EncodedBaseUrl if chars > MAX_ENCODED_BASE_URL_CHARS => {
+            Err(invalid(param, &format!("must be at most {MAX_ENCODED_BASE_URL_CHARS} characters")))
+        }
         Param::Project | Param::EncodedBaseUrl => Ok(value),
         _ if param.name().len() + 1 + chars > MAX_TAG_CHARS => Err(invalid(
             param,
-            &format!(
-                "its tag '{}:…' would be longer than {MAX_TAG_CHARS} characters",
-                param.name()
-            ),
+            &format!("its tag '{}:…' would be longer than {MAX_TAG_CHARS} characters", param.name()),
         )),
         _ => Ok(value),
     }
@@ -357,8 +325,7 @@ fn rewrite_to_chat(uri: &Uri) -> Result<Uri, GatewayError> {
     };
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(path_and_query);
-    Uri::from_parts(parts)
-        .map_err(|_| GatewayError::Internal("Could not rewrite the request URI".into()))
+    Uri::from_parts(parts).map_err(|_| GatewayError::Internal("Could not rewrite the request URI".into()))
 }
 
 #[cfg(test)]
@@ -396,12 +363,7 @@ mod tests {
     fn every_chat_spelling() {
         for v1 in ["", "/v1"] {
             for project in [None, Some("p1")] {
-                let prefix = format!(
-                    "{v1}{}",
-                    project
-                        .map(|p| format!("/project_id/{p}"))
-                        .unwrap_or_default()
-                );
+                let prefix = format!("{v1}{}", project.map(|p| format!("/project_id/{p}")).unwrap_or_default());
                 // Plain or project-only.
                 let meta = ok(&format!("{prefix}/chat/completions"));
                 assert_eq!(
@@ -416,21 +378,13 @@ mod tests {
                 // Full metadata.
                 let meta = ok(&format!("{prefix}/{IDS}/chat/completions"));
                 assert_eq!(meta.project.as_deref(), project);
-                assert_eq!(
-                    meta.rollout,
-                    Some(ids("r1", "inv1", "exp1", "run1", "row1"))
-                );
+                assert_eq!(meta.rollout, Some(ids("r1", "inv1", "exp1", "run1", "row1")));
                 assert_eq!(meta.encoded_base_url, None);
                 // Full metadata and base URL.
-                let meta = ok(&format!(
-                    "{prefix}/{IDS}/encoded_base_url/aHR0cHM6Ly9h==/chat/completions"
-                ));
+                let meta = ok(&format!("{prefix}/{IDS}/encoded_base_url/aHR0cHM6Ly9h==/chat/completions"));
                 assert_eq!(meta.kind, RouteKind::ChatCompletions);
                 assert_eq!(meta.project.as_deref(), project);
-                assert_eq!(
-                    meta.rollout,
-                    Some(ids("r1", "inv1", "exp1", "run1", "row1"))
-                );
+                assert_eq!(meta.rollout, Some(ids("r1", "inv1", "exp1", "run1", "row1")));
                 assert_eq!(meta.encoded_base_url.as_deref(), Some("aHR0cHM6Ly9h=="));
             }
         }
@@ -440,12 +394,7 @@ mod tests {
     fn every_traces_spelling() {
         for v1 in ["", "/v1"] {
             for project in [None, Some("p1")] {
-                let prefix = format!(
-                    "{v1}{}",
-                    project
-                        .map(|p| format!("/project_id/{p}"))
-                        .unwrap_or_default()
-                );
+                let prefix = format!("{v1}{}", project.map(|p| format!("/project_id/{p}")).unwrap_or_default());
                 let meta = ok(&format!("{prefix}/traces"));
                 assert_eq!(meta.kind, RouteKind::Traces);
                 assert_eq!(meta.project.as_deref(), project);
@@ -502,10 +451,7 @@ mod tests {
         let meta = ok(
             "/rollout_id/row_id/invocation_id/chat/experiment_id/run_id/run_id/x/row_id/completions/chat/completions",
         );
-        assert_eq!(
-            meta.rollout,
-            Some(ids("row_id", "chat", "run_id", "x", "completions"))
-        );
+        assert_eq!(meta.rollout, Some(ids("row_id", "chat", "run_id", "x", "completions")));
     }
 
     #[test]
@@ -542,21 +488,9 @@ mod tests {
                 "experiment_id",
                 "control",
             ),
-            (
-                "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/%zz/row_id/w/chat/completions",
-                "run_id",
-                "percent",
-            ),
-            (
-                "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/%FF/chat/completions",
-                "row_id",
-                "UTF-8",
-            ),
-            (
-                "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/%4/chat/completions",
-                "row_id",
-                "percent",
-            ),
+            ("/rollout_id/r/invocation_id/i/experiment_id/e/run_id/%zz/row_id/w/chat/completions", "run_id", "percent"),
+            ("/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/%FF/chat/completions", "row_id", "UTF-8"),
+            ("/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/%4/chat/completions", "row_id", "percent"),
             (
                 "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/w/encoded_base_url//chat/completions",
                 "encoded_base_url",
@@ -565,10 +499,7 @@ mod tests {
         ];
         for (path, segment, why) in cases {
             let message = err(path);
-            assert!(
-                message.contains(&format!("'{segment}'")),
-                "{path}: {message}"
-            );
+            assert!(message.contains(&format!("'{segment}'")), "{path}: {message}");
             assert!(message.contains(why), "{path}: {message}");
         }
     }
@@ -578,22 +509,13 @@ mod tests {
         // `rollout_id:` is 11 characters: a 189-character value makes a 200-character tag.
         let at = "é".repeat(189);
         let over = "x".repeat(190);
-        let path = |r: &str| {
-            format!(
-                "/rollout_id/{r}/invocation_id/i/experiment_id/e/run_id/u/row_id/w/chat/completions"
-            )
-        };
-        assert_eq!(
-            ok(&path(&at)).rollout.map(|r| r.rollout_id),
-            Some(at.clone())
-        );
+        let path =
+            |r: &str| format!("/rollout_id/{r}/invocation_id/i/experiment_id/e/run_id/u/row_id/w/chat/completions");
+        assert_eq!(ok(&path(&at)).rollout.map(|r| r.rollout_id), Some(at.clone()));
         assert!(err(&path(&over)).contains("'rollout_id'"));
         // `row_id:` is 7 characters.
-        let row = |w: &str| {
-            format!(
-                "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/{w}/chat/completions"
-            )
-        };
+        let row =
+            |w: &str| format!("/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/{w}/chat/completions");
         assert!(parse(&row(&"x".repeat(193))).is_ok_and(|m| m.is_some()));
         assert!(err(&row(&"x".repeat(194))).contains("'row_id'"));
         // The limit counts decoded characters, not percent-encoded bytes.
@@ -605,67 +527,33 @@ mod tests {
 
     #[test]
     fn apply_checks_methods_and_rewrites_chat_uris() {
-        let mut req = Request::post(format!(
-            "http://gw:4000/v1/project_id/p/{IDS}/chat/completions?a=1&b=%2F"
-        ))
-        .body(())
-        .unwrap_or_default();
+        let mut req = Request::post(format!("http://gw:4000/v1/project_id/p/{IDS}/chat/completions?a=1&b=%2F"))
+            .body(())
+            .unwrap_or_default();
         apply(&mut req).unwrap();
-        assert_eq!(
-            req.uri().to_string(),
-            "http://gw:4000/chat/completions?a=1&b=%2F"
-        );
-        assert_eq!(
-            req.extensions()
-                .get::<RouteMeta>()
-                .and_then(|m| m.project.as_deref()),
-            Some("p")
-        );
+        assert_eq!(req.uri().to_string(), "http://gw:4000/chat/completions?a=1&b=%2F");
+        assert_eq!(req.extensions().get::<RouteMeta>().and_then(|m| m.project.as_deref()), Some("p"));
 
-        let mut req = Request::get("/project_id/p/chat/completions")
-            .body(())
-            .unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "POST" })
-        );
+        let mut req = Request::get("/project_id/p/chat/completions").body(()).unwrap_or_default();
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "POST" }));
         let mut req = Request::put("/traces").body(()).unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "GET" })
-        );
-        let mut req = Request::head("/v1/traces/pointwise")
-            .body(())
-            .unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "GET" })
-        );
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
+        let mut req = Request::head("/v1/traces/pointwise").body(()).unwrap_or_default();
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
 
         // Trace routes keep their path.
-        let mut req = Request::get("/v1/traces?tags=rollout_id:r")
-            .body(())
-            .unwrap_or_default();
+        let mut req = Request::get("/v1/traces?tags=rollout_id:r").body(()).unwrap_or_default();
         apply(&mut req).unwrap();
         assert_eq!(req.uri(), "/v1/traces?tags=rollout_id:r");
 
         // Applying twice keeps the first metadata.
-        let mut req = Request::post("/project_id/p/chat/completions")
-            .body(())
-            .unwrap_or_default();
+        let mut req = Request::post("/project_id/p/chat/completions").body(()).unwrap_or_default();
         apply(&mut req).unwrap();
         apply(&mut req).unwrap();
-        assert_eq!(
-            req.extensions()
-                .get::<RouteMeta>()
-                .and_then(|m| m.project.as_deref()),
-            Some("p")
-        );
+        assert_eq!(req.extensions().get::<RouteMeta>().and_then(|m| m.project.as_deref()), Some("p"));
 
         // Near-misses: untouched, any method.
-        let mut req = Request::delete("/row_id/w/chat/completions?x")
-            .body(())
-            .unwrap_or_default();
+        let mut req = Request::delete("/row_id/w/chat/completions?x").body(()).unwrap_or_default();
         apply(&mut req).unwrap();
         assert_eq!(req.uri(), "/row_id/w/chat/completions?x");
         assert!(req.extensions().get::<RouteMeta>().is_none());

@@ -7,7 +7,9 @@ use llmgate_core::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{future::ResponseFuture, route::apply};
+use llmgate_core::future::ResponseFuture;
+
+use crate::route::apply;
 
 // === PathMetadataLayer ===
 

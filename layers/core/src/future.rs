@@ -1,5 +1,5 @@
-//! The response future of the synchronous layers: the inner future, or a refusal made
-//! without boxing.
+//! The response future of layers that may refuse a request without I/O: the inner service's
+//! future, or the refusal, without boxing.
 
 use std::{
     future::Future,
@@ -7,12 +7,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use llmgate_core::{BoxError, GatewayError};
+use crate::{BoxError, GatewayError};
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// Response future of [`Project`](crate::ProjectService) and
-    /// [`UpstreamAuth`](crate::UpstreamAuth).
+    /// Response future of a layer that may refuse a request before calling its inner service.
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
@@ -30,16 +29,14 @@ pin_project! {
 // === impl ResponseFuture ===
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn future(future: F) -> Self {
-        Self {
-            kind: Kind::Future { future },
-        }
+    /// Waits for the inner service's `future`.
+    pub fn future(future: F) -> Self {
+        Self { kind: Kind::Future { future } }
     }
 
-    pub(crate) fn refused(error: GatewayError) -> Self {
-        Self {
-            kind: Kind::Refused { error: Some(error) },
-        }
+    /// Fails with `error` without calling the inner service.
+    pub fn refused(error: GatewayError) -> Self {
+        Self { kind: Kind::Refused { error: Some(error) } }
     }
 }
 
@@ -55,9 +52,7 @@ where
             KindProj::Future { future } => future.poll(cx).map_err(Into::into),
             KindProj::Refused { error } => Poll::Ready(Err(error
                 .take()
-                .unwrap_or_else(|| {
-                    GatewayError::Internal("response future polled after completion".into())
-                })
+                .unwrap_or_else(|| GatewayError::Internal("response future polled after completion".into()))
                 .into())),
         }
     }
