@@ -101,17 +101,21 @@ fn counters(stats: &Value, names: &[&str]) -> Value {
     Value::Object(names.iter().map(|n| (n.to_string(), stats[*n].clone())).collect())
 }
 
+/// The config lines that put both stores on `redis`.
+fn redis_yaml(redis: &RedisServer) -> String {
+    format!("redis: {{url: \"{}\"}}\n", redis.url())
+}
+
 const MAIN_COUNTERS: &[&str] =
     &["total_requests", "primary_requests", "fallback_requests", "rate_limit_fallbacks", "rate_limit_waits"];
 
 // === local limits ===
 
-#[tokio::test]
-async fn rpm_limit_falls_back_to_the_next_model() {
+async fn rpm_limit_falls_back_to_the_next_model(store: &str) {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(
         &mock,
-        "models:\n  - {name: alpha, limits: {rpm: 2}, fallbacks: [beta]}\n  - {name: beta}\n",
+        &format!("{store}{}", "models:\n  - {name: alpha, limits: {rpm: 2}, fallbacks: [beta]}\n  - {name: beta}\n"),
     )
     .await;
     for _ in 0..3 {
@@ -129,12 +133,11 @@ async fn rpm_limit_falls_back_to_the_next_model() {
     assert!((rate - 100.0 / 3.0).abs() < 0.01, "{rate}");
 }
 
-#[tokio::test]
-async fn tpm_limit_falls_back_after_a_big_prompt() {
+async fn tpm_limit_falls_back_after_a_big_prompt(store: &str) {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(
         &mock,
-        "models:\n  - {name: alpha, context_window: 1000000, limits: {tpm: 1000}, fallbacks: [beta]}\n  - {name: beta}\n",
+        &format!("{store}{}", "models:\n  - {name: alpha, context_window: 1000000, limits: {tpm: 1000}, fallbacks: [beta]}\n  - {name: beta}\n"),
     )
     .await;
     // ~2,000 tokens: the full bucket lets one request through (it needs at most the whole
@@ -154,12 +157,11 @@ async fn tpm_limit_falls_back_after_a_big_prompt() {
     );
 }
 
-#[tokio::test]
-async fn rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc() {
+async fn rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc(store: &str) {
     let mock = mock().await;
     let gw = TestGateway::in_front_of(
         &mock,
-        "models:\n  - {name: alpha, limits: {rpd: 1}, fallbacks: [beta]}\n  - {name: beta}\n  - {name: solo, limits: {rpd: 1}}\n",
+        &format!("{store}{}", "models:\n  - {name: alpha, limits: {rpd: 1}, fallbacks: [beta]}\n  - {name: beta}\n  - {name: solo, limits: {rpd: 1}}\n"),
     )
     .await;
     for _ in 0..2 {
@@ -174,7 +176,7 @@ async fn rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc() {
     let reply = chat(&gw.url(CHAT), "solo", &[]).await;
     let after = secs_to_midnight_utc();
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
-    if after < before {
+    if after <= before {
         let retry = retry_after(&reply);
         assert!((after..=before + 1).contains(&retry), "Retry-After {retry}, midnight in {after}..{before} s");
     }
@@ -184,6 +186,39 @@ async fn rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc() {
         json!({"total_requests": 4, "primary_requests": 2, "fallback_requests": 1,
                "rate_limit_fallbacks": 2, "rate_limit_waits": 0})
     );
+}
+
+#[tokio::test]
+async fn rpm_limit_falls_back_in_memory() {
+    rpm_limit_falls_back_to_the_next_model("").await;
+}
+
+#[tokio::test]
+async fn rpm_limit_falls_back_on_redis() {
+    let redis = RedisServer::start();
+    rpm_limit_falls_back_to_the_next_model(&redis_yaml(&redis)).await;
+}
+
+#[tokio::test]
+async fn tpm_limit_falls_back_in_memory() {
+    tpm_limit_falls_back_after_a_big_prompt("").await;
+}
+
+#[tokio::test]
+async fn tpm_limit_falls_back_on_redis() {
+    let redis = RedisServer::start();
+    tpm_limit_falls_back_after_a_big_prompt(&redis_yaml(&redis)).await;
+}
+
+#[tokio::test]
+async fn rpd_limit_falls_back_in_memory() {
+    rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc("").await;
+}
+
+#[tokio::test]
+async fn rpd_limit_falls_back_on_redis() {
+    let redis = RedisServer::start();
+    rpd_limit_falls_back_and_an_exhausted_day_waits_for_midnight_utc(&redis_yaml(&redis)).await;
 }
 
 // === upstream 429s ===
@@ -242,7 +277,8 @@ async fn retry_after_cools_the_model_down_for_the_next_requests() {
         "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n  - {name: solo}\n",
     )
     .await;
-    let fail = [("x-mock-fail", "alpha=429:rate_limit_exceeded,solo=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let fail =
+        [("x-mock-fail", "alpha=429:rate_limit_exceeded,solo=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
     let reply = chat(&gw.url(CHAT), "alpha", &fail).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["model"], "beta");
@@ -270,7 +306,61 @@ async fn retry_after_cools_the_model_down_for_the_next_requests() {
         json!({"total_requests": 6, "primary_requests": 0, "fallback_requests": 4,
                "rate_limit_fallbacks": 6, "rate_limit_waits": 0})
     );
-    assert_eq!(counters(&stats, &["upstream_429s", "cooldowns_active"]), json!({"upstream_429s": 2, "cooldowns_active": 2}));
+    assert_eq!(
+        counters(&stats, &["upstream_429s", "cooldowns_active"]),
+        json!({"upstream_429s": 2, "cooldowns_active": 2})
+    );
+}
+
+#[tokio::test]
+async fn the_cooldown_is_shared_by_every_gateway_on_one_redis() {
+    let mock = mock().await;
+    let redis = RedisServer::start();
+    let yaml = format!("{}models:\n  - {{name: alpha, fallbacks: [beta]}}\n  - {{name: beta}}\n", redis_yaml(&redis));
+    let (one, two) = (TestGateway::in_front_of(&mock, &yaml).await, TestGateway::in_front_of(&mock, &yaml).await);
+    let fail = [("x-mock-fail", "alpha=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    assert_eq!(chat(&one.url(CHAT), "alpha", &fail).await.json()["model"], "beta");
+    // The other gateway never saw the 429, but its next requests skip alpha all the same.
+    for _ in 0..2 {
+        let reply = chat(&two.url(CHAT), "alpha", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["model"], "beta");
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "beta", "beta"]);
+    assert_eq!(
+        counters(&stats(&base(&two)).await, &["rate_limit_fallbacks", "upstream_429s"]),
+        json!({"rate_limit_fallbacks": 2, "upstream_429s": 0})
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_wait() {
+    let mock = MockUpstream::start(MockOptions { rate_limit_every: Some(2), ..MockOptions::default() }).await.unwrap();
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "rate_limit: {max_wait_seconds: 2}\nmodels:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n",
+    )
+    .await;
+    assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    let req = request(
+        Method::POST,
+        &gw.url(CHAT),
+        &[("content-type", "application/json")],
+        chat_body("alpha", false).to_string(),
+    );
+    let client = tokio::spawn(open(req));
+    // The second request got its 429 (`Retry-After: 1`): the gateway is waiting. The client leaves.
+    within(async {
+        while stats(&base(&gw)).await["rate_limit_waits"] != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(mock.chat_requests(), 2);
+    client.abort();
+    // Past the `Retry-After`: a wait that went on would have sent the retry by now.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(mock.chat_requests(), 2, "{:?}", models_seen(&mock));
 }
 
 #[tokio::test]
@@ -312,7 +402,8 @@ async fn quota_exhaustion_cools_the_model_down_until_the_daily_reset() {
     )
     .await;
     // The quota 429 says `Retry-After: 1`, but a quota does not come back in a second.
-    let fail = [("x-mock-fail", "alpha=429:insufficient_quota,solo=429:insufficient_quota"), ("x-mock-retry-after", "1")];
+    let fail =
+        [("x-mock-fail", "alpha=429:insufficient_quota,solo=429:insufficient_quota"), ("x-mock-retry-after", "1")];
     let reply = chat(&gw.url(CHAT), "alpha", &fail).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["model"], "beta");
@@ -321,7 +412,7 @@ async fn quota_exhaustion_cools_the_model_down_until_the_daily_reset() {
     let reply = chat(&gw.url(CHAT), "solo", &fail).await;
     let after = secs_to_midnight_utc();
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
-    if after < before && after > 5 {
+    if after <= before && after > 5 {
         let retry = retry_after(&reply);
         assert!((after..=before + 1).contains(&retry), "Retry-After {retry}, midnight in {after}..{before} s");
     }
@@ -337,7 +428,10 @@ async fn quota_exhaustion_cools_the_model_down_until_the_daily_reset() {
     }
     assert_eq!(models_seen(&mock), ["alpha", "beta", "solo", "beta"]);
     let stats = stats(&base(&gw)).await;
-    assert_eq!(counters(&stats, &["upstream_429s", "cooldowns_active"]), json!({"upstream_429s": 2, "cooldowns_active": 2}));
+    assert_eq!(
+        counters(&stats, &["upstream_429s", "cooldowns_active"]),
+        json!({"upstream_429s": 2, "cooldowns_active": 2})
+    );
 }
 
 // === chains ===
@@ -375,10 +469,10 @@ async fn an_exhausted_chain_is_an_openai_429_with_retry_after_and_the_models_tri
 
 /// 100 requests to each model with unlimited limits (`null`, `-1`, absent) all reach that model;
 /// their only fallback refuses everything, so a wrongly blocked request would be a 429.
-async fn unlimited_never_blocks(redis_yaml: &str) {
+async fn unlimited_never_blocks(store: &str) {
     let mock = mock().await;
     let yaml = format!(
-        "{redis_yaml}models:
+        "{store}models:
   - {{name: u-null, limits: {{rpm: null, tpm: null, rpd: null}}, fallbacks: [never]}}
   - {{name: u-minus-one, limits: {{rpm: -1, tpm: -1, rpd: -1}}, fallbacks: [never]}}
   - {{name: u-absent, fallbacks: [never]}}
@@ -419,7 +513,7 @@ async fn unlimited_limits_never_block_in_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unlimited_limits_never_block_on_redis() {
     let redis = RedisServer::start();
-    unlimited_never_blocks(&format!("redis: {{url: \"{}\"}}\n", redis.url())).await;
+    unlimited_never_blocks(&redis_yaml(&redis)).await;
 }
 
 // === streaming ===
@@ -466,6 +560,36 @@ async fn streaming_falls_back_before_the_first_byte() {
     assert!(first.contains("tok0") && first.contains("\"model\":\"beta\""), "{first}");
     drop(body);
     assert_eq!(models_seen(&mock), ["alpha", "beta", "beta"]);
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_midway_is_not_retried() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(&mock, "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n").await;
+    let req = request(
+        Method::POST,
+        &gw.url(CHAT),
+        // A pause between chunks lets the head and the first chunk reach the client before the cut.
+        &[("content-type", "application/json"), ("x-mock-cut-after", "2"), ("x-mock-chunk-delay-ms", "100")],
+        chat_body("alpha", true).to_string(),
+    );
+    let response = open(req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while let Some(frame) = within(body.frame()).await {
+        match frame {
+            Ok(frame) => text.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap_or_default())),
+            Err(_) => break,
+        }
+    }
+    assert!(text.contains("tok0") && !text.contains("[DONE]"), "{text}");
+    assert_eq!(models_seen(&mock), ["alpha"], "the client already has bytes of alpha's answer");
+    assert_eq!(
+        counters(&stats(&base(&gw)).await, MAIN_COUNTERS),
+        json!({"total_requests": 1, "primary_requests": 1, "fallback_requests": 0,
+               "rate_limit_fallbacks": 0, "rate_limit_waits": 0})
+    );
 }
 
 // === stats ===
@@ -542,7 +666,8 @@ const OUTAGE_MODELS: &str = "models:
 async fn redis_killed_with_fail_closed_refuses() {
     let mock = mock().await;
     let mut redis = RedisServer::start();
-    let yaml = format!("redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_closed}}\n{OUTAGE_MODELS}", redis.url());
+    let yaml =
+        format!("redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_closed}}\n{OUTAGE_MODELS}", redis.url());
     let gw = TestGateway::in_front_of(&mock, &yaml).await;
     assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
     redis.kill();
@@ -733,8 +858,7 @@ async fn two_processes_on_one_redis_never_exceed_rpm_50_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_processes_on_a_three_node_redis_cluster_never_exceed_rpm_50_together() {
     let cluster = RedisCluster::start(3);
-    let nodes: Vec<String> =
-        cluster.urls().iter().map(|u| u.trim_start_matches("redis://").to_string()).collect();
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| u.trim_start_matches("redis://").to_string()).collect();
     two_processes_share_one_budget(&format!("redis+cluster://{}", nodes.join(","))).await;
 }
 
