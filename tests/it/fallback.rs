@@ -467,6 +467,31 @@ async fn an_exhausted_chain_is_an_openai_429_with_retry_after_and_the_models_tri
     assert_eq!(stats["chains_exhausted"], 1);
 }
 
+#[tokio::test]
+async fn a_request_rerouted_for_context_never_falls_back_to_a_window_too_small() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(
+        &mock,
+        "models:
+  - {name: tiny, context_window: 50, fallbacks: [mid]}
+  - {name: mid, context_window: 2000, limits: {rpm: 0}, fallbacks: [small, big]}
+  - {name: small, context_window: 60}
+  - {name: big, context_window: 100000}
+",
+    )
+    .await;
+    // ~100 tokens: too large for tiny, so context routing picks mid; mid has no budget, and
+    // small's window is too small for the request: big answers.
+    let reply = post_json(&gw.url(CHAT), &[], &big_body("tiny", 80)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(models_seen(&mock), ["big"]);
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, &["total_requests", "fallback_requests", "context_fallbacks", "rate_limit_fallbacks"]),
+        json!({"total_requests": 1, "fallback_requests": 1, "context_fallbacks": 1, "rate_limit_fallbacks": 1})
+    );
+}
+
 /// 100 requests to each model with unlimited limits (`null`, `-1`, absent) all reach that model;
 /// their only fallback refuses everything, so a wrongly blocked request would be a 429.
 async fn unlimited_never_blocks(store: &str) {
