@@ -1,0 +1,577 @@
+//! The Pingora host: a pingora-core server (HTTP/1.1 and h2c) in front of a [`GatewayService`].
+//!
+//! It implements pingora's [`HttpServerApp`] directly, not `ServeHttp` (which must build the
+//! whole response before returning, so it cannot stream): for each request it reads the head,
+//! streams the request body into a [`GatewayBody`], calls the Tower stack, writes the response
+//! head, then each body frame as it comes (SSE is never buffered), and hands the connection back
+//! for keep-alive.
+//!
+//! **Where things run.** Pingora's `Server::run` builds its own runtimes and must not run inside
+//! a tokio runtime, so it gets a plain thread. The stack itself (and anything it spawns: usage
+//! taps, background records) runs on the caller's runtime: requests are handed over through a
+//! bounded queue to a dispatcher there, and response frames come back through a bounded channel.
+//! The stack service is `Send` but not `Sync`, which is why pingora's threads never hold it.
+//!
+//! **Shutdown.** When `shutdown` resolves, the listener stops accepting, responses in progress
+//! are sent with `Connection: close`, and in-flight requests and streams get up to `drain` to
+//! finish; then pingora stops at once. Pingora's own SIGTERM path (a fixed 300 s grace period by
+//! default) is never used: the caller owns signals.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use llmgate::{server::pingora::serve_pingora, stack::GatewayService};
+//!
+//! async fn run(service: GatewayService) -> std::io::Result<()> {
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//!     serve_pingora(listener, service, shutdown, Duration::from_secs(30)).await
+//! }
+//! ```
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    os::fd::IntoRawFd,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use llmgate_core::{BoxError, GatewayBody, body};
+use pingora_core::{
+    apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream},
+    protocols::http::ServerSession,
+    server::{
+        Fds, ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+        configuration::{Opt, ServerConf},
+    },
+    services::{ServiceReadyNotifier, ServiceWithDependents, listening::Service as Listening},
+};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, mpsc, oneshot, watch},
+};
+use tower::ServiceExt;
+
+use crate::{stack::GatewayService, upstream::strip_hop_by_hop};
+
+/// Serves `service` on `listener` with a Pingora server until `shutdown` resolves, then drains
+/// in-flight requests and streams for up to `drain`.
+///
+/// The same shape as [`crate::server::hyper::serve`]; see [`PingoraHost`] for the knobs.
+/// Returns once the Pingora server has stopped.
+pub async fn serve_pingora(
+    listener: TcpListener,
+    service: GatewayService,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> io::Result<()> {
+    PingoraHost::new().serve(listener, service, shutdown, drain).await
+}
+
+/// A Pingora host with its options.
+#[derive(Clone, Debug)]
+pub struct PingoraHost {
+    threads: usize,
+    h2c: bool,
+}
+
+impl Default for PingoraHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// === impl PingoraHost ===
+
+impl PingoraHost {
+    /// One Pingora worker thread per CPU, h2c on (as the hyper host).
+    pub fn new() -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { threads, h2c: true }
+    }
+
+    /// Pingora worker threads (network I/O; the stack runs on the caller's runtime).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Accept HTTP/2 with prior knowledge on the plain-text port (default on).
+    pub fn h2c(mut self, on: bool) -> Self {
+        self.h2c = on;
+        self
+    }
+
+    /// Serves `service` on `listener`; see [`serve_pingora`].
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        service: GatewayService,
+        shutdown: impl Future<Output = ()>,
+        drain: Duration,
+    ) -> io::Result<()> {
+        // Pingora binds its own listeners; hand it ours through its fd table (the mechanism of
+        // its zero-downtime upgrades), so an ephemeral port works and nothing is bound twice.
+        let listener = listener.into_std()?;
+        let key = listener.local_addr()?.to_string();
+        let mut fds = Fds::new();
+        fds.add(key.clone(), listener.into_raw_fd());
+        let fds: ListenFds = Arc::new(fds.into());
+
+        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(1024);
+        let in_flight = Arc::new(InFlight::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (trigger_tx, trigger_rx) = watch::channel(false);
+        let mut options = HttpServerOptions::default();
+        options.h2c = self.h2c;
+        let app = App { jobs: jobs_tx, in_flight: in_flight.clone(), options };
+        let mut listening = Listening::new(format!("llmgate {key}"), app);
+        listening.add_tcp(&key);
+        let hosted = Hosted { inner: listening, fds, stop: stop_rx, threads: self.threads };
+        let signal = Stop { trigger: trigger_rx, stop: stop_tx, in_flight, drain };
+
+        // Pingora's own grace period is never used (the drain happens before it stops).
+        let conf = ServerConf {
+            threads: self.threads,
+            grace_period_seconds: Some(0),
+            graceful_shutdown_timeout_seconds: Some(drain.as_secs().max(1)),
+            ..ServerConf::default()
+        };
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new().name("pingora-host".into()).spawn(move || {
+            let mut server = Server::new_with_opt_and_conf(None::<Opt>, conf);
+            server.add_service(hosted);
+            server.run(RunArgs { shutdown_signal: Box::new(signal) });
+            let _ = done_tx.send(());
+        })?;
+
+        let dispatch = async {
+            while let Some(job) = jobs_rx.recv().await {
+                tokio::spawn(job.run(service.clone()));
+            }
+        };
+        let lifecycle = async {
+            tokio::pin!(shutdown, done_rx);
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
+                    let _ = trigger_tx.send(true);
+                    let _ = done_rx.await;
+                }
+                _ = &mut done_rx => tracing::warn!("the Pingora server stopped on its own"),
+            }
+        };
+        tokio::pin!(lifecycle);
+        tokio::select! {
+            () = dispatch => lifecycle.await,
+            () = &mut lifecycle => {}
+        }
+        Ok(())
+    }
+}
+
+// === Shutdown ===
+
+/// Requests in progress (from the request head to the last byte of the response).
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Pingora's shutdown signal: the caller's `shutdown`, then a drain bounded by `drain`.
+struct Stop {
+    trigger: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    in_flight: Arc<InFlight>,
+    drain: Duration,
+}
+
+impl ShutdownSignalWatch for Stop {
+    fn recv<'life0, 'async_trait>(&'life0 self) -> Pin<Box<dyn Future<Output = ShutdownSignal> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let mut trigger = self.trigger.clone();
+            // A dropped trigger means the serving future itself was dropped: stop at once.
+            let requested = trigger.wait_for(|&stop| stop).await.is_ok();
+            // Stops the accept loop and turns keep-alive off for responses still to come.
+            let _ = self.stop.send(true);
+            if requested && tokio::time::timeout(self.drain, self.in_flight.idle()).await.is_err() {
+                tracing::warn!("drain timeout passed; closing the remaining connections");
+            }
+            ShutdownSignal::FastShutdown
+        })
+    }
+}
+
+/// The listening service, started with our listener and our shutdown watch.
+struct Hosted {
+    inner: Listening<App>,
+    fds: ListenFds,
+    stop: watch::Receiver<bool>,
+    threads: usize,
+}
+
+impl ServiceWithDependents for Hosted {
+    fn start_service<'life0, 'async_trait>(
+        &'life0 mut self,
+        _fds: Option<ListenFds>,
+        _shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready_notifier: ServiceReadyNotifier,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        ready_notifier.notify_ready();
+        let fds = Some(self.fds.clone());
+        let stop = self.stop.clone();
+        Box::pin(pingora_core::services::Service::start_service(&mut self.inner, fds, stop, listeners_per_fd))
+    }
+
+    fn name(&self) -> &str {
+        "llmgate"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.threads)
+    }
+}
+
+// === The app ===
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<http::Response<GatewayBody>, Infallible>> + Send>>;
+
+/// A request handed to the caller's runtime.
+struct Job {
+    request: Request<GatewayBody>,
+    head: oneshot::Sender<Head>,
+    frames: mpsc::Sender<Msg>,
+}
+
+struct Head {
+    parts: http::response::Parts,
+    exact: Option<u64>,
+    end: bool,
+}
+
+enum Msg {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    Error(BoxError),
+}
+
+impl Job {
+    /// Calls the stack and pumps the response body to the Pingora side (on the caller's runtime).
+    async fn run(self, service: GatewayService) {
+        let Job { request, head, frames } = self;
+        // Boxed so that `tokio::spawn`'s `Send` check sees no `dyn Error` lifetimes (as in the
+        // hyper host).
+        let call: ResponseFuture = Box::pin(service.oneshot(request));
+        let response = match call.await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let (parts, mut body) = response.into_parts();
+        let end = body.is_end_stream();
+        let exact = body.size_hint().exact();
+        if head.send(Head { parts, exact, end }).is_err() || end {
+            return;
+        }
+        loop {
+            // A client that went away closes `frames`: drop the body at once (the usage tap
+            // reports a cancellation, the upstream connection is closed).
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                () = frames.closed() => return,
+            };
+            let msg = match frame {
+                None => Msg::End,
+                Some(Err(error)) => Msg::Error(error),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => Msg::Data(data),
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => Msg::Trailers(trailers),
+                        Err(_) => continue,
+                    },
+                },
+            };
+            let last = matches!(msg, Msg::End | Msg::Error(_));
+            if frames.send(msg).await.is_err() || last {
+                return;
+            }
+            if body.is_end_stream() {
+                let _ = frames.send(Msg::End).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The request body as the stack sees it, fed by the Pingora side.
+struct RequestBody {
+    rx: mpsc::Receiver<Result<Option<Bytes>, BoxError>>,
+    remaining: Option<u64>,
+    done: bool,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(Some(data)))) => {
+                if let Some(remaining) = self.remaining.as_mut() {
+                    *remaining = remaining.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Ok(None))) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err("the client's request body ended early".into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+/// Reads the client's request body into `tx`; `true` when it was read to the end.
+async fn feed_request_body(session: &mut ServerSession, tx: mpsc::Sender<Result<Option<Bytes>, BoxError>>) -> bool {
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(data)) => {
+                if tx.send(Ok(Some(data))).await.is_err() {
+                    return false;
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Ok(None)).await;
+                return true;
+            }
+            Err(error) => {
+                let _ = tx.send(Err(error.into())).await;
+                return false;
+            }
+        }
+    }
+}
+
+struct App {
+    jobs: mpsc::Sender<Job>,
+    in_flight: Arc<InFlight>,
+    options: HttpServerOptions,
+}
+
+impl HttpServerApp for App {
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
+        session: ServerSession,
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(self.handle(session, shutdown))
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.options)
+    }
+}
+
+impl App {
+    async fn handle(&self, mut session: ServerSession, shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(error) => {
+                tracing::debug!(%error, "reading a request head failed");
+                return None;
+            }
+        }
+        let _in_flight = self.in_flight.enter();
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let h1 = !session.is_http2();
+        let request_head = session.req_header();
+        let client_version = request_head.version;
+        let parts = request_head.as_owned_parts();
+        let method = parts.method.clone();
+
+        let (body, feeder) = if session.is_body_empty() {
+            (body::empty(), None)
+        } else {
+            let remaining = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .filter(|_| !parts.headers.contains_key(header::TRANSFER_ENCODING))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let (tx, rx) = mpsc::channel(4);
+            (body::boxed(RequestBody { rx, remaining, done: false }), Some(tx))
+        };
+        let (head_tx, mut head_rx) = oneshot::channel();
+        let (frames_tx, mut frames_rx) = mpsc::channel(16);
+        let job = Job { request: Request::from_parts(parts, body), head: head_tx, frames: frames_tx };
+        if self.jobs.send(job).await.is_err() {
+            let _ = session.respond_error(503).await;
+            return None;
+        }
+
+        // Feed the request body until the response head arrives.
+        let mut body_read = feeder.is_none();
+        let head = match feeder {
+            None => head_rx.await,
+            Some(tx) => {
+                let feed = feed_request_body(&mut session, tx);
+                tokio::pin!(feed);
+                tokio::select! {
+                    head = &mut head_rx => head,
+                    complete = &mut feed => {
+                        body_read = complete;
+                        head_rx.await
+                    }
+                }
+            }
+        };
+        let Ok(Head { mut parts, exact, end }) = head else {
+            let _ = session.respond_error(500).await;
+            return None;
+        };
+        if !body_read {
+            // The rest of the request body was never read: this connection cannot be reused.
+            session.set_keepalive(None);
+        }
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        let bodiless = method == Method::HEAD
+            || parts.status.is_informational()
+            || matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+        if !bodiless {
+            match exact {
+                Some(length) => {
+                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                }
+                // Chunked keeps the connection reusable and lets each frame go out at once.
+                None if h1 && client_version != Version::HTTP_10 => {
+                    parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                }
+                None => {}
+            }
+        }
+        if let Err(error) = session.write_response_header(Box::new(parts.into())).await {
+            tracing::debug!(%error, "writing a response head failed");
+            return None;
+        }
+        if end {
+            if session.write_response_body(Bytes::new(), true).await.is_err() {
+                return None;
+            }
+        } else {
+            loop {
+                match frames_rx.recv().await {
+                    Some(Msg::Data(data)) => {
+                        if let Err(error) = session.write_response_body(data, false).await {
+                            tracing::debug!(%error, "the client went away mid-response");
+                            return None;
+                        }
+                    }
+                    Some(Msg::Trailers(trailers)) => {
+                        let _ = session.write_response_trailers(trailers).await;
+                    }
+                    Some(Msg::End) => {
+                        if session.write_response_body(Bytes::new(), true).await.is_err() {
+                            return None;
+                        }
+                        break;
+                    }
+                    // The stream failed midway: close the connection without finishing the
+                    // body, so the client sees a cut stream rather than a complete one.
+                    Some(Msg::Error(error)) => {
+                        tracing::debug!(%error, "the response body failed midway");
+                        return None;
+                    }
+                    None => return None,
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, "finishing a response failed");
+                None
+            }
+        }
+    }
+}
