@@ -30,12 +30,7 @@ impl RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("llmgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create redis dir");
-        let mut server = Self {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut server = Self { port, child: None, dir, extra: extra.iter().map(|s| s.to_string()).collect() };
         server.restart();
         server
     }
@@ -63,16 +58,7 @@ impl RedisServer {
         self.kill();
         let port = self.port.to_string();
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", self.dir.to_str().expect("utf-8 temp dir")])
             .args(&self.extra)
             .stdout(Stdio::null())
@@ -82,11 +68,7 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.command(&["PING"]).as_deref() != Some("+PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -113,23 +95,12 @@ impl RedisCluster {
     /// Starts `n` nodes, assigns the 16384 slots evenly and waits until the cluster is `ok`.
     pub fn start(n: usize) -> Self {
         let nodes: Vec<RedisServer> = (0..n)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
-            })
+            .map(|_| RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
             .collect();
         let per_node = 16384 / n;
         for (i, node) in nodes.iter().enumerate() {
             let first = i * per_node;
-            let last = if i + 1 == n {
-                16383
-            } else {
-                first + per_node - 1
-            };
+            let last = if i + 1 == n { 16383 } else { first + per_node - 1 };
             let slots: Vec<String> = (first..=last).map(|s| s.to_string()).collect();
             let mut args = vec!["CLUSTER", "ADDSLOTS"];
             args.extend(slots.iter().map(String::as_str));
@@ -137,19 +108,13 @@ impl RedisCluster {
         }
         for node in &nodes[1..] {
             let port = node.port().to_string();
-            assert_eq!(
-                nodes[0]
-                    .command(&["CLUSTER", "MEET", "127.0.0.1", &port])
-                    .as_deref(),
-                Some("+OK")
-            );
+            assert_eq!(nodes[0].command(&["CLUSTER", "MEET", "127.0.0.1", &port]).as_deref(), Some("+OK"));
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let all_ok = nodes.iter().all(|node| {
                 command_bulk(node.port(), &["CLUSTER", "INFO"]).is_some_and(|info| {
-                    info.contains("cluster_state:ok")
-                        && info.contains(&format!("cluster_known_nodes:{n}"))
+                    info.contains("cluster_state:ok") && info.contains(&format!("cluster_known_nodes:{n}"))
                 })
             });
             if all_ok {
@@ -173,11 +138,7 @@ impl RedisCluster {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn encode(args: &[&str]) -> Vec<u8> {
@@ -215,10 +176,7 @@ fn complete(reply: &[u8]) -> bool {
     if reply[0] != b'$' {
         return true;
     }
-    let len: i64 = std::str::from_utf8(&reply[1..end])
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(-1);
+    let len: i64 = std::str::from_utf8(&reply[1..end]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
     len < 0 || reply.len() >= end + 2 + len as usize + 2
 }
 
