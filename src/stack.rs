@@ -127,15 +127,15 @@ impl Gateway {
             catalog: catalog.clone(),
         });
 
-        let projects = match &config.secrets_path {
+        let projects = Arc::new(match &config.secrets_path {
             Some(path) => {
                 Projects::from(Secrets::load(path).map_err(|e| format!("secrets file {}: {e}", path.display()))?)
             }
             None => Projects::empty(),
-        };
+        });
         let allowlist = BaseUrlAllowlist::parse(config.encoded_base_url_allow.iter())
             .map_err(|e| format!("encoded_base_url.allow: {e}"))?;
-        let mut project = ProjectLayer::new(Arc::new(projects)).allowlist(allowlist);
+        let mut project = ProjectLayer::new(projects.clone()).allowlist(allowlist);
         if let Some(host) = &config.langfuse_host {
             project = project.langfuse_host(host.as_str());
         }
@@ -147,9 +147,26 @@ impl Gateway {
             Arc::new(StaticApiKeys::new(config.api_keys.iter().map(|k| k.expose().to_string())))
         };
 
-        let langfuse = match &config.langfuse_host {
-            Some(host) if config.emit != Some(Emit::Off) => {
-                let client = LangfuseClient::new(http_client::<Full<Bytes>>(config.request_timeout));
+        // One pooled Langfuse client for export and reads.
+        let langfuse_client = config
+            .langfuse_host
+            .as_ref()
+            .map(|_| LangfuseClient::new(http_client::<Full<Bytes>>(config.request_timeout)));
+        let traces: Option<BoxStack> = match (&config.langfuse_host, &langfuse_client) {
+            (Some(host), Some(client)) => {
+                let reader: Arc<dyn langfuse::LangfuseReader> = match config.langfuse_api {
+                    crate::config::LangfuseApi::V3 => Arc::new(langfuse::V3Reader::new(client.clone(), host.as_str())),
+                    crate::config::LangfuseApi::V4 => Arc::new(langfuse::V4Reader::new(client.clone(), host.as_str())),
+                };
+                let service =
+                    crate::routes::traces::TracesService::new(reader, projects.clone(), insertion_store.clone())
+                        .require_generation(config.emit != Some(Emit::Events));
+                Some(BoxCloneService::new(service))
+            }
+            _ => None,
+        };
+        let langfuse = match (&config.langfuse_host, langfuse_client) {
+            (Some(host), Some(client)) if config.emit != Some(Emit::Off) => {
                 let settings = config.langfuse_export;
                 let exporter_config = ExporterConfig::new(host.as_str())
                     .max_batch_spans(settings.batch_max_spans)
@@ -203,7 +220,7 @@ impl Gateway {
                 }
                 req
             })
-            .service(Dispatch { chat, traces: None, catch_all, stats: Some(stats) });
+            .service(Dispatch { chat, traces, catch_all, stats: Some(stats) });
 
         let service = ServiceBuilder::new()
             .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))

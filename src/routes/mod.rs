@@ -20,6 +20,8 @@ use llmgate_rate_limit_fallback::Stats;
 use serde_json::json;
 use tower::{Service, ServiceExt, util::BoxCloneService};
 
+pub mod traces;
+
 /// A boxed stack.
 pub type BoxStack = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, BoxError>;
 

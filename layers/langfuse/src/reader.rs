@@ -27,7 +27,8 @@ const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 /// Window of a query without bounds.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(30 * 86_400);
 
-/// What to list.
+/// What to list. The simple filters are exact matches and are passed to Langfuse (v3 query
+/// parameters; v4 simple parameters, a `traceName` filter, and `release` checked on the rows).
 #[derive(Clone, Debug, Default)]
 pub struct TraceQuery {
     /// The trace must carry every one of these tags.
@@ -38,6 +39,22 @@ pub struct TraceQuery {
     pub to: Option<SystemTime>,
     /// Stop after this many traces.
     pub limit: Option<usize>,
+    /// `userId`.
+    pub user_id: Option<String>,
+    /// `sessionId`.
+    pub session_id: Option<String>,
+    /// The trace name.
+    pub name: Option<String>,
+    /// `environment`.
+    pub environment: Option<String>,
+    /// `version`.
+    pub version: Option<String>,
+    /// `release`.
+    pub release: Option<String>,
+    /// v3 `fields` (comma list of `core`, `io`, `scores`, `observations`, `metrics`); on v4 they
+    /// are mapped to field groups (v4 group names pass through), and the groups the grouping
+    /// needs are always asked for.
+    pub fields: Option<String>,
 }
 
 impl TraceQuery {
@@ -45,6 +62,11 @@ impl TraceQuery {
         let to = self.to.unwrap_or_else(|| SystemTime::now() + Duration::from_secs(60));
         let from = self.from.unwrap_or_else(|| to.checked_sub(DEFAULT_WINDOW).unwrap_or(UNIX_EPOCH));
         (from, to)
+    }
+
+    /// The same filters with other tags (e.g. one `insertion_id:` tag) and another limit.
+    pub fn with_tags(&self, tags: Vec<String>, limit: Option<usize>) -> Self {
+        Self { tags, limit, ..self.clone() }
     }
 }
 
@@ -132,7 +154,10 @@ impl std::error::Error for ReadError {}
 
 /// A Langfuse read back end.
 pub trait LangfuseReader: Send + Sync + 'static {
-    /// Traces carrying all of `query.tags`, newest first.
+    /// Traces carrying all of `query.tags`, newest first. When several traces carry the same
+    /// `insertion_id:` tag, llmgate's own events-only trace of that insertion (LiteLLM-mode
+    /// exports: its trace id is the insertion id, and LiteLLM wrote the completion under its own
+    /// trace id) is left out, so each insertion is one trace.
     fn list_traces<'a>(
         &'a self,
         keys: &'a LangfuseKeys,
@@ -146,6 +171,79 @@ pub trait LangfuseReader: Send + Sync + 'static {
         keys: &'a LangfuseKeys,
         trace_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Trace>, ReadError>>;
+
+    /// Whether [`list_traces`](Self::list_traces) returns the observations too (v4). When not
+    /// (v3), fetch each listed trace with [`get_trace`](Self::get_trace) for them.
+    fn lists_full_traces(&self) -> bool {
+        false
+    }
+
+    /// The trace of one insertion id, with its observations; `Ok(None)` while it is not there.
+    ///
+    /// Looked up on its own by its `insertion_id:` tag, with `query`'s other filters and window
+    /// (a query with several `insertion_id:` tags means "all of them" and matches nothing).
+    /// [`V3Reader`] first tries the trace id (the insertion id without dashes: llmgate exported
+    /// the trace itself) and falls back to the tag when that trace has no generation (LiteLLM
+    /// wrote the completion under its own trace id).
+    fn find_insertion<'a>(
+        &'a self,
+        keys: &'a LangfuseKeys,
+        insertion_id: &'a str,
+        query: &'a TraceQuery,
+    ) -> BoxFuture<'a, Result<Option<Trace>, ReadError>> {
+        Box::pin(find_by_tag(self, keys, insertion_id, query))
+    }
+}
+
+/// How many traces one insertion's tag query reads (one, plus the duplicates to drop).
+const INSERTION_LIMIT: usize = 10;
+
+async fn find_by_tag<R: LangfuseReader + ?Sized>(
+    reader: &R,
+    keys: &LangfuseKeys,
+    insertion_id: &str,
+    query: &TraceQuery,
+) -> Result<Option<Trace>, ReadError> {
+    let query = query.with_tags(vec![format!("insertion_id:{insertion_id}")], Some(INSERTION_LIMIT));
+    let traces = reader.list_traces(keys, &query).await?;
+    let hex = strip_dashes(insertion_id);
+    let best = traces
+        .into_iter()
+        .max_by_key(|t| (t.has_generation(), t.id != hex))
+        .filter(|t| t.insertion_id().is_some_and(|i| strip_dashes(i) == hex));
+    match best {
+        Some(trace) if !reader.lists_full_traces() => reader.get_trace(keys, &trace.id).await,
+        other => Ok(other),
+    }
+}
+
+impl Trace {
+    /// The value of the trace's first `insertion_id:` tag.
+    pub fn insertion_id(&self) -> Option<&str> {
+        self.tags.iter().find_map(|t| t.strip_prefix("insertion_id:"))
+    }
+
+    /// Whether one of its observations is a `GENERATION`.
+    pub fn has_generation(&self) -> bool {
+        self.observations.iter().any(|o| o.kind == "GENERATION")
+    }
+}
+
+/// Leaves out llmgate's own events-only trace of an insertion when another trace carries the
+/// same `insertion_id:` tag (spec `langfuse.md` §6: LiteLLM-mode exports that did not join
+/// LiteLLM's trace). Order is kept.
+pub fn drop_shadowed_traces(mut traces: Vec<Trace>) -> Vec<Trace> {
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for t in &traces {
+        if let Some(id) = t.insertion_id() {
+            *count.entry(strip_dashes(id)).or_default() += 1;
+        }
+    }
+    traces.retain(|t| match t.insertion_id().map(strip_dashes) {
+        Some(hex) => !(count.get(&hex).copied().unwrap_or(0) > 1 && t.id == hex && !t.has_generation()),
+        None => true,
+    });
+    traces
 }
 
 async fn get_json(client: &LangfuseClient, keys: &LangfuseKeys, url: String) -> Result<Option<Value>, ReadError> {
@@ -206,8 +304,8 @@ fn observation(v: &Value) -> Observation {
         id: string(v, "id").unwrap_or_default(),
         kind: string(v, "type").unwrap_or_default(),
         name: string(v, "name"),
-        start_time: string(v, "startTime"),
-        end_time: string(v, "endTime"),
+        start_time: rfc3339(string(v, "startTime")),
+        end_time: rfc3339(string(v, "endTime")),
         input: parse_io(v.get("input")),
         output: parse_io(v.get("output")),
         parent_observation_id: string(v, "parentObservationId"),
@@ -221,6 +319,119 @@ fn observation(v: &Value) -> Observation {
 
 fn strip_dashes(id: &str) -> String {
     id.chars().filter(|c| *c != '-').collect()
+}
+
+/// Parses an ISO-8601 timestamp the way Python's `datetime.fromisoformat` (3.11) takes it:
+/// `YYYY-MM-DD`, then optionally `T` or a space and `HH:MM[:SS[.fraction]]`, then optionally
+/// `Z` or an offset `±HH[:MM]`. A timestamp without an offset is UTC. `None` when malformed.
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let part = s.get(from..from + len)?;
+        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return None;
+    }
+    let mut seconds = days_from_civil(year, month, day) * 86_400;
+    let mut nanos: u32 = 0;
+    let mut rest = &s[10..];
+    if let Some(time) = rest.strip_prefix(['T', 't', ' ']) {
+        let tb = time.as_bytes();
+        if tb.len() < 5 || tb[2] != b':' {
+            return None;
+        }
+        let two = |i: usize| -> Option<i64> {
+            let p = time.get(i..i + 2)?;
+            p.bytes().all(|c| c.is_ascii_digit()).then(|| p.parse().ok())?
+        };
+        let (h, m) = (two(0)?, two(3)?);
+        let mut used = 5;
+        let mut sec = 0;
+        if tb.get(5) == Some(&b':') {
+            sec = two(6)?;
+            used = 8;
+            if matches!(tb.get(8), Some(b'.' | b',')) {
+                let digits = time[9..].bytes().take_while(u8::is_ascii_digit).count();
+                if digits == 0 {
+                    return None;
+                }
+                let frac = &time[9..9 + digits];
+                let padded: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+                nanos = padded.parse().ok()?;
+                used = 9 + digits;
+            }
+        }
+        if h > 23 || m > 59 || sec > 59 {
+            return None;
+        }
+        seconds += h * 3600 + m * 60 + sec;
+        rest = &time[used..];
+    } else if !rest.is_empty() {
+        return None;
+    }
+    match rest {
+        "" | "Z" | "z" => {}
+        offset => {
+            let sign = match offset.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let o = &offset[1..];
+            let digits = |p: &str| p.len() == 2 && p.bytes().all(|c| c.is_ascii_digit());
+            let (oh, om) = match o.len() {
+                2 if digits(o) => (o, "00"),
+                4 if digits(&o[..2]) && digits(&o[2..]) => (&o[..2], &o[2..]),
+                5 if o.as_bytes()[2] == b':' && digits(&o[..2]) && digits(&o[3..]) => (&o[..2], &o[3..]),
+                _ => return None,
+            };
+            let (oh, om): (i64, i64) = (oh.parse().ok()?, om.parse().ok()?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            seconds -= sign * (oh * 3600 + om * 60);
+        }
+    }
+    let at = if seconds >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(seconds.unsigned_abs()))?
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(seconds.unsigned_abs()))?
+    };
+    at.checked_add(Duration::from_nanos(u64::from(nanos)))
+}
+
+/// A Langfuse timestamp as RFC 3339 UTC with milliseconds (`2026-11-21T16:30:22.000Z`); what
+/// does not parse is kept as it came.
+fn rfc3339(v: Option<String>) -> Option<String> {
+    v.map(|s| match parse_timestamp(&s) {
+        Some(t) if t >= UNIX_EPOCH => iso_millis(t),
+        _ => s,
+    })
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Howard Hinnant's civil date → days since 1970-01-01.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 // === V3Reader ===
@@ -256,7 +467,7 @@ impl V3Reader {
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
                 .unwrap_or_default(),
-            timestamp: string(v, "timestamp"),
+            timestamp: rfc3339(string(v, "timestamp")),
             input: parse_io(v.get("input")),
             output: parse_io(v.get("output")),
             metadata: v.get("metadata").cloned().unwrap_or(Value::Null),
@@ -278,14 +489,33 @@ impl LangfuseReader for V3Reader {
         Box::pin(async move {
             let (from, to) = query.window();
             let limit = query.limit.unwrap_or(usize::MAX);
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            // One page size for the whole walk (pages are offsets of it).
+            let page_size = self.page_size.min(limit);
             let mut traces = Vec::new();
             let mut page = 1u64;
             loop {
                 let mut pairs: Vec<(&str, String)> = query.tags.iter().map(|t| ("tags", t.clone())).collect();
                 pairs.push(("page", page.to_string()));
-                pairs.push(("limit", self.page_size.to_string()));
+                pairs.push(("limit", page_size.to_string()));
+                pairs.push(("orderBy", "timestamp.desc".to_owned()));
                 pairs.push(("fromTimestamp", iso_millis(from)));
                 pairs.push(("toTimestamp", iso_millis(to)));
+                for (key, value) in [
+                    ("userId", &query.user_id),
+                    ("sessionId", &query.session_id),
+                    ("name", &query.name),
+                    ("environment", &query.environment),
+                    ("version", &query.version),
+                    ("release", &query.release),
+                    ("fields", &query.fields),
+                ] {
+                    if let Some(value) = value {
+                        pairs.push((key, value.clone()));
+                    }
+                }
                 let url = format!("{}/api/public/traces?{}", self.host, query_string(pairs));
                 let Some(body) = get_json(&self.client, keys, url).await? else {
                     return Err(ReadError { status: Some(404), message: "the v3 traces API is not available".into() });
@@ -300,7 +530,7 @@ impl LangfuseReader for V3Reader {
                 page += 1;
             }
             traces.truncate(limit);
-            Ok(traces)
+            Ok(drop_shadowed_traces(traces))
         })
     }
 
@@ -314,6 +544,29 @@ impl LangfuseReader for V3Reader {
             let encoded: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
             let url = format!("{}/api/public/traces/{encoded}", self.host);
             Ok(get_json(&self.client, keys, url).await?.map(|v| Self::v3_trace(&v)))
+        })
+    }
+
+    fn find_insertion<'a>(
+        &'a self,
+        keys: &'a LangfuseKeys,
+        insertion_id: &'a str,
+        query: &'a TraceQuery,
+    ) -> BoxFuture<'a, Result<Option<Trace>, ReadError>> {
+        Box::pin(async move {
+            // The trace id is one request instead of a list and a detail; it ignores the other
+            // filters, so it is used only when there are none.
+            let filtered =
+                [&query.user_id, &query.session_id, &query.name, &query.environment, &query.version, &query.release]
+                    .iter()
+                    .any(|f| f.is_some());
+            if !filtered
+                && let Some(trace) = self.get_trace(keys, insertion_id).await?
+                && trace.has_generation()
+            {
+                return Ok(Some(trace));
+            }
+            find_by_tag(self, keys, insertion_id, query).await
         })
     }
 }
@@ -330,6 +583,32 @@ pub struct V4Reader {
 
 const V4_FIELDS: &str = "core,basic,time,io,metadata,model,usage,trace_context";
 
+/// The v4 field groups for a v3 `fields` list: `core` → `metadata` (plus the groups always
+/// asked for), `io` → `io`, `observations` → `time,model,usage`, `metrics` → `metrics`,
+/// `scores` → nothing; v4 group names pass through, unknown names are dropped.
+fn v4_fields(fields: Option<&str>) -> String {
+    const V4_GROUPS: &[&str] =
+        &["core", "basic", "time", "io", "metadata", "model", "usage", "prompt", "metrics", "trace_context"];
+    let Some(fields) = fields.filter(|f| !f.trim().is_empty()) else {
+        return V4_FIELDS.to_owned();
+    };
+    // What grouping into traces needs: ids and parents, trace name, user, session, tags.
+    let mut groups: Vec<&str> = vec!["core", "basic", "trace_context"];
+    for item in fields.split(',').map(str::trim) {
+        let add: &[&str] = match item {
+            "core" => &["metadata"],
+            "observations" => &["time", "model", "usage"],
+            other => V4_GROUPS.iter().find(|g| **g == other).map_or(&[], std::slice::from_ref),
+        };
+        for g in add {
+            if !groups.contains(g) {
+                groups.push(g);
+            }
+        }
+    }
+    groups.join(",")
+}
+
 impl V4Reader {
     /// Reads from `host` through `client`.
     pub fn new(client: LangfuseClient, host: impl Into<String>) -> Self {
@@ -342,24 +621,30 @@ impl V4Reader {
         self
     }
 
-    /// All rows matching `filter` in the window, following the cursor.
+    /// All rows matching `filter` (and the simple parameters `simple`) in the window,
+    /// following the cursor; stops early once more than `max_traces` traces were seen.
     async fn rows(
         &self,
         keys: &LangfuseKeys,
         filter: Value,
+        simple: &[(&'static str, String)],
+        fields: &str,
         (from, to): (SystemTime, SystemTime),
+        max_traces: Option<usize>,
     ) -> Result<Vec<Value>, ReadError> {
-        let mut rows = Vec::new();
+        let mut rows: Vec<Value> = Vec::new();
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut cursor: Option<String> = None;
         loop {
             let mut pairs = vec![
                 ("fromStartTime", iso_millis(from)),
                 ("toStartTime", iso_millis(to)),
                 ("limit", self.page_size.to_string()),
-                ("fields", V4_FIELDS.to_owned()),
+                ("fields", fields.to_owned()),
                 ("expandMetadata", "insertion_id,original_model,fallback_model,reason".to_owned()),
                 ("filter", filter.to_string()),
             ];
+            pairs.extend(simple.iter().cloned());
             if let Some(cursor) = cursor.take() {
                 pairs.push(("cursor", cursor));
             }
@@ -371,7 +656,15 @@ impl V4Reader {
                 });
             };
             if let Some(data) = body.get("data").and_then(Value::as_array) {
-                rows.extend(data.iter().cloned());
+                for row in data {
+                    if let Some(trace_id) = string(row, "traceId") {
+                        seen.insert(trace_id);
+                    }
+                    rows.push(row.clone());
+                }
+            }
+            if max_traces.is_some_and(|max| seen.len() > max) {
+                return Ok(rows);
             }
             match body.get("meta").and_then(|m| m.get("cursor")).and_then(Value::as_str) {
                 Some(next) if !next.is_empty() => cursor = Some(next.to_owned()),
@@ -419,7 +712,7 @@ impl V4Reader {
                     user_id: any("userId"),
                     session_id: any("sessionId"),
                     tags,
-                    timestamp: string(root, "startTime"),
+                    timestamp: rfc3339(string(root, "startTime")),
                     input: parse_io(root.get("input")),
                     output: parse_io(root.get("output")),
                     metadata: root.get("metadata").cloned().unwrap_or(Value::Null),
@@ -451,12 +744,61 @@ impl LangfuseReader for V4Reader {
         query: &'a TraceQuery,
     ) -> BoxFuture<'a, Result<Vec<Trace>, ReadError>> {
         Box::pin(async move {
-            let filter = json!([{"type": "arrayOptions", "column": "tags", "operator": "all of", "value": query.tags}]);
-            let rows = self.rows(keys, filter, query.window()).await?;
-            let mut traces = Self::group(rows);
-            traces.truncate(query.limit.unwrap_or(usize::MAX));
+            let limit = query.limit.unwrap_or(usize::MAX);
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let mut conditions = Vec::new();
+            if !query.tags.is_empty() {
+                conditions
+                    .push(json!({"type": "arrayOptions", "column": "tags", "operator": "all of", "value": query.tags}));
+            }
+            if let Some(name) = &query.name {
+                conditions.push(json!({"type": "string", "column": "traceName", "operator": "=", "value": name}));
+            }
+            let mut simple: Vec<(&'static str, String)> = Vec::new();
+            for (key, value) in [
+                ("userId", &query.user_id),
+                ("sessionId", &query.session_id),
+                ("environment", &query.environment),
+                ("version", &query.version),
+            ] {
+                if let Some(value) = value {
+                    simple.push((key, value.clone()));
+                }
+            }
+            // Without a tag the listing is unbounded: stop after `limit` traces. With tags every
+            // row is read, so no trace comes back cut.
+            let max_traces = query.tags.is_empty().then_some(limit);
+            let rows = self
+                .rows(
+                    keys,
+                    Value::Array(conditions),
+                    &simple,
+                    &v4_fields(query.fields.as_deref()),
+                    query.window(),
+                    max_traces,
+                )
+                .await?;
+            let rows = match &query.release {
+                Some(release) => {
+                    let keep: std::collections::HashSet<String> = rows
+                        .iter()
+                        .filter(|r| string(r, "release").as_deref() == Some(release.as_str()))
+                        .filter_map(|r| string(r, "traceId"))
+                        .collect();
+                    rows.into_iter().filter(|r| string(r, "traceId").is_some_and(|t| keep.contains(&t))).collect()
+                }
+                None => rows,
+            };
+            let mut traces = drop_shadowed_traces(Self::group(rows));
+            traces.truncate(limit);
             Ok(traces)
         })
+    }
+
+    fn lists_full_traces(&self) -> bool {
+        true
     }
 
     fn get_trace<'a>(
@@ -467,7 +809,7 @@ impl LangfuseReader for V4Reader {
         Box::pin(async move {
             let id = strip_dashes(trace_id);
             let filter = json!([{"type": "string", "column": "traceId", "operator": "=", "value": id}]);
-            let rows = self.rows(keys, filter, window_for(trace_id)).await?;
+            let rows = self.rows(keys, filter, &[], V4_FIELDS, window_for(trace_id), None).await?;
             Ok(Self::group(rows).into_iter().next())
         })
     }
