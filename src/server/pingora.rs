@@ -155,7 +155,9 @@ impl PingoraHost {
             let _ = done_tx.send(());
         })?;
 
-        let dispatch = async {
+        // Owns the service: a `&GatewayService` held across an await would make this future
+        // `!Send` (the service is not `Sync`).
+        let dispatch = async move {
             while let Some(job) = jobs_rx.recv().await {
                 tokio::spawn(job.run(service.clone()));
             }
