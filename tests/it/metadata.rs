@@ -135,8 +135,8 @@ fn redis_int(server: &RedisServer, command: &str, key: &str) -> i64 {
     redis::cmd(command).arg(key).query(&mut redis_conn(server).expect("redis is up")).expect("redis answers")
 }
 
-fn set_of(ids: &[String]) -> BTreeSet<String> {
-    ids.iter().cloned().collect()
+fn set_of<S: ToString>(ids: &[S]) -> BTreeSet<String> {
+    ids.iter().map(ToString::to_string).collect()
 }
 
 /// Sends a streamed chat request and reads it to its end; returns the id and the body.
@@ -427,6 +427,71 @@ async fn openai_body_is_the_client_body_without_tags_and_the_base_url_picks_the_
     assert_eq!(sent["messages"], json!([]));
 }
 
+#[tokio::test]
+async fn a_fallback_to_an_upstream_of_the_other_mode_gets_that_modes_body_and_the_same_tags() {
+    let lite = mock().await;
+    let oai = mock().await;
+    let secrets = SecretsFile::new();
+    let yaml = format!(
+        "upstreams:\n  lite: {{url: \"{}\", mode: litellm}}\n  oai: {{url: \"{}\", mode: openai}}\n\
+         default_upstream: lite\n\
+         langfuse: {{host: \"{LANGFUSE_HOST}\", secrets_path: \"{}\", emit: off}}\n\
+         models:\n\
+         \x20 - {{name: alpha, upstream: lite, fallbacks: [beta]}}\n\
+         \x20 - {{name: beta, upstream: oai}}\n\
+         \x20 - {{name: gamma, upstream: oai, fallbacks: [\"fireworks_ai/delta\"]}}\n\
+         \x20 - {{name: \"fireworks_ai/delta\", upstream: lite}}\n",
+        lite.url(),
+        oai.url(),
+        secrets.path()
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    let path = gw.url(&format!("{}{CHAT}", ids("rf")));
+    let client = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "metadata": {"tags": ["pre"], "foo": "bar"}});
+    let headers = |failing: &str| {
+        [
+            ("authorization", "Bearer sk-client"),
+            (
+                "x-mock-fail",
+                if failing == "alpha" { "alpha=429:rate_limit_exceeded" } else { "gamma=429:rate_limit_exceeded" },
+            ),
+            ("x-mock-retry-after", "30"),
+        ]
+    };
+    let litellm_body = |model: &str, id: &str, api_key: bool| {
+        let mut body = client(model);
+        body["metadata"]["tags"] =
+            json!(["pre"].into_iter().map(String::from).chain(six_tags("rf", id)).collect::<Vec<_>>());
+        body["langfuse_public_key"] = json!("pk-lf-a");
+        body["langfuse_secret_key"] = json!("sk-lf-a");
+        body["langfuse_host"] = json!(LANGFUSE_HOST);
+        if api_key {
+            body["api_key"] = json!("sk-client");
+        }
+        body
+    };
+    let openai_body = |model: &str| {
+        let mut body = client(model);
+        body["metadata"] = json!({"foo": "bar"});
+        body
+    };
+
+    // litellm first, openai on fallback.
+    let reply = post_json(&path, &headers("alpha"), &client("alpha")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let id = insertion_id(&reply.headers);
+    assert_eq!(lite.requests().pop().expect("first attempt").json(), litellm_body("alpha", &id, false));
+    assert_eq!(oai.requests().pop().expect("fallback attempt").json(), openai_body("beta"));
+
+    // openai first, litellm on fallback (and a `fireworks_ai` model there: `api_key` too).
+    let reply = post_json(&path, &headers("gamma"), &client("gamma")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let id = insertion_id(&reply.headers);
+    assert_eq!(oai.requests().pop().expect("first attempt").json(), openai_body("gamma"));
+    assert_eq!(lite.requests().pop().expect("fallback attempt").json(), litellm_body("fireworks_ai/delta", &id, true));
+    assert_eq!((lite.requests().len(), oai.requests().len()), (2, 2), "one re-send per request");
+}
+
 // === Redis ===
 
 #[tokio::test]
@@ -450,7 +515,7 @@ async fn the_redis_set_holds_exactly_the_returned_ids_with_a_day_of_ttl() {
     }
     assert_eq!(set_of(&returned).len(), 5);
     eventually("all five ids in SMEMBERS rs-1", || smembers(&redis, "rs-1") == Some(set_of(&returned))).await;
-    eventually("the other rollout's id", || smembers(&redis, "rs-2") == Some(set_of(&[other.clone()]))).await;
+    eventually("the other rollout's id", || smembers(&redis, "rs-2") == Some(set_of(&[&other]))).await;
     let ttl = redis_int(&redis, "TTL", "rs-1");
     assert!((86_000..=86_400).contains(&ttl), "TTL {ttl}");
     let kind: String = redis::cmd("TYPE").arg("rs-1").query(&mut redis_conn(&redis).unwrap()).unwrap();
@@ -464,7 +529,7 @@ async fn the_prefix_and_the_ttl_are_configurable() {
     let yaml = format!("{}insertion_id: {{prefix: \"ep:\", ttl_secs: 120}}\n", redis_yaml(&redis));
     let gw = TestGateway::in_front_of(&mock, &yaml).await;
     let id = completed(&gw.url(&format!("{}{CHAT}", ids("rp")))).await;
-    eventually("the id under the prefixed key", || smembers(&redis, "ep:rp") == Some(set_of(&[id.clone()]))).await;
+    eventually("the id under the prefixed key", || smembers(&redis, "ep:rp") == Some(set_of(&[&id]))).await;
     let ttl = redis_int(&redis, "TTL", "ep:rp");
     assert!((100..=120).contains(&ttl), "TTL {ttl}");
     assert_eq!(redis_int(&redis, "EXISTS", "rp"), 0, "nothing under the bare key");
@@ -480,7 +545,7 @@ async fn a_success_is_recorded_before_the_client_sees_the_end_of_it() {
     let url = gw.url(&format!("{}{CHAT}", ids("rb")));
 
     let json_id = completed(&url).await;
-    assert_eq!(smembers(&redis, "rb"), Some(set_of(&[json_id.clone()])), "recorded when the JSON response came");
+    assert_eq!(smembers(&redis, "rb"), Some(set_of(&[&json_id])), "recorded when the JSON response came");
 
     let req = request(
         Method::POST,
@@ -498,7 +563,7 @@ async fn a_success_is_recorded_before_the_client_sees_the_end_of_it() {
         let chunk = String::from_utf8_lossy(&data).into_owned();
         if chunk.contains("[DONE]") {
             // The final chunk is released only once the record is written.
-            assert_eq!(smembers(&redis, "rb"), Some(set_of(&[json_id.clone(), sse_id.clone()])));
+            assert_eq!(smembers(&redis, "rb"), Some(set_of(&[&json_id, &sse_id])));
         }
         text.push_str(&chunk);
     }
@@ -552,7 +617,7 @@ async fn streams_are_recorded_only_when_they_complete() {
 
     // A stream that completes is recorded; the two others never are.
     let (done_id, _) = streamed(&url, &[("x-mock-chunks", "3")]).await;
-    assert_eq!(smembers(&redis, "rc"), Some(set_of(&[done_id.clone()])));
+    assert_eq!(smembers(&redis, "rc"), Some(set_of(&[&done_id])));
     assert_ne!(dropped_id, cut_id);
     eventually("one completed stream", || gw.metrics.completed.load(Ordering::SeqCst) == 1).await;
 }
@@ -614,7 +679,7 @@ async fn redis_killed_mid_run_serves_requests_and_records_once_it_is_back() {
     redis.restart();
     eventually("every served id is in the set once Redis is back", || smembers(&redis, "rk") == Some(set_of(&served)))
         .await;
-    eventually("the other rollout too", || smembers(&redis, "rk-2") == Some(set_of(&[other.clone()]))).await;
+    eventually("the other rollout too", || smembers(&redis, "rk-2") == Some(set_of(&[&other]))).await;
 }
 
 // === Auth ===
