@@ -814,3 +814,78 @@ impl LangfuseReader for V4Reader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(t: Option<SystemTime>) -> Option<u64> {
+        t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs())
+    }
+
+    #[test]
+    fn timestamps_parse_like_fromisoformat() {
+        assert_eq!(secs(parse_timestamp("2026-11-21T16:30:22Z")), Some(1_795_278_622));
+        assert_eq!(secs(parse_timestamp("2026-11-21 16:30:22+00:00")), Some(1_795_278_622));
+        assert_eq!(secs(parse_timestamp("2026-11-21T18:30:22+02:00")), Some(1_795_278_622));
+        assert_eq!(secs(parse_timestamp("2026-11-21T16:30:22.123456")), Some(1_795_278_622));
+        assert_eq!(secs(parse_timestamp("2026-11-21T16:30")), Some(1_795_278_600));
+        assert_eq!(secs(parse_timestamp("2026-11-21")), Some(1_795_219_200));
+        assert_eq!(secs(parse_timestamp("2024-02-29T00:00:00-0130")), Some(1_709_170_200));
+        assert_eq!(
+            parse_timestamp("2026-11-21T16:30:22.123Z").map(iso_millis).as_deref(),
+            Some("2026-11-21T16:30:22.123Z")
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01",
+            "2026-02-30",
+            "2025-02-29",
+            "2026-11-21T25:00",
+            "2026-11-21T16:30:22+2",
+            "2026-11-21X16:30",
+            "2026-11-21T16:30:22.Z",
+            "2026-1-21",
+            "2026-11-21T16:30:22 junk",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+        assert_eq!(rfc3339(Some("2026-11-21 16:30:22+00:00".into())).as_deref(), Some("2026-11-21T16:30:22.000Z"));
+        assert_eq!(rfc3339(Some("not a time".into())).as_deref(), Some("not a time"));
+    }
+
+    #[test]
+    fn v4_fields_map_the_v3_names() {
+        assert_eq!(v4_fields(None), V4_FIELDS);
+        assert_eq!(v4_fields(Some("core")), "core,basic,trace_context,metadata");
+        assert_eq!(
+            v4_fields(Some("core,io,observations,scores")),
+            "core,basic,trace_context,metadata,io,time,model,usage"
+        );
+        assert_eq!(v4_fields(Some("usage,bogus")), "core,basic,trace_context,usage");
+    }
+
+    fn trace(id: &str, insertion: &str, generation: bool) -> Trace {
+        let kind = if generation { "GENERATION" } else { "SPAN" };
+        Trace {
+            id: id.into(),
+            tags: vec!["rollout_id:r".into(), format!("insertion_id:{insertion}")],
+            observations: vec![Observation { id: "o".into(), kind: kind.into(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_events_only_duplicate_of_an_insertion_is_dropped() {
+        let a = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+        let hex_a = strip_dashes(a);
+        let b = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c";
+        let traces = vec![trace(&hex_a, a, false), trace("litellm-trace", a, true), trace(&strip_dashes(b), b, false)];
+        let kept: Vec<String> = drop_shadowed_traces(traces).into_iter().map(|t| t.id).collect();
+        assert_eq!(kept, vec!["litellm-trace".to_string(), strip_dashes(b)], "alone, an events-only trace stays");
+        // llmgate's own trace with its generation (openai mode) is never dropped.
+        let traces = vec![trace(&hex_a, a, true), trace("other", a, true)];
+        assert_eq!(drop_shadowed_traces(traces).len(), 2);
+    }
+}

@@ -615,3 +615,57 @@ async fn stand_in_checks_requests_like_langfuse() {
     assert_eq!(obs[0].kind, "EVENT");
     assert_eq!(obs[0].tags, vec!["a", "b"], "a comma-joined string is split, as Langfuse does");
 }
+
+/// LiteLLM-mode exports: llmgate's events-only trace (trace id = insertion id, root span and an
+/// event) and LiteLLM's own trace (its id, root span and generation), both with the same tags.
+#[tokio::test]
+async fn readers_return_one_trace_per_insertion_and_find_it_on_its_own() {
+    use base64::Engine as _;
+    let lf = stand_in().await;
+    let id = insertion();
+    let hex = hex_id(id);
+    let tags = json!({"arrayValue": {"values": [{"stringValue": "rollout_id:rl"}, {"stringValue": format!("insertion_id:{}", id.0)}]}});
+    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let span = |trace: &str, span: &str, parent: Option<&str>, kind: &str| {
+        json!({"traceId": trace, "spanId": span, "parentSpanId": parent.unwrap_or(""), "name": kind,
+            "startTimeUnixNano": now.to_string(), "endTimeUnixNano": (now + 1_000_000).to_string(),
+            "attributes": [{"key": "langfuse.trace.tags", "value": tags},
+                           {"key": "langfuse.trace.name", "value": {"stringValue": "chat-completion"}},
+                           {"key": "langfuse.observation.type", "value": {"stringValue": kind}}]})
+    };
+    let litellm = "aa".repeat(16);
+    let body = json!({"resourceSpans": [{"scopeSpans": [{"spans": [
+        span(&hex, "0000000000000001", None, "span"),
+        span(&hex, "0000000000000002", Some("0000000000000001"), "event"),
+        span(&litellm, "0000000000000003", None, "span"),
+        span(&litellm, "0000000000000004", Some("0000000000000003"), "generation"),
+    ]}]}]});
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("pk-lf-1:sk-lf-1"));
+    let req = Request::post(format!("{}/api/public/otel/v1/traces", lf.url()))
+        .header("content-type", "application/json")
+        .header("authorization", auth)
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), 200);
+
+    let client = LangfuseClient::http();
+    let v3 = V3Reader::new(client.clone(), lf.url());
+    let v4 = V4Reader::new(client, lf.url());
+    let readers: [(&str, &dyn LangfuseReader); 2] = [("v3", &v3), ("v4", &v4)];
+    let query = TraceQuery { tags: vec!["rollout_id:rl".into()], ..Default::default() };
+    for (name, reader) in readers {
+        let traces = reader.list_traces(&keys(1), &query).await.unwrap();
+        assert_eq!(traces.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), vec![litellm.as_str()], "{name}");
+        let found = reader.find_insertion(&keys(1), &id.0.to_string(), &TraceQuery::default()).await.unwrap().unwrap();
+        assert_eq!(found.id, litellm, "{name}: LiteLLM's trace, not llmgate's events-only one");
+        assert!(found.has_generation(), "{name}: with its observations");
+        // Filters are kept on the per-insertion query.
+        let other_user = TraceQuery { user_id: Some("nobody".into()), ..Default::default() };
+        assert!(reader.find_insertion(&keys(1), &id.0.to_string(), &other_user).await.unwrap().is_none(), "{name}");
+        let named = TraceQuery { name: Some("chat-completion".into()), ..Default::default() };
+        assert!(reader.find_insertion(&keys(1), &id.0.to_string(), &named).await.unwrap().is_some(), "{name}");
+        let missing = insertion().0.to_string();
+        assert!(reader.find_insertion(&keys(1), &missing, &TraceQuery::default()).await.unwrap().is_none(), "{name}");
+    }
+}
