@@ -969,6 +969,9 @@ async fn invalid_json_and_non_objects_are_a_400_and_oversized_bodies_a_413() {
             ("[1]".to_string(), "must be a JSON object"),
             ("\"text\"".to_string(), "must be a JSON object"),
             ("42".to_string(), "must be a JSON object"),
+            // Shapes the original answered with a 500 (§5 step 6).
+            (r#"{"model": "m", "metadata": "x"}"#.to_string(), "'metadata' must be an object"),
+            (r#"{"model": "m", "metadata": {"tags": "x"}}"#.to_string(), "'metadata.tags' must be a list"),
         ] {
             let reply = send(Method::POST, &gw.url(&path), &[("content-type", "application/json")], body.clone()).await;
             assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{path} {body}");
