@@ -3,7 +3,14 @@
 //! that what is compared is the engines themselves.
 #![cfg(feature = "pingora")]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -129,6 +136,7 @@ per_engine!(
     upstream_timeout_is_a_504,
     graceful_shutdown_finishes_an_in_flight_stream,
     h2c_clients_are_served,
+    upstream_connections_are_reused,
 );
 
 async fn json_passthrough(engine: Engine) {
@@ -331,4 +339,54 @@ async fn h2c_clients_are_served(engine: Engine) {
     assert!(text.contains("tok2") && text.ends_with("data: [DONE]\n\n"), "{text}");
     let seen = mock.requests().pop().unwrap();
     assert_eq!(seen.headers["host"], mock.addr().to_string().as_str());
+}
+
+/// A raw-TCP HTTP/1.1 upstream that keeps connections alive and counts them; it answers with
+/// a `content-length` body and a chunked body in turn.
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 1024];
+                for n in 0.. {
+                    while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => pending.extend_from_slice(&buf[..read]),
+                        }
+                    }
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    pending.drain(..end);
+                    let reply: &[u8] = if n % 2 == 0 {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                    };
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+async fn upstream_connections_are_reused(engine: Engine) {
+    let (upstream, accepted) = counting_upstream().await;
+    let proxy = EngineProxy::in_front_of(engine, &format!("http://{upstream}/v1")).await;
+    for _ in 0..6 {
+        let reply = send(Method::GET, &proxy.url("/v1/models"), &[], "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(&reply.body[..], b"ok");
+    }
+    // A session goes back to the pool once its body was read to the end (both framings).
+    let connections = accepted.load(Ordering::SeqCst);
+    assert!(connections < 6, "{connections} upstream connections for 6 sequential requests");
 }
