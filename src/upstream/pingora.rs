@@ -316,7 +316,8 @@ fn request_head(
     let h1 = session.as_http1().is_some();
     match size {
         // Methods that usually carry no body get no `content-length: 0` (as hyper does).
-        Some(0) if matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE) => {}
+        Some(0) if matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE) => {
+        }
         Some(n) => {
             parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
@@ -345,7 +346,10 @@ async fn exchange(
         }
         Outgoing::Streamed(body) => {
             let Some(mut body) = body.take() else {
-                return Err(Failed { error: GatewayError::Internal("request body already sent".into()).into(), retryable: false });
+                return Err(Failed {
+                    error: GatewayError::Internal("request body already sent".into()).into(),
+                    retryable: false,
+                });
             };
             let sent = |e: Box<pingora_core::Error>| Failed { error: transport_error(&e), retryable: false };
             while let Some(frame) = body.frame().await {
@@ -361,10 +365,10 @@ async fn exchange(
     }
     let retryable = matches!(outgoing, Outgoing::Held(_));
     loop {
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| Failed { error: transport_error(&e), retryable: retryable && e.etype() == &ErrorType::ConnectionClosed })?;
+        session.read_response_header().await.map_err(|e| Failed {
+            error: transport_error(&e),
+            retryable: retryable && e.etype() == &ErrorType::ConnectionClosed,
+        })?;
         match session.response_header().map(|h| h.status) {
             Some(status) if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS => continue,
             _ => return Ok(()),

@@ -70,7 +70,9 @@ impl EngineProxy {
         let task = match engine {
             Engine::Hyper => tokio::spawn(server::hyper::serve(listener, service, shutdown, drain)),
             Engine::Pingora => tokio::spawn(async move {
-                server::pingora::serve_pingora(listener, service, shutdown, drain).await.expect("the Pingora host runs");
+                server::pingora::serve_pingora(listener, service, shutdown, drain)
+                    .await
+                    .expect("the Pingora host runs");
             }),
         };
         Self { addr, shutdown: Some(tx), task }
@@ -262,7 +264,8 @@ async fn http10_upstream() -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let reply = "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"ok\":true,\"from\":\"http/1.0\"}";
+                let reply =
+                    "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"ok\":true,\"from\":\"http/1.0\"}";
                 let _ = stream.write_all(reply.as_bytes()).await;
                 let _ = stream.shutdown().await;
             });
@@ -293,8 +296,7 @@ async fn http10_upstream_still_answers_the_client_in_http11(engine: Engine) {
 
 async fn upstream_timeout_is_a_504(engine: Engine) {
     let mock = mock().await;
-    let proxy =
-        EngineProxy::start(engine, &mock.url(), Duration::from_millis(300), Duration::from_secs(10)).await;
+    let proxy = EngineProxy::start(engine, &mock.url(), Duration::from_millis(300), Duration::from_secs(10)).await;
     let reply = post_json(&proxy.url("/v1/chat/completions"), &[("x-mock-hang", "1")], &chat_body("m", false)).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
