@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod metrics;
 pub mod mock_upstream;
 pub mod observe;
 pub mod redis;

@@ -90,7 +90,11 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
     match command {
         Command::CheckConfig { config } => {
             let config = load(config)?;
-            print!("configuration OK\n{}", config.describe());
+            let description = config.describe();
+            // Building the stack checks what the file alone cannot: the secrets file, the
+            // allowlist entries, the Redis URL.
+            Gateway::from_config(config).await?;
+            print!("configuration OK\n{description}");
             Ok(())
         }
         Command::Serve { config } => {

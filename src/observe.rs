@@ -11,9 +11,16 @@ use std::{
 };
 
 use http::{Request, Response};
-use llmgate_core::{BoxError, GatewayBody, ext::LlmRequest, usage};
+use llmgate_core::{
+    BoxError, GatewayBody,
+    catalog::Catalog,
+    ext::{FallbackEvent, FallbackEventSink, FallbackEvents, LlmRequest, ServedBy},
+    usage,
+};
 use tokio::time::Instant;
 use tower::{Layer, Service};
+
+use crate::metrics::{FallbackLabels, Metrics, ModelLabels, TokenLabels};
 
 /// Counters of the reference proxy.
 #[derive(Debug, Default)]
@@ -33,15 +40,31 @@ pub struct GatewayMetrics {
 }
 
 /// Layer that applies [`ChatObserve`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ChatObserveLayer {
-    metrics: Arc<GatewayMetrics>,
+    observer: Arc<Observer>,
+}
+
+struct Observer {
+    counters: Arc<GatewayMetrics>,
+    metrics: Arc<Metrics>,
+    catalog: Arc<Catalog>,
+}
+
+impl Observer {
+    /// A bounded model label: a catalogue name, else `other`.
+    fn model_label(&self, model: Option<&str>) -> String {
+        match model {
+            Some(m) if self.catalog.get(m).is_some() => m.to_string(),
+            _ => "other".to_string(),
+        }
+    }
 }
 
 impl ChatObserveLayer {
-    /// Counts into `metrics`.
-    pub fn new(metrics: Arc<GatewayMetrics>) -> Self {
-        Self { metrics }
+    /// Counts into `counters` and `metrics`; `catalog` bounds model labels and prices usage.
+    pub fn new(counters: Arc<GatewayMetrics>, metrics: Arc<Metrics>, catalog: Arc<Catalog>) -> Self {
+        Self { observer: Arc::new(Observer { counters, metrics, catalog }) }
     }
 }
 
@@ -49,16 +72,46 @@ impl<S> Layer<S> for ChatObserveLayer {
     type Service = ChatObserve<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ChatObserve { inner, metrics: self.metrics.clone() }
+        ChatObserve { inner, observer: self.observer.clone() }
     }
 }
 
-/// Subscribes to each chat response's usage outcome: counts tokens and logs one line when the
-/// body ends (so a stream's line carries its usage and how it ended).
-#[derive(Clone, Debug)]
+/// Counts fallback events, then hands them on to the sink it found (Langfuse's).
+struct CountingSink {
+    observer: Arc<Observer>,
+    next: Option<FallbackEvents>,
+}
+
+impl FallbackEventSink for CountingSink {
+    fn record(&self, event: FallbackEvent) {
+        let labels = match &event {
+            FallbackEvent::RateLimit { original_model, fallback_model, reason } => FallbackLabels {
+                r#type: "rate_limit",
+                reason,
+                original_model: self.observer.model_label(Some(original_model)),
+                fallback_model: self.observer.model_label(Some(fallback_model)),
+            },
+            FallbackEvent::ContextLength { original_model, fallback_model, .. } => FallbackLabels {
+                r#type: "context_length",
+                reason: "context_length",
+                original_model: self.observer.model_label(Some(original_model)),
+                fallback_model: self.observer.model_label(Some(fallback_model)),
+            },
+        };
+        self.observer.metrics.fallbacks.get_or_create(&labels).inc();
+        if let Some(next) = &self.next {
+            next.record(event);
+        }
+    }
+}
+
+/// Subscribes to each chat response's usage outcome: counts tokens and cost, times streams,
+/// and logs one line when the body ends (so a stream's line carries its usage and how it
+/// ended). Counts fallback events on their way to the sink further out.
+#[derive(Clone)]
 pub struct ChatObserve<S> {
     inner: S,
-    metrics: Arc<GatewayMetrics>,
+    observer: Arc<Observer>,
 }
 
 impl<S, B> Service<Request<B>> for ChatObserve<S>
@@ -75,19 +128,48 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let started = Instant::now();
         let model: Option<Arc<str>> = req.extensions().get::<LlmRequest>().and_then(|r| r.model()).map(Into::into);
-        let metrics = self.metrics.clone();
+        let next = req.extensions().get::<FallbackEvents>().cloned();
+        let observer = self.observer.clone();
+        req.extensions_mut().insert(FallbackEvents(Arc::new(CountingSink { observer: observer.clone(), next })));
         let future = self.inner.call(req);
         Box::pin(async move {
             let mut response = future.await?;
             let status = response.status().as_u16();
+            let served: Option<Arc<str>> = response.extensions().get::<ServedBy>().map(|s| s.model.clone());
+            let streaming = response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            if streaming {
+                observer.metrics.open_streams.inc();
+            }
             usage::tap(&mut response, 0).subscribe(move |outcome| {
+                let metrics = &observer.counters;
+                let model = served.as_deref().or(model.as_deref());
+                if streaming {
+                    observer.metrics.open_streams.dec();
+                    if let Some(first) = outcome.first_frame_at {
+                        observer.metrics.time_to_first_byte.observe(first.duration_since(started).as_secs_f64());
+                    }
+                }
                 metrics.usage_reports.fetch_add(1, Ordering::Relaxed);
                 if let Some(usage) = outcome.usage {
                     metrics.input_tokens.fetch_add(usage.input, Ordering::Relaxed);
                     metrics.output_tokens.fetch_add(usage.output, Ordering::Relaxed);
+                    let label = observer.model_label(model);
+                    let tokens = &observer.metrics.tokens;
+                    tokens.get_or_create(&TokenLabels { model: label.clone(), direction: "input" }).inc_by(usage.input);
+                    tokens
+                        .get_or_create(&TokenLabels { model: label.clone(), direction: "output" })
+                        .inc_by(usage.output);
+                    let pricing = model.and_then(|m| observer.catalog.get(m)).and_then(|spec| spec.pricing);
+                    if let Some(pricing) = pricing {
+                        let cost = pricing.cost(usage.input, usage.output);
+                        observer.metrics.cost_usd.get_or_create(&ModelLabels { model: label }).inc_by(cost.total);
+                    }
                 }
                 let counter = match outcome.end {
                     usage::StreamEnd::Complete => &metrics.completed,
@@ -96,7 +178,7 @@ where
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    model = model.as_deref().unwrap_or("-"),
+                    model = model.unwrap_or("-"),
                     status,
                     latency_ms = started.elapsed().as_secs_f64() * 1e3,
                     input_tokens = outcome.usage.map(|u| u.input),

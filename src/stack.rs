@@ -35,6 +35,7 @@ use tower::{ServiceBuilder, util::BoxCloneService};
 
 use crate::{
     config::{Config, Emit},
+    metrics::{Metrics, MetricsLayer, Sources},
     observe::{ChatObserveLayer, GatewayMetrics},
     redis::RedisConnection,
     routes::{BoxStack, Dispatch, Router},
@@ -187,6 +188,12 @@ impl Gateway {
         let context = ContextRoutingLayer::new(catalog.clone());
         let rate_limit = RateLimitFallbackLayer::new(catalog.clone(), rate_store).max_wait(config.max_wait);
         let stats = rate_limit.stats();
+        let prometheus = Arc::new(Metrics::new(Sources {
+            insertion: Some(insertion.counters()),
+            langfuse: langfuse.as_ref().map(|(_, exporter)| exporter.clone()),
+            rate_limit: Some(stats.clone()),
+            context: Some(context.stats()),
+        }));
 
         let per_attempt = ServiceBuilder::new()
             .layer(ResolveTargetLayer::new(targets))
@@ -203,7 +210,7 @@ impl Gateway {
                 .layer(insertion.clone())
                 .option_layer(langfuse.as_ref().map(|(layer, _)| layer.clone()))
                 .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-                .layer(ChatObserveLayer::new(metrics.clone()))
+                .layer(ChatObserveLayer::new(metrics.clone(), prometheus.clone(), catalog.clone()))
                 .layer(context)
                 .layer(rate_limit)
                 .service(BoxCloneService::new(per_attempt)),
@@ -220,13 +227,14 @@ impl Gateway {
                 }
                 req
             })
-            .service(Dispatch { chat, traces, catch_all, stats: Some(stats) });
+            .service(Dispatch { chat, traces, catch_all, stats: Some(stats), metrics: Some(prometheus.clone()) });
 
         let service = ServiceBuilder::new()
             .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
             .layer(RescueLayer::new())
             .layer(PathMetadataLayer::new())
+            .layer(MetricsLayer::new(prometheus))
             .service(Router::new(dispatch));
         let background = Background { insertion: Some(insertion), langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {

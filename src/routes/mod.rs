@@ -17,6 +17,8 @@ use llmgate_core::{
     ext::{RouteKind, RouteMeta},
 };
 use llmgate_rate_limit_fallback::Stats;
+
+use crate::metrics::Metrics;
 use serde_json::json;
 use tower::{Service, ServiceExt, util::BoxCloneService};
 
@@ -46,6 +48,8 @@ pub struct Dispatch {
     pub catch_all: BoxStack,
     /// `GET /stats`: the fallback statistics.
     pub stats: Option<Arc<Stats>>,
+    /// `GET /metrics`: Prometheus text format.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Service<Request<GatewayBody>> for Dispatch {
@@ -74,6 +78,17 @@ impl Service<Request<GatewayBody>> for Dispatch {
                     });
                 }
             },
+            None if req.method() == Method::GET && req.uri().path() == "/metrics" && self.metrics.is_some() => {
+                let text = self.metrics.as_ref().map(|m| m.render()).unwrap_or_default();
+                return Box::pin(async move {
+                    let mut response = Response::new(llmgate_core::body::full(text));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    Ok(response)
+                });
+            }
             None if req.method() == Method::GET && req.uri().path() == "/stats" => {
                 let stats = self.stats.as_ref().map_or_else(|| json!({}), |s| s.snapshot());
                 return Box::pin(async move { Ok(json_response(StatusCode::OK, &stats)) });

@@ -2,9 +2,14 @@
 //! ephemeral ports, real sockets, a real HTTP client, real redis-server processes.
 #![allow(unreachable_pub)]
 
+mod bad_input;
+mod engines;
 mod fallback;
 mod langfuse;
 mod metadata;
+mod metrics;
 mod proxy;
 mod routing;
+mod secrets;
 mod support;
+mod traces;

@@ -1,0 +1,322 @@
+//! `GET /metrics`: Prometheus text format.
+//!
+//! Request counts and latencies are recorded as requests pass ([`MetricsLayer`], chat usage and
+//! fallbacks in [`ChatObserve`](crate::observe::ChatObserve)); the layers' own counters
+//! (insertion records, Langfuse export, rate limits, context estimates) are read at scrape
+//! time. Label sets stay bounded: routes are a fixed set, models are catalogue names (anything
+//! else is `other`), and no rollout ids or raw paths are used.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::AtomicU64},
+    task::{Context, Poll},
+};
+
+use http::{Method, Request, Response};
+use llmgate_context_routing::ContextRoutingStats;
+use llmgate_core::{
+    BoxError, GatewayBody, GatewayError,
+    ext::{RouteKind, RouteMeta},
+};
+use llmgate_insertion_id::Counters as InsertionCounters;
+use llmgate_langfuse::LangfuseExporter;
+use llmgate_rate_limit_fallback::Stats;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~ 8 min
+    Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+}
+
+/// `route`, `method`, `status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+/// `route`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    route: &'static str,
+}
+
+/// `model`, `direction`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// A catalogue model, or `other`.
+    pub model: String,
+    /// `input` or `output`.
+    pub direction: &'static str,
+}
+
+/// `model`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// A catalogue model, or `other`.
+    pub model: String,
+}
+
+/// `type`, `reason`, `original_model`, `fallback_model`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// `rate_limit` or `context_length`.
+    pub r#type: &'static str,
+    /// The rate-limit reason, or `context_length`.
+    pub reason: &'static str,
+    /// The model given up.
+    pub original_model: String,
+    /// The model used instead.
+    pub fallback_model: String,
+}
+
+/// `outcome`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// The layers' counters, read at scrape time.
+#[derive(Default)]
+pub struct Sources {
+    /// Insertion-id records.
+    pub insertion: Option<Arc<InsertionCounters>>,
+    /// The Langfuse exporter.
+    pub langfuse: Option<LangfuseExporter>,
+    /// Rate limits and fallbacks.
+    pub rate_limit: Option<Arc<Stats>>,
+    /// Context estimates.
+    pub context: Option<Arc<ContextRoutingStats>>,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabels>,
+    in_flight: Gauge,
+    /// Chat responses streaming right now.
+    pub open_streams: Gauge,
+    /// Time to the first body frame of streamed chat responses.
+    pub time_to_first_byte: Histogram,
+    /// Tokens by model and direction.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Cost in USD by model.
+    pub cost_usd: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    /// Fallbacks by type, reason and model pair.
+    pub fallbacks: Family<FallbackLabels, Counter>,
+    insertion_records: Family<OutcomeLabels, Counter>,
+    insertion_pending: Gauge,
+    langfuse_spans: Family<OutcomeLabels, Counter>,
+    langfuse_queue_depth: Gauge,
+    rate_limit_waits: Counter,
+    cooldowns_active: Gauge,
+    redis_errors: Counter,
+    context_estimates: Family<OutcomeLabels, Counter>,
+    sources: Sources,
+}
+
+impl Metrics {
+    /// The registry with every family registered.
+    pub fn new(sources: Sources) -> Self {
+        let mut registry = Registry::with_prefix("llmgate");
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            in_flight: Gauge::default(),
+            open_streams: Gauge::default(),
+            time_to_first_byte: latency_histogram(),
+            tokens: Family::default(),
+            cost_usd: Family::default(),
+            fallbacks: Family::default(),
+            insertion_records: Family::default(),
+            insertion_pending: Gauge::default(),
+            langfuse_spans: Family::default(),
+            langfuse_queue_depth: Gauge::default(),
+            rate_limit_waits: Counter::default(),
+            cooldowns_active: Gauge::default(),
+            redis_errors: Counter::default(),
+            context_estimates: Family::default(),
+            sources,
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by route and status", m.requests.clone());
+        registry.register("request_duration_seconds", "Time to the response head", m.request_duration.clone());
+        registry.register("in_flight_requests", "Requests being handled", m.in_flight.clone());
+        registry.register("open_streams", "Chat responses streaming now", m.open_streams.clone());
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Streams: time to the first frame",
+            m.time_to_first_byte.clone(),
+        );
+        registry.register("tokens", "Tokens reported by upstreams", m.tokens.clone());
+        registry.register("cost_usd", "Cost in USD from the configured pricing", m.cost_usd.clone());
+        registry.register("fallbacks", "Fallbacks by type, reason and model pair", m.fallbacks.clone());
+        registry.register("insertion_records", "Insertion-id records by outcome", m.insertion_records.clone());
+        registry.register(
+            "insertion_records_pending",
+            "Insertion-id records waiting for a retry",
+            m.insertion_pending.clone(),
+        );
+        registry.register("langfuse_spans", "Langfuse spans by export outcome", m.langfuse_spans.clone());
+        registry.register("langfuse_queue_depth", "Spans waiting for export", m.langfuse_queue_depth.clone());
+        registry.register("rate_limit_waits", "Waits for a rate limit", m.rate_limit_waits.clone());
+        registry.register("cooldowns_active", "Models cooling down after a 429", m.cooldowns_active.clone());
+        registry.register("redis_errors", "Rate-limit store errors", m.redis_errors.clone());
+        registry.register("context_estimates", "Context estimates by path", m.context_estimates.clone());
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.refresh();
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Brings the scrape-time counters up to the layers' snapshots.
+    fn refresh(&self) {
+        fn advance(counter: &Counter, to: u64) {
+            counter.inc_by(to.saturating_sub(counter.get()));
+        }
+        let outcome = |family: &Family<OutcomeLabels, Counter>, outcome: &'static str, to: u64| {
+            advance(&family.get_or_create(&OutcomeLabels { outcome }), to);
+        };
+        if let Some(c) = &self.sources.insertion {
+            let s = c.snapshot();
+            outcome(&self.insertion_records, "recorded", s.recorded);
+            outcome(&self.insertion_records, "retried", s.retried);
+            outcome(&self.insertion_records, "failed", s.failed);
+            outcome(&self.insertion_records, "dropped", s.dropped);
+            self.insertion_pending.set(s.pending as i64);
+        }
+        if let Some(exporter) = &self.sources.langfuse {
+            let s = exporter.snapshot();
+            outcome(&self.langfuse_spans, "exported", s.exported);
+            outcome(&self.langfuse_spans, "retried", s.retried);
+            outcome(&self.langfuse_spans, "dropped", s.dropped);
+            outcome(&self.langfuse_spans, "failed", s.failed);
+            outcome(&self.langfuse_spans, "skipped", s.skipped);
+            self.langfuse_queue_depth.set(s.queue_depth as i64);
+        }
+        if let Some(stats) = &self.sources.rate_limit {
+            let s = stats.snapshot();
+            let get = |key: &str| s.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            advance(&self.rate_limit_waits, get("rate_limit_waits"));
+            advance(&self.redis_errors, get("store_errors"));
+            self.cooldowns_active.set(get("cooldowns_active") as i64);
+        }
+        if let Some(stats) = &self.sources.context {
+            let s = stats.snapshot();
+            outcome(&self.context_estimates, "fast_path", s.fast_path);
+            outcome(&self.context_estimates, "tokenized", s.tokenized);
+        }
+    }
+}
+
+/// The route label of a request.
+fn route_label<B>(req: &Request<B>) -> &'static str {
+    match req.extensions().get::<RouteMeta>().map(|m| m.kind) {
+        Some(RouteKind::ChatCompletions) => "chat",
+        Some(RouteKind::Traces) => "traces",
+        Some(RouteKind::TracesPointwise) => "traces_pointwise",
+        None if req.method() == Method::GET => match req.uri().path() {
+            "/health" => "health",
+            "/metrics" => "metrics",
+            "/stats" => "stats",
+            _ => "catch_all",
+        },
+        None => "catch_all",
+    }
+}
+
+// === MetricsLayer ===
+
+/// Counts requests by route and status and times them to the response head.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// Service of [`MetricsLayer`].
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Decrements the in-flight gauge when the request ends, however it ends.
+struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+impl<S, F> Service<Request<GatewayBody>> for MetricsService<S>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError, Future = F>,
+    // Naming the future sidesteps a higher-ranked `Send` inference limitation of async blocks.
+    F: Future<Output = Result<Response<GatewayBody>, BoxError>> + Send + 'static,
+{
+    type Response = Response<GatewayBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        let route = route_label(&req);
+        let metrics = self.metrics.clone();
+        metrics.in_flight.inc();
+        let guard = InFlight(metrics.clone());
+        let started = Instant::now();
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            let result = future.await;
+            let status = match &result {
+                Ok(response) => response.status().as_u16(),
+                Err(error) => GatewayError::find(&**error).map_or(500, |e| e.status().as_u16()),
+            };
+            metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
+            metrics.request_duration.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
+            drop(guard);
+            result
+        })
+    }
+}

@@ -1,0 +1,46 @@
+//! `GET /metrics` after a scripted run.
+
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn metrics_expose_requests_tokens_cost_fallbacks_and_records() {
+    let mock = mock().await;
+    let models = "models:\n  - {name: gpt-a, context_window: 100000, pricing: {input_per_1m: 1000000, output_per_1m: 1000000}, fallbacks: [gpt-b]}\n  - {name: gpt-b, context_window: 100000}\n";
+    let gw = TestGateway::in_front_of(&mock, models).await;
+    let rollout = "/rollout_id/r1/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1/chat/completions";
+    assert_eq!(post_json(&gw.url(rollout), &[], &chat_body("gpt-a", false)).await.status, StatusCode::OK);
+    let fail = [("x-mock-fail", "gpt-a=429:rate_limit_exceeded")];
+    assert_eq!(
+        post_json(&gw.url("/v1/chat/completions"), &fail, &chat_body("gpt-a", false)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_json(&gw.url("/v1/chat/completions"), &[], &chat_body("unlisted-model", true)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(send(Method::GET, &gw.url("/v1/models"), &[], "").await.status, StatusCode::OK);
+
+    let reply = send(Method::GET, &gw.url("/metrics"), &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = reply.text();
+    for line in [
+        r#"llmgate_requests_total{route="chat",status="200"} 3"#,
+        r#"llmgate_requests_total{route="catch_all",status="200"} 1"#,
+        r#"llmgate_tokens_total{model="gpt-a",direction="input"} 3"#,
+        r#"llmgate_tokens_total{model="gpt-a",direction="output"} 5"#,
+        r#"llmgate_tokens_total{model="other",direction="output"} 5"#,
+        r#"llmgate_cost_usd_total{model="gpt-a"} 8.0"#,
+        r#"llmgate_fallbacks_total{type="rate_limit",reason="upstream_429",original_model="gpt-a",fallback_model="gpt-b"} 1"#,
+        r#"llmgate_insertion_records_total{outcome="recorded"} 1"#,
+        "llmgate_open_streams 0",
+        "llmgate_in_flight_requests 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+    assert!(text.contains("llmgate_request_duration_seconds_bucket{"), "{text}");
+    assert!(text.contains("llmgate_time_to_first_byte_seconds_count 1"), "{text}");
+    assert!(!text.contains("r1"), "no rollout ids in labels");
+}
