@@ -144,3 +144,24 @@ pub fn chat_body(model: &str, stream: bool) -> Value {
         "stream_options": {"include_usage": true},
     })
 }
+
+// === traces (issue 7) ===
+
+impl TestGateway {
+    /// Like [`TestGateway::start`] (no environment), also handing back the gateway's
+    /// insertion-id store, so a test can record ids Langfuse never sees.
+    pub async fn start_with_store(yaml: &str) -> (Self, Arc<dyn llmgate_insertion_id::InsertionStore>) {
+        let lookup = |_: &str| None::<String>;
+        let config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
+        let gateway = Gateway::from_config(config).await.expect("gateway builds");
+        let store = gateway.insertion_store().clone();
+        let metrics = gateway.metrics().clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(listener, async {
+            let _ = rx.await;
+        }));
+        (Self { addr, metrics, shutdown: Some(tx), task }, store)
+    }
+}
