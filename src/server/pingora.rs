@@ -490,6 +490,13 @@ impl App {
         let head = match feeder {
             None => head_rx.await,
             Some(tx) => {
+                // hyper answers `Expect: 100-continue` when the body is first read; so do we.
+                let expects_continue = session
+                    .get_header(header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                if expects_continue && h1 && session.write_continue_response().await.is_err() {
+                    return None;
+                }
                 let feed = feed_request_body(&mut session, tx);
                 tokio::pin!(feed);
                 tokio::select! {

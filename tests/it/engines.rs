@@ -139,6 +139,7 @@ per_engine!(
     graceful_shutdown_finishes_an_in_flight_stream,
     h2c_clients_are_served,
     upstream_connections_are_reused,
+    expect_100_continue_is_answered,
 );
 
 async fn json_passthrough(engine: Engine) {
@@ -391,4 +392,25 @@ async fn upstream_connections_are_reused(engine: Engine) {
     // A session goes back to the pool once its body was read to the end (both framings).
     let connections = accepted.load(Ordering::SeqCst);
     assert!(connections < 6, "{connections} upstream connections for 6 sequential requests");
+}
+
+async fn expect_100_continue_is_answered(engine: Engine) {
+    let mock = mock().await;
+    let proxy = EngineProxy::in_front_of(engine, &mock.url()).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head =
+        "PUT /v1/files/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("100 Continue") {
+        let n = within(stream.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed before 100 Continue: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stream.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    within(stream.read_to_end(&mut rest)).await.unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("200 OK") && rest.contains(r#""body":"hello""#), "{rest}");
 }
