@@ -500,3 +500,49 @@ async fn completions_on_every_metadata_route_are_exactly_the_rollouts_traces() {
         assert_eq!(s.api, api);
     }
 }
+
+/// The service on its own, with a short deadline: a Langfuse that accepts and never answers
+/// gives 504 at the deadline (the proxy wires the 60 s default).
+#[tokio::test]
+async fn a_hanging_langfuse_is_504_at_the_deadline() {
+    use llmgate::routes::traces::TracesService;
+    use llmgate_core::ext::{RouteKind, RouteMeta};
+    use llmgate_langfuse::{LangfuseClient, LangfuseReader, V3Reader, V4Reader};
+    use tower::ServiceExt;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        }
+    });
+    let secrets = llmgate_credentials::Secrets::from_yaml_str(
+        "langfuse_keys:\n  p1: {public_key: pk-lf-1, secret_key: sk-lf-1}\ndefault_project_id: p1\n",
+    )
+    .unwrap();
+    let projects = Arc::new(llmgate_credentials::Projects::from(secrets));
+    let store: Arc<dyn InsertionStore> = Arc::new(llmgate_insertion_id::MemoryStore::new());
+    store.record("r1", &uuid::Uuid::now_v7().to_string()).await.unwrap();
+    for api in APIS {
+        let client = LangfuseClient::http();
+        let reader: Arc<dyn LangfuseReader> = match api {
+            "v3" => Arc::new(V3Reader::new(client, url.as_str())),
+            _ => Arc::new(V4Reader::new(client, url.as_str())),
+        };
+        let svc = TracesService::new(reader, projects.clone(), store.clone())
+            .deadline(Duration::from_millis(300))
+            .backoff(Duration::from_millis(10), Duration::from_millis(20));
+        for (kind, path) in [(RouteKind::Traces, "/traces"), (RouteKind::TracesPointwise, "/traces/pointwise")] {
+            let mut req = http::Request::get(format!("{path}?tags=rollout_id:r1&max_retries=5"))
+                .body(llmgate_core::body::full(""))
+                .unwrap();
+            req.extensions_mut().insert(RouteMeta { kind, project: None, rollout: None, encoded_base_url: None });
+            let response = within(svc.clone().oneshot(req)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT, "{api} {path}");
+        }
+    }
+}
