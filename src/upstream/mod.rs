@@ -5,6 +5,8 @@
 //! the query string is kept.
 
 pub mod hyper;
+#[cfg(feature = "pingora")]
+pub mod pingora;
 
 use std::{
     future::Future as _,
