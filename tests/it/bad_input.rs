@@ -61,7 +61,13 @@ struct Row {
     needle: &'static str,
 }
 
-fn row(what: &'static str, path: impl Into<String>, body: impl Into<Vec<u8>>, status: StatusCode, needle: &'static str) -> Row {
+fn row(
+    what: &'static str,
+    path: impl Into<String>,
+    body: impl Into<Vec<u8>>,
+    status: StatusCode,
+    needle: &'static str,
+) -> Row {
     Row {
         what,
         method: Method::POST,
@@ -96,34 +102,130 @@ async fn every_row_of_the_bad_input_table_gets_its_status_and_an_openai_error_an
         row("a JSON array", &rollout, "[1,2]", StatusCode::BAD_REQUEST, "must be a JSON object"),
         row("a JSON string", &rollout, "\"s\"", StatusCode::BAD_REQUEST, "must be a JSON object"),
         row("JSON null", &rollout, "null", StatusCode::BAD_REQUEST, "must be a JSON object"),
-        row("a number too large for f64", &rollout, "{\"model\":\"m\",\"messages\":[],\"n\":1e400}", StatusCode::BAD_REQUEST, "Invalid JSON"),
+        row(
+            "a number too large for f64",
+            &rollout,
+            "{\"model\":\"m\",\"messages\":[],\"n\":1e400}",
+            StatusCode::BAD_REQUEST,
+            "Invalid JSON",
+        ),
         row("nesting past serde_json's depth limit", &rollout, nested(1_000), StatusCode::BAD_REQUEST, "Invalid JSON"),
         row("invalid UTF-8 in a string", &rollout, invalid_utf8, StatusCode::BAD_REQUEST, "Invalid JSON"),
-        row("messages not a list", &rollout, "{\"model\":\"m\",\"messages\":\"hi\"}", StatusCode::BAD_REQUEST, "'messages' must be a list"),
-        row("model not a string", &rollout, "{\"model\":42,\"messages\":[]}", StatusCode::BAD_REQUEST, "'model' must be a string"),
-        row("metadata not an object", &rollout, "{\"model\":\"m\",\"metadata\":[1]}", StatusCode::BAD_REQUEST, "'metadata' must be an object"),
-        row("metadata.tags not a list", &rollout, "{\"model\":\"m\",\"metadata\":{\"tags\":\"t\"}}", StatusCode::BAD_REQUEST, "'metadata.tags' must be a list"),
+        row(
+            "messages not a list",
+            &rollout,
+            "{\"model\":\"m\",\"messages\":\"hi\"}",
+            StatusCode::BAD_REQUEST,
+            "'messages' must be a list",
+        ),
+        row(
+            "model not a string",
+            &rollout,
+            "{\"model\":42,\"messages\":[]}",
+            StatusCode::BAD_REQUEST,
+            "'model' must be a string",
+        ),
+        row(
+            "metadata not an object",
+            &rollout,
+            "{\"model\":\"m\",\"metadata\":[1]}",
+            StatusCode::BAD_REQUEST,
+            "'metadata' must be an object",
+        ),
+        row(
+            "metadata.tags not a list",
+            &rollout,
+            "{\"model\":\"m\",\"metadata\":{\"tags\":\"t\"}}",
+            StatusCode::BAD_REQUEST,
+            "'metadata.tags' must be a list",
+        ),
         row("trailing garbage", &rollout, "{\"model\":\"m\"} x", StatusCode::BAD_REQUEST, "Invalid JSON"),
         row("body over the limit", &rollout, big, StatusCode::PAYLOAD_TOO_LARGE, ""),
-        row("%2F inside a segment", format!("/rollout_id/a%2Fb/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"), "{}", StatusCode::BAD_REQUEST, "'rollout_id'"),
-        row("`..` as a segment (encoded)", format!("/rollout_id/%2E%2E/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"), "{}", StatusCode::BAD_REQUEST, "'rollout_id'"),
-        row("NUL in a segment", format!("/rollout_id/a%00b/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"), "{}", StatusCode::BAD_REQUEST, "'rollout_id'"),
-        row("a control character in a segment", format!("/rollout_id/r/invocation_id/a%1Bb/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"), "{}", StatusCode::BAD_REQUEST, "'invocation_id'"),
-        row("invalid percent-encoding", format!("/project_id/%zz{CHAT}"), "{}", StatusCode::BAD_REQUEST, "'project_id'"),
-        row("invalid base64", format!("{IDS}/encoded_base_url/!!!!{CHAT}"), "{}", StatusCode::BAD_REQUEST, "Invalid encoded_base_url"),
-        row("base64 of invalid UTF-8", base(&[0xff, 0xfe, 0xfd]), "{}", StatusCode::BAD_REQUEST, "Invalid encoded_base_url"),
+        row(
+            "%2F inside a segment",
+            format!("/rollout_id/a%2Fb/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "'rollout_id'",
+        ),
+        row(
+            "`..` as a segment (encoded)",
+            format!("/rollout_id/%2E%2E/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "'rollout_id'",
+        ),
+        row(
+            "NUL in a segment",
+            format!("/rollout_id/a%00b/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "'rollout_id'",
+        ),
+        row(
+            "a control character in a segment",
+            format!("/rollout_id/r/invocation_id/a%1Bb/experiment_id/e1/run_id/u1/row_id/w1{CHAT}"),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "'invocation_id'",
+        ),
+        row(
+            "invalid percent-encoding",
+            format!("/project_id/%zz{CHAT}"),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "'project_id'",
+        ),
+        row(
+            "invalid base64",
+            format!("{IDS}/encoded_base_url/!!!!{CHAT}"),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "Invalid encoded_base_url",
+        ),
+        row(
+            "base64 of invalid UTF-8",
+            base(&[0xff, 0xfe, 0xfd]),
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "Invalid encoded_base_url",
+        ),
         row("file: base URL", base(b"file:///etc/passwd"), "{}", StatusCode::FORBIDDEN, "not allowed"),
         row("localhost base URL", base(b"http://localhost:80/v1"), "{}", StatusCode::FORBIDDEN, "not allowed"),
-        row("link-local metadata base URL", base(b"http://169.254.169.254/latest/meta-data"), "{}", StatusCode::FORBIDDEN, "not allowed"),
-        row("look-alike host", base(b"https://api.example.com.evil.net/v1"), "{}", StatusCode::FORBIDDEN, "not allowed"),
-        row("unknown project", format!("/v1/project_id/nope{CHAT}"), "{\"model\":\"m\",\"messages\":[]}", StatusCode::NOT_FOUND, "'nope'"),
-        Row { headers: vec![("content-type", "application/json")], ..row("no API key", &rollout, "{}", StatusCode::UNAUTHORIZED, "") },
+        row(
+            "link-local metadata base URL",
+            base(b"http://169.254.169.254/latest/meta-data"),
+            "{}",
+            StatusCode::FORBIDDEN,
+            "not allowed",
+        ),
+        row(
+            "look-alike host",
+            base(b"https://api.example.com.evil.net/v1"),
+            "{}",
+            StatusCode::FORBIDDEN,
+            "not allowed",
+        ),
+        row(
+            "unknown project",
+            format!("/v1/project_id/nope{CHAT}"),
+            "{\"model\":\"m\",\"messages\":[]}",
+            StatusCode::NOT_FOUND,
+            "'nope'",
+        ),
+        Row {
+            headers: vec![("content-type", "application/json")],
+            ..row("no API key", &rollout, "{}", StatusCode::UNAUTHORIZED, "")
+        },
         Row {
             headers: vec![("content-type", "application/json"), ("authorization", "Bearer wrong")],
             ..row("wrong API key", &rollout, "{}", StatusCode::UNAUTHORIZED, "")
         },
         Row { method: Method::GET, ..row("GET on a chat route", &rollout, "", StatusCode::METHOD_NOT_ALLOWED, "") },
-        Row { method: Method::DELETE, ..row("DELETE on a chat route", format!("/v1{CHAT}"), "", StatusCode::METHOD_NOT_ALLOWED, "") },
+        Row {
+            method: Method::DELETE,
+            ..row("DELETE on a chat route", format!("/v1{CHAT}"), "", StatusCode::METHOD_NOT_ALLOWED, "")
+        },
         Row {
             headers: vec![("content-type", "application/json"), ("content-encoding", "gzip"), AUTH],
             ..row("a compressed chat body", &rollout, "{}", StatusCode::UNSUPPORTED_MEDIA_TYPE, "")
@@ -161,7 +263,12 @@ async fn accepted_odd_shapes_are_forwarded_untouched_and_the_upstream_decides() 
     ] {
         let before = mock.requests().len();
         let reply = post_json(&gw.url(&format!("{IDS}{CHAT}")), &[AUTH], &body).await;
-        assert!(reply.status.is_success() || reply.status.is_client_error(), "{what}: {} {}", reply.status, reply.text());
+        assert!(
+            reply.status.is_success() || reply.status.is_client_error(),
+            "{what}: {} {}",
+            reply.status,
+            reply.text()
+        );
         assert!(serde_json::from_slice::<serde_json::Value>(&reply.body).is_ok(), "{what}: a JSON answer");
         assert_eq!(mock.requests().len(), before + 1, "{what}: forwarded once");
         let sent = mock.requests().pop().unwrap().json();

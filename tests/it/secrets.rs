@@ -192,7 +192,8 @@ fn secrets_file() -> String {
 }
 
 const ENV: [(&str, &str); 3] = [("OA_KEY", OA_KEY), ("LL_KEY", LL_KEY), ("DEAD_KEY", DEAD_KEY)];
-const ROLLOUT: &str = "/v1/project_id/p1/rollout_id/r1/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1/chat/completions";
+const ROLLOUT: &str =
+    "/v1/project_id/p1/rollout_id/r1/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1/chat/completions";
 
 async fn traffic_leaks_nothing(level: &str) {
     let mock = mock().await;
@@ -228,14 +229,22 @@ async fn traffic_leaks_nothing(level: &str) {
     // Errors: upstream 500 and 429, unreachable upstream, 401s, 404, 400, 405, 403.
     let failures: Vec<(Vec<(&str, &str)>, String, serde_json::Value)> = vec![
         (vec![ok[0], ("x-mock-status", "500")], ROLLOUT.into(), chat_body("gpt-oa", false)),
-        (vec![ok[0], ("x-mock-status", "429"), ("x-mock-retry-after", "0")], ROLLOUT.into(), chat_body("fireworks_ai/ll", false)),
+        (
+            vec![ok[0], ("x-mock-status", "429"), ("x-mock-retry-after", "0")],
+            ROLLOUT.into(),
+            chat_body("fireworks_ai/ll", false),
+        ),
         (ok.to_vec(), ROLLOUT.into(), chat_body("gpt-dead", false)),
         (vec![], ROLLOUT.into(), chat_body("gpt-oa", false)),
         (vec![("authorization", wrong.as_str())], ROLLOUT.into(), chat_body("gpt-oa", false)),
         (vec![("authorization", wrong.as_str())], "/v1/models".into(), json!({})),
         (ok.to_vec(), "/v1/project_id/nope/chat/completions".into(), chat_body("gpt-oa", false)),
         (ok.to_vec(), ROLLOUT.into(), json!([1])),
-        (ok.to_vec(), format!("{}/encoded_base_url/aHR0cDovLzEyNy4wLjAuMTox/chat/completions", &ROLLOUT[..ROLLOUT.len() - 17]), chat_body("gpt-oa", false)),
+        (
+            ok.to_vec(),
+            format!("{}/encoded_base_url/aHR0cDovLzEyNy4wLjAuMTox/chat/completions", &ROLLOUT[..ROLLOUT.len() - 17]),
+            chat_body("gpt-oa", false),
+        ),
     ];
     for (headers, path, body) in failures {
         let reply = post_json(&gw.url(&path), &headers, &body).await;
