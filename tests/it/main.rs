@@ -3,6 +3,7 @@
 #![allow(unreachable_pub)]
 
 mod bad_input;
+mod config_prop;
 mod engines;
 mod fallback;
 mod langfuse;
