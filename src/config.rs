@@ -41,6 +41,7 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    engine: Option<Engine>,
     request_timeout_secs: Option<f64>,
     drain_timeout_secs: Option<f64>,
     body_limit_bytes: Option<usize>,
@@ -143,6 +144,17 @@ struct InsertionIdFile {
     record_timeout_ms: Option<u64>,
 }
 
+/// Which engine hosts the stack and talks to the upstreams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// hyper host and hyper upstream.
+    #[default]
+    Hyper,
+    /// Pingora host and Pingora upstream (feature `pingora`).
+    Pingora,
+}
+
 /// Which Langfuse read API the traces endpoints use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,6 +185,8 @@ pub enum Emit {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// The engine (`engine`, or `llmgate serve --engine`).
+    pub engine: Engine,
     /// Connect and response-head timeout for upstream calls (`REQUEST_TIMEOUT`).
     pub request_timeout: Duration,
     /// How long graceful shutdown waits for in-flight requests and streams.
@@ -352,13 +366,14 @@ impl Config {
                 return Err(ConfigError(format!("{}model '{}' is defined twice", at("name", &model.name), model.name)));
             }
             if let Some(up) = &model.upstream
-                && !upstreams.contains_key(up) {
-                    return Err(ConfigError(format!(
-                        "{}model '{}': unknown upstream '{up}'",
-                        at("upstream", up),
-                        model.name
-                    )));
-                }
+                && !upstreams.contains_key(up)
+            {
+                return Err(ConfigError(format!(
+                    "{}model '{}': unknown upstream '{up}'",
+                    at("upstream", up),
+                    model.name
+                )));
+            }
         }
 
         let redis_url = match env("REDIS_URL") {
@@ -391,8 +406,15 @@ impl Config {
             .or_else(|| env("LOG_LEVEL").map(|l| l.to_ascii_lowercase()))
             .unwrap_or_else(|| "info".into());
 
+        if file.engine == Some(Engine::Pingora) && !cfg!(feature = "pingora") {
+            return Err(ConfigError(format!(
+                "{}engine: pingora needs a build with the `pingora` feature",
+                at("engine", "pingora")
+            )));
+        }
         Ok(Config {
             listen,
+            engine: file.engine.unwrap_or_default(),
             request_timeout,
             drain_timeout,
             body_limit: file.body_limit_bytes.unwrap_or(llmgate_core::json::DEFAULT_BODY_LIMIT),
@@ -426,7 +448,7 @@ impl Config {
             out.push_str(&s);
             out.push('\n');
         };
-        line(format!("listen: {}", self.listen));
+        line(format!("listen: {} (engine {:?})", self.listen, self.engine));
         line(format!(
             "request_timeout: {:?}, drain_timeout: {:?}, body_limit: {} bytes",
             self.request_timeout, self.drain_timeout, self.body_limit
@@ -569,7 +591,8 @@ mod tests {
         let err = parse(text, &no_env).unwrap_err().to_string();
         assert!(err.contains("colour") && err.contains("line 5"), "{err}");
 
-        let err = parse("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n", &no_env).unwrap_err().to_string();
+        let err =
+            parse("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n", &no_env).unwrap_err().to_string();
         assert!(err.contains("default_upstream 'b'") && err.contains("line 3"), "{err}");
 
         let err = parse("models:\n  - name: m\n    limits: {rpm: -5}\n", &no_env).unwrap_err().to_string();

@@ -23,6 +23,9 @@ enum Command {
         /// The YAML config file (optional: embedded defaults otherwise).
         #[arg(long, env = "LLMGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// The engine: hyper (default) or pingora; overrides the config's `engine`.
+        #[arg(long, value_enum)]
+        engine: Option<llmgate::config::Engine>,
     },
     /// Validate a config and print what `serve` would run.
     CheckConfig {
@@ -97,8 +100,11 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             print!("configuration OK\n{description}");
             Ok(())
         }
-        Command::Serve { config } => {
-            let config = load(config)?;
+        Command::Serve { config, engine } => {
+            let mut config = load(config)?;
+            if let Some(engine) = engine {
+                config.engine = engine;
+            }
             init_logging(&config.log_filter);
             let listen = config.listen;
             // Load the tokenizers before the first request, off the runtime's workers.

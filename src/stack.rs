@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 use tower::{ServiceBuilder, util::BoxCloneService};
 
 use crate::{
-    config::{Config, Emit},
+    config::{Config, Emit, Engine},
     metrics::{Metrics, MetricsLayer, Sources},
     observe::{ChatObserveLayer, GatewayMetrics},
     redis::RedisConnection,
@@ -80,6 +80,24 @@ impl Background {
     }
 }
 
+/// The configured engine's upstream.
+fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
+    let target = config.default_target().clone();
+    Ok(match config.engine {
+        Engine::Hyper => BoxCloneService::new(HyperUpstream::with_client(
+            http_client(config.request_timeout),
+            target,
+            config.request_timeout,
+        )),
+        #[cfg(feature = "pingora")]
+        Engine::Pingora => {
+            BoxCloneService::new(crate::upstream::pingora::PingoraUpstream::new(target, config.request_timeout))
+        }
+        #[cfg(not(feature = "pingora"))]
+        Engine::Pingora => return Err("engine pingora needs a build with the `pingora` feature".into()),
+    })
+}
+
 /// The insertion-id store and the rate store.
 type Stores = (Arc<dyn InsertionStore>, Arc<dyn RateStore>);
 
@@ -117,8 +135,7 @@ impl Gateway {
             tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
         }
         let metrics = Arc::new(GatewayMetrics::default());
-        let client = http_client(config.request_timeout);
-        let upstream = HyperUpstream::with_client(client, config.default_target().clone(), config.request_timeout);
+        let upstream = upstream(&config)?;
         let mut catalog = Catalog::new(llmgate_context_routing::default_catalog());
         catalog.extend(config.models.iter().cloned());
         let catalog = Arc::new(catalog);
@@ -270,7 +287,19 @@ impl Gateway {
     /// configured drain timeout, then flushes background work.
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         let Gateway { service, background, config, .. } = self;
-        server::hyper::serve(listener, service, shutdown, config.drain_timeout).await;
+        match config.engine {
+            Engine::Hyper => server::hyper::serve(listener, service, shutdown, config.drain_timeout).await,
+            #[cfg(feature = "pingora")]
+            Engine::Pingora => {
+                if let Err(error) =
+                    server::pingora::serve_pingora(listener, service, shutdown, config.drain_timeout).await
+                {
+                    tracing::error!(%error, "the Pingora host failed");
+                }
+            }
+            #[cfg(not(feature = "pingora"))]
+            Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
+        }
         background.flush(config.drain_timeout).await;
     }
 }

@@ -19,6 +19,24 @@ use llmgate::{
 use serde_json::Value;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
+/// The engine the suite runs on: `LLMGATE_TEST_ENGINE=hyper|pingora` (default hyper).
+/// `scripts/test.sh` runs the integration suite once per engine.
+pub fn test_engine() -> llmgate::config::Engine {
+    match std::env::var("LLMGATE_TEST_ENGINE").as_deref() {
+        Ok("pingora") => llmgate::config::Engine::Pingora,
+        _ => llmgate::config::Engine::Hyper,
+    }
+}
+
+/// Builds a gateway from `yaml` with `env` as its whole environment, on the suite's engine.
+async fn build(yaml: &str, env: &[(&str, &str)]) -> Gateway {
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let mut config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
+    config.engine = test_engine();
+    Gateway::from_config(config).await.expect("gateway builds")
+}
+
 /// A gateway serving on an ephemeral port.
 pub struct TestGateway {
     pub addr: SocketAddr,
@@ -30,10 +48,11 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway with `yaml` as its config file and `env` as its whole environment.
     pub async fn start(yaml: &str, env: &[(&str, &str)]) -> Self {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
-        let gateway = Gateway::from_config(config).await.expect("gateway builds");
+        Self::serve(build(yaml, env).await).await
+    }
+
+    /// Serves `gateway` on an ephemeral port.
+    async fn serve(gateway: Gateway) -> Self {
         let metrics = gateway.metrics().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -151,17 +170,8 @@ impl TestGateway {
     /// Like [`TestGateway::start`] (no environment), also handing back the gateway's
     /// insertion-id store, so a test can record ids Langfuse never sees.
     pub async fn start_with_store(yaml: &str) -> (Self, Arc<dyn llmgate_insertion_id::InsertionStore>) {
-        let lookup = |_: &str| None::<String>;
-        let config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
-        let gateway = Gateway::from_config(config).await.expect("gateway builds");
+        let gateway = build(yaml, &[]).await;
         let store = gateway.insertion_store().clone();
-        let metrics = gateway.metrics().clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.serve(listener, async {
-            let _ = rx.await;
-        }));
-        (Self { addr, metrics, shutdown: Some(tx), task }, store)
+        (Self::serve(gateway).await, store)
     }
 }
