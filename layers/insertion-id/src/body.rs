@@ -31,35 +31,20 @@ enum State {
     /// Nothing to do: not a rollout, not a 2xx SSE stream, or already recorded.
     Pass,
     /// A 2xx SSE stream whose end has not been seen yet.
-    Watch {
-        scanner: DoneScanner,
-        start: StartRecord,
-    },
+    Watch { scanner: DoneScanner, start: StartRecord },
     /// The end was seen: the record runs, `held` waits for it (`None`: the end of the stream).
-    Record {
-        record: RecordFuture,
-        held: Option<Frame<Bytes>>,
-    },
+    Record { record: RecordFuture, held: Option<Frame<Bytes>> },
     /// The record is written; the held end of stream comes next.
     Ended,
 }
 
 impl<B> RecordBody<B> {
     pub(crate) fn pass(inner: B) -> Self {
-        Self {
-            inner,
-            state: State::Pass,
-        }
+        Self { inner, state: State::Pass }
     }
 
     pub(crate) fn sse(inner: B, start: StartRecord) -> Self {
-        Self {
-            inner,
-            state: State::Watch {
-                scanner: DoneScanner::default(),
-                start,
-            },
-        }
+        Self { inner, state: State::Watch { scanner: DoneScanner::default(), start } }
     }
 }
 
@@ -70,10 +55,7 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.as_mut().project();
         loop {
             match this.state {
@@ -82,11 +64,7 @@ where
                 State::Record { record, held } => {
                     ready!(record.as_mut().poll(cx));
                     let held = held.take();
-                    *this.state = if held.is_some() {
-                        State::Pass
-                    } else {
-                        State::Ended
-                    };
+                    *this.state = if held.is_some() { State::Pass } else { State::Ended };
                     return Poll::Ready(held.map(Ok));
                 }
                 State::Watch { scanner, .. } => {
@@ -132,10 +110,7 @@ where
 
 fn start_record(state: &mut State, held: Option<Frame<Bytes>>) {
     if let State::Watch { start, .. } = std::mem::replace(state, State::Ended) {
-        *state = State::Record {
-            record: start(),
-            held,
-        };
+        *state = State::Record { record: start(), held };
     }
 }
 
@@ -179,9 +154,7 @@ const DONE: &[u8] = b"[DONE]";
 impl Default for DoneScanner {
     fn default() -> Self {
         // The stream starts at a line start.
-        Self {
-            progress: Some(Progress::default()),
-        }
+        Self { progress: Some(Progress::default()) }
     }
 }
 
@@ -253,31 +226,21 @@ mod tests {
 
     #[test]
     fn finds_done_lines() {
-        assert_eq!(
-            feed_all(&["data: {\"a\":1}\n\n", "data: [DONE]\n\n"]),
-            Some(1)
-        );
+        assert_eq!(feed_all(&["data: {\"a\":1}\n\n", "data: [DONE]\n\n"]), Some(1));
         assert_eq!(feed_all(&["data:[DONE]\n\n"]), Some(0));
         assert_eq!(feed_all(&["data: {}\r\n\r\ndata: [DONE]\r\n\r\n"]), Some(0));
         // Split across frames, at every position.
         let text = "data: {\"x\":2}\n\ndata: [DONE]\n\n";
         for split in 1..text.len() {
             let (a, b) = text.split_at(split);
-            let expect = if split >= text.find("[DONE]").unwrap() + 6 {
-                0
-            } else {
-                1
-            };
+            let expect = if split >= text.find("[DONE]").unwrap() + 6 { 0 } else { 1 };
             assert_eq!(feed_all(&[a, b]), Some(expect), "split at {split}");
         }
     }
 
     #[test]
     fn ignores_lookalikes() {
-        assert_eq!(
-            feed_all(&["data: {\"content\":\"data: [DONE]\"}\n\n"]),
-            None
-        );
+        assert_eq!(feed_all(&["data: {\"content\":\"data: [DONE]\"}\n\n"]), None);
         assert_eq!(feed_all(&["data: [DON", "E\n"]), None);
         assert_eq!(feed_all(&["xdata: [DONE]\n"]), None);
         assert_eq!(feed_all(&["data:  [DONE]\n"]), None);

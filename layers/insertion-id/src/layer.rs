@@ -13,8 +13,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
 use llmgate_core::ext::{
-    BodyEdits, EditScope, InsertionId as InsertionIdExt, LlmRequest, RolloutIds, RolloutTags,
-    RouteMeta, UpstreamMode,
+    BodyEdits, EditScope, InsertionId as InsertionIdExt, LlmRequest, RolloutIds, RolloutTags, RouteMeta, UpstreamMode,
 };
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -113,12 +112,7 @@ impl<S> Layer<S> for InsertionIdLayer {
     type Service = InsertionId<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        InsertionId {
-            inner,
-            recorder: self.recorder.clone(),
-            record_timeout: self.record_timeout,
-            retry: self.retry,
-        }
+        InsertionId { inner, recorder: self.recorder.clone(), record_timeout: self.record_timeout, retry: self.retry }
     }
 }
 
@@ -157,24 +151,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let rollout = req
-            .extensions()
-            .get::<RouteMeta>()
-            .and_then(|meta| meta.rollout.as_ref());
+        let rollout = req.extensions().get::<RouteMeta>().and_then(|meta| meta.rollout.as_ref());
         let Some(ids) = rollout else {
-            return ResponseFuture {
-                inner: self.inner.call(req),
-                state: FutureState::Pass,
-            };
+            return ResponseFuture { inner: self.inner.call(req), state: FutureState::Pass };
         };
         let id = Uuid::now_v7();
         let insertion_id = id.hyphenated().to_string();
         let tags = rollout_tags(ids, &insertion_id);
         let rollout_id: Arc<str> = Arc::from(ids.rollout_id.as_str());
-        let metadata = req
-            .extensions()
-            .get::<LlmRequest>()
-            .map(|request| litellm_metadata(request, &tags));
+        let metadata = req.extensions().get::<LlmRequest>().map(|request| litellm_metadata(request, &tags));
 
         let extensions = req.extensions_mut();
         extensions.insert(InsertionIdExt(id));
@@ -198,12 +183,7 @@ where
             timeout: self.record_timeout,
             retry: self.retry,
         };
-        ResponseFuture {
-            inner: self.inner.call(req),
-            state: FutureState::Rollout {
-                record: Some(record),
-            },
-        }
+        ResponseFuture { inner: self.inner.call(req), state: FutureState::Rollout { record: Some(record) } }
     }
 }
 
@@ -222,12 +202,7 @@ pub fn rollout_tags(ids: &RolloutIds, insertion_id: &str) -> Vec<String> {
 /// The client's `metadata` with `tags` = the client's tags followed by `tags` (the `litellm`
 /// body); other keys and their order are kept.
 pub fn litellm_metadata(request: &LlmRequest, tags: &[String]) -> Value {
-    let mut metadata = request
-        .json()
-        .get("metadata")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_else(Map::new);
+    let mut metadata = request.json().get("metadata").and_then(Value::as_object).cloned().unwrap_or_else(Map::new);
     let mut all = match metadata.get_mut("tags").map(Value::take) {
         Some(Value::Array(client)) => client,
         _ => Vec::with_capacity(tags.len()),
@@ -248,10 +223,7 @@ struct Record {
 
 impl Record {
     fn future(self) -> RecordFuture {
-        Box::pin(
-            self.recorder
-                .record(self.rollout_id, self.insertion_id, self.timeout, self.retry),
-        )
+        Box::pin(self.recorder.record(self.rollout_id, self.insertion_id, self.timeout, self.retry))
     }
 }
 
@@ -272,10 +244,7 @@ enum FutureState<B> {
     /// Waiting for the inner response of a rollout request.
     Rollout { record: Option<Record> },
     /// A 2xx non-SSE response waits for its record.
-    Waiting {
-        record: RecordFuture,
-        response: Option<Response<B>>,
-    },
+    Waiting { record: RecordFuture, response: Option<Response<B>> },
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B>
@@ -321,10 +290,7 @@ where
                 if future.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(response.map(RecordBody::pass)));
                 }
-                *this.state = FutureState::Waiting {
-                    record: future,
-                    response: Some(response),
-                };
+                *this.state = FutureState::Waiting { record: future, response: Some(response) };
                 Poll::Pending
             }
         }
@@ -336,9 +302,5 @@ fn is_sse<B>(response: &Response<B>) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        })
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
 }

@@ -83,12 +83,11 @@ mod store;
 
 pub use body::RecordBody;
 pub use layer::{
-    DEFAULT_RECORD_TIMEOUT, INSERTION_ID_HEADER, InsertionId, InsertionIdLayer, ResponseFuture,
-    litellm_metadata, rollout_tags,
+    DEFAULT_RECORD_TIMEOUT, INSERTION_ID_HEADER, InsertionId, InsertionIdLayer, ResponseFuture, litellm_metadata,
+    rollout_tags,
 };
 pub use recorder::{
-    Counters, CountersSnapshot, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_QUEUE_CAPACITY, DEFAULT_RETRY_MAX,
-    DEFAULT_RETRY_MIN,
+    Counters, CountersSnapshot, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_QUEUE_CAPACITY, DEFAULT_RETRY_MAX, DEFAULT_RETRY_MIN,
 };
 pub use redis_store::{CONNECTION_TIMEOUT, RESPONSE_TIMEOUT, RedisStore};
 pub use store::{DEFAULT_TTL, InsertionStore, MemoryStore, StoreFuture};

@@ -78,11 +78,7 @@ pub(crate) struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            min: DEFAULT_RETRY_MIN,
-            max: DEFAULT_RETRY_MAX,
-            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
-        }
+        Self { min: DEFAULT_RETRY_MIN, max: DEFAULT_RETRY_MAX, attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT }
     }
 }
 
@@ -146,13 +142,7 @@ impl Recorder {
                 tracing::error!(%rollout_id, %insertion_id, ?timeout, "insertion id record timed out; retrying in the background");
             }
         }
-        self.enqueue(
-            Pending {
-                rollout_id,
-                insertion_id,
-            },
-            policy,
-        );
+        self.enqueue(Pending { rollout_id, insertion_id }, policy);
     }
 
     fn enqueue(&self, pending: Pending, policy: RetryPolicy) {
@@ -187,21 +177,12 @@ impl Recorder {
         if self.started.load(Ordering::Acquire) {
             return;
         }
-        let Some(receiver) = self
-            .receiver
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
+        let Some(receiver) = self.receiver.lock().unwrap_or_else(PoisonError::into_inner).take() else {
             return;
         };
         self.started.store(true, Ordering::Release);
-        let worker = Worker {
-            store: self.store.clone(),
-            counters: self.counters.clone(),
-            idle: self.idle.clone(),
-            policy,
-        };
+        let worker =
+            Worker { store: self.store.clone(), counters: self.counters.clone(), idle: self.idle.clone(), policy };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(worker.run(receiver));
@@ -253,9 +234,7 @@ impl Worker {
         loop {
             tokio::time::sleep(delay).await;
             attempt = attempt.saturating_add(1);
-            let write = self
-                .store
-                .record(&pending.rollout_id, &pending.insertion_id);
+            let write = self.store.record(&pending.rollout_id, &pending.insertion_id);
             let error = match tokio::time::timeout(self.policy.attempt_timeout, write).await {
                 Ok(Ok(())) => {
                     self.counters.recorded.fetch_add(1, Ordering::Relaxed);
@@ -266,10 +245,7 @@ impl Worker {
                 Err(_) => format!("timed out after {:?}", self.policy.attempt_timeout),
             };
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
-            delay = delay
-                .saturating_mul(2)
-                .min(self.policy.max)
-                .max(self.policy.min);
+            delay = delay.saturating_mul(2).min(self.policy.max).max(self.policy.min);
             tracing::error!(
                 rollout_id = %pending.rollout_id,
                 insertion_id = %pending.insertion_id,

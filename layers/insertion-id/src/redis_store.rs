@@ -53,11 +53,7 @@ pub struct RedisStore<C> {
 impl<C> RedisStore<C> {
     /// A store on `conn`, with an empty key prefix and a TTL of 86400 s.
     pub fn new(conn: C) -> Self {
-        Self {
-            conn,
-            prefix: Arc::from(""),
-            ttl_secs: DEFAULT_TTL.as_secs() as i64,
-        }
+        Self { conn, prefix: Arc::from(""), ttl_secs: DEFAULT_TTL.as_secs() as i64 }
     }
 
     /// Sets the key prefix (default empty: the key is the bare `rollout_id`, as the original).
@@ -99,10 +95,7 @@ impl RedisStore<ConnectionManager> {
     }
 
     /// A store on one Redis node through a lazy [`ConnectionManager`] with your `config`.
-    pub fn single_node_with_config(
-        client: redis::Client,
-        config: ConnectionManagerConfig,
-    ) -> RedisResult<Self> {
+    pub fn single_node_with_config(client: redis::Client, config: ConnectionManagerConfig) -> RedisResult<Self> {
         Ok(Self::new(client.get_connection_manager_lazy(config)?))
     }
 }
@@ -123,21 +116,15 @@ impl RedisStore<ClusterConnection> {
     /// A store on a Redis Cluster client of your own making, connected in the background.
     pub fn cluster_with(builder: ClusterClientBuilder) -> RedisResult<Self> {
         let client = builder.build()?;
-        let config = ClusterConfig::new()
-            .set_connection_timeout(CONNECTION_TIMEOUT)
-            .set_response_timeout(RESPONSE_TIMEOUT);
-        Ok(Self::new(
-            client.get_pending_async_connection_with_config(config),
-        ))
+        let config =
+            ClusterConfig::new().set_connection_timeout(CONNECTION_TIMEOUT).set_response_timeout(RESPONSE_TIMEOUT);
+        Ok(Self::new(client.get_pending_async_connection_with_config(config)))
     }
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("prefix", &self.prefix)
-            .field("ttl_secs", &self.ttl_secs)
-            .finish()
+        f.debug_struct("RedisStore").field("prefix", &self.prefix).field("ttl_secs", &self.ttl_secs).finish()
     }
 }
 
@@ -166,10 +153,7 @@ where
         let mut conn = self.conn.clone();
         let key = self.key(rollout_id);
         Box::pin(async move {
-            let members: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await?;
+            let members: Vec<String> = redis::cmd("SMEMBERS").arg(&key).query_async(&mut conn).await?;
             Ok(members)
         })
     }

@@ -70,9 +70,7 @@ impl MemoryStore {
     /// A store with `shards` shards (at least one).
     pub fn with_shards(shards: usize) -> Self {
         Self {
-            shards: (0..shards.max(1))
-                .map(|_| Mutex::new(Shard::default()))
-                .collect(),
+            shards: (0..shards.max(1)).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             ttl: DEFAULT_TTL,
         }
@@ -93,10 +91,7 @@ impl MemoryStore {
         let now = Instant::now();
         let expires_at = now + self.ttl;
         // A poisoned shard only means another thread panicked mid-insert; the map is still valid.
-        let mut shard = self
-            .shard(rollout_id)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self.shard(rollout_id).lock().unwrap_or_else(PoisonError::into_inner);
         if shard.next_sweep.is_none_or(|at| now >= at) {
             shard.sets.retain(|_, entry| entry.expires_at > now);
             shard.next_sweep = Some(now + self.ttl / 4);
@@ -111,19 +106,14 @@ impl MemoryStore {
             }
             None => {
                 let ids = HashSet::from([insertion_id.to_owned()]);
-                shard
-                    .sets
-                    .insert(rollout_id.to_owned(), Entry { ids, expires_at });
+                shard.sets.insert(rollout_id.to_owned(), Entry { ids, expires_at });
             }
         }
     }
 
     fn read(&self, rollout_id: &str) -> Vec<String> {
         let now = Instant::now();
-        let shard = self
-            .shard(rollout_id)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let shard = self.shard(rollout_id).lock().unwrap_or_else(PoisonError::into_inner);
         match shard.sets.get(rollout_id) {
             Some(entry) if entry.expires_at > now => entry.ids.iter().cloned().collect(),
             _ => Vec::new(),
@@ -139,10 +129,7 @@ impl Default for MemoryStore {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryStore")
-            .field("shards", &self.shards.len())
-            .field("ttl", &self.ttl)
-            .finish()
+        f.debug_struct("MemoryStore").field("shards", &self.shards.len()).field("ttl", &self.ttl).finish()
     }
 }
 

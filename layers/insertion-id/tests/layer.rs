@@ -15,10 +15,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use llmgate_core::{
     BoxError, GatewayBody, body,
-    ext::{
-        BodyEdits, InsertionId, LlmRequest, RolloutIds, RolloutTags, RouteKind, RouteMeta,
-        UpstreamMode,
-    },
+    ext::{BodyEdits, InsertionId, LlmRequest, RolloutIds, RolloutTags, RouteKind, RouteMeta, UpstreamMode},
     json::{encode, parse_chat_body},
 };
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, StoreFuture};
@@ -44,18 +41,12 @@ fn rollout_meta(rollout_id: &str) -> RouteMeta {
 }
 
 fn chat_request(rollout_id: Option<&str>, body: &'static str) -> Request<GatewayBody> {
-    let mut req = Request::post("/chat/completions")
-        .body(body::full(body))
-        .unwrap();
+    let mut req = Request::post("/chat/completions").body(body::full(body)).unwrap();
     let json = parse_chat_body(body.as_bytes()).unwrap();
-    req.extensions_mut()
-        .insert(LlmRequest::new(Bytes::from_static(body.as_bytes()), json));
+    req.extensions_mut().insert(LlmRequest::new(Bytes::from_static(body.as_bytes()), json));
     match rollout_id {
         Some(r) => req.extensions_mut().insert(rollout_meta(r)),
-        None => req.extensions_mut().insert(RouteMeta {
-            rollout: None,
-            ..rollout_meta("x")
-        }),
+        None => req.extensions_mut().insert(RouteMeta { rollout: None, ..rollout_meta("x") }),
     };
     req
 }
@@ -68,10 +59,7 @@ struct Script {
 impl Body for Script {
     type Data = Bytes;
     type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Poll::Ready(self.frames.pop_front().map(|f| match f {
             Ok(data) => Ok(Frame::data(Bytes::from_static(data.as_bytes()))),
             Err(error) => Err(error.into()),
@@ -79,18 +67,10 @@ impl Body for Script {
     }
 }
 
-fn response(
-    status: u16,
-    content_type: &str,
-    frames: Vec<Result<&'static str, &'static str>>,
-) -> Response<GatewayBody> {
-    let mut response = Response::new(body::boxed(Script {
-        frames: frames.into(),
-    }));
+fn response(status: u16, content_type: &str, frames: Vec<Result<&'static str, &'static str>>) -> Response<GatewayBody> {
+    let mut response = Response::new(body::boxed(Script { frames: frames.into() }));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
-    response
-        .headers_mut()
-        .insert("content-type", content_type.parse().unwrap());
+    response.headers_mut().insert("content-type", content_type.parse().unwrap());
     response
 }
 
@@ -109,11 +89,7 @@ struct GatedStore {
 
 impl Default for GatedStore {
     fn default() -> Self {
-        Self {
-            inner: MemoryStore::new(),
-            gate: Semaphore::new(0),
-            calls: Mutex::new(0),
-        }
+        Self { inner: MemoryStore::new(), gate: Semaphore::new(0), calls: Mutex::new(0) }
     }
 }
 
@@ -140,10 +116,7 @@ impl InsertionStore for GatedStore {
 }
 
 fn id_of<B>(response: &Response<B>) -> String {
-    response.headers()["x-insertion-id"]
-        .to_str()
-        .unwrap()
-        .to_owned()
+    response.headers()["x-insertion-id"].to_str().unwrap().to_owned()
 }
 
 /// Polls a future once.
@@ -191,39 +164,25 @@ async fn tags_extension_and_litellm_body_edit() {
     );
     assert_eq!(std::str::from_utf8(&litellm).unwrap(), want);
     let openai = encode(llm, edits, UpstreamMode::OpenAi);
-    assert_eq!(
-        std::str::from_utf8(&openai).unwrap(),
-        r#"{"model":"m","metadata":{"foo":"bar"},"messages":[]}"#
-    );
+    assert_eq!(std::str::from_utf8(&openai).unwrap(), r#"{"model":"m","metadata":{"foo":"bar"},"messages":[]}"#);
 }
 
 #[tokio::test]
 async fn metadata_and_tags_are_created_when_absent() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let captured = seen.clone();
-    let svc = InsertionIdLayer::new(Arc::new(MemoryStore::new())).layer(service_fn(
-        move |req: Request<GatewayBody>| {
+    let svc =
+        InsertionIdLayer::new(Arc::new(MemoryStore::new())).layer(service_fn(move |req: Request<GatewayBody>| {
             captured.lock().unwrap().push(req.extensions().clone());
             async { Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")])) }
-        },
-    ));
+        }));
     // Earlier edits of other layers are kept.
     let mut req = chat_request(Some("r1"), r#"{"model":"m"}"#);
     let mut edits = BodyEdits::default();
-    edits.set(
-        "model",
-        "other".into(),
-        llmgate_core::ext::EditScope::Always,
-    );
+    edits.set("model", "other".into(), llmgate_core::ext::EditScope::Always);
     req.extensions_mut().insert(edits);
     let a = svc.clone().oneshot(req).await.unwrap();
-    let b = svc
-        .oneshot(chat_request(
-            Some("r1"),
-            r#"{"model":"m","metadata":{"k":1}}"#,
-        ))
-        .await
-        .unwrap();
+    let b = svc.oneshot(chat_request(Some("r1"), r#"{"model":"m","metadata":{"k":1}}"#)).await.unwrap();
     let (ida, idb) = (id_of(&a), id_of(&b));
     assert_ne!(ida, idb);
 
@@ -235,35 +194,12 @@ async fn metadata_and_tags_are_created_when_absent() {
     };
     let enc = |i: usize, mode| {
         let ext = &seen[i];
-        String::from_utf8(
-            encode(
-                ext.get::<LlmRequest>().unwrap(),
-                ext.get::<BodyEdits>(),
-                mode,
-            )
-            .to_vec(),
-        )
-        .unwrap()
+        String::from_utf8(encode(ext.get::<LlmRequest>().unwrap(), ext.get::<BodyEdits>(), mode).to_vec()).unwrap()
     };
-    assert_eq!(
-        enc(0, UpstreamMode::LiteLlm),
-        format!(
-            r#"{{"model":"other","metadata":{{"tags":{}}}}}"#,
-            tags(&ida)
-        )
-    );
+    assert_eq!(enc(0, UpstreamMode::LiteLlm), format!(r#"{{"model":"other","metadata":{{"tags":{}}}}}"#, tags(&ida)));
     assert_eq!(enc(0, UpstreamMode::OpenAi), r#"{"model":"other"}"#);
-    assert_eq!(
-        enc(1, UpstreamMode::LiteLlm),
-        format!(
-            r#"{{"model":"m","metadata":{{"k":1,"tags":{}}}}}"#,
-            tags(&idb)
-        )
-    );
-    assert_eq!(
-        enc(1, UpstreamMode::OpenAi),
-        r#"{"model":"m","metadata":{"k":1}}"#
-    );
+    assert_eq!(enc(1, UpstreamMode::LiteLlm), format!(r#"{{"model":"m","metadata":{{"k":1,"tags":{}}}}}"#, tags(&idb)));
+    assert_eq!(enc(1, UpstreamMode::OpenAi), r#"{"model":"m","metadata":{"k":1}}"#);
 }
 
 #[tokio::test]
@@ -276,11 +212,7 @@ async fn requests_without_rollout_pass_untouched() {
         assert!(req.extensions().get::<BodyEdits>().is_none());
         Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")]))
     }));
-    let res = svc
-        .clone()
-        .oneshot(chat_request(None, r#"{"model":"m"}"#))
-        .await
-        .unwrap();
+    let res = svc.clone().oneshot(chat_request(None, r#"{"model":"m"}"#)).await.unwrap();
     assert!(res.headers().get("x-insertion-id").is_none());
     // No RouteMeta at all.
     let res = svc.oneshot(Request::new(body::full("{}"))).await.unwrap();
@@ -296,25 +228,18 @@ fn layer_with(
     upstream: fn() -> Response<GatewayBody>,
 ) -> (
     InsertionIdLayer,
-    impl Service<
-        Request<GatewayBody>,
-        Response = Response<llmgate_insertion_id::RecordBody<GatewayBody>>,
-        Error = BoxError,
-    > + Clone,
+    impl Service<Request<GatewayBody>, Response = Response<llmgate_insertion_id::RecordBody<GatewayBody>>, Error = BoxError>
+    + Clone,
 ) {
     let layer = InsertionIdLayer::new(store).record_timeout(Duration::from_secs(3600));
-    let svc = layer.layer(service_fn(move |_req: Request<GatewayBody>| async move {
-        Ok::<_, BoxError>(upstream())
-    }));
+    let svc = layer.layer(service_fn(move |_req: Request<GatewayBody>| async move { Ok::<_, BoxError>(upstream()) }));
     (layer, svc)
 }
 
 #[tokio::test]
 async fn json_2xx_is_recorded_before_the_response_is_returned() {
     let store = Arc::new(GatedStore::default());
-    let (layer, svc) = layer_with(store.clone(), || {
-        response(201, "application/json", vec![Ok(r#"{"id":"x"}"#)])
-    });
+    let (layer, svc) = layer_with(store.clone(), || response(201, "application/json", vec![Ok(r#"{"id":"x"}"#)]));
     let mut call = Box::pin(svc.oneshot(chat_request(Some("r-json"), r#"{"model":"m"}"#)));
     // The record is under way and the response waits for it.
     assert!(poll_once(&mut call).await.is_pending());
@@ -323,15 +248,9 @@ async fn json_2xx_is_recorded_before_the_response_is_returned() {
     store.open(1);
     let res = call.await.unwrap();
     assert_eq!(store.members("r-json").await.unwrap(), [id_of(&res)]);
-    assert_eq!(
-        res.into_body().collect().await.unwrap().to_bytes(),
-        r#"{"id":"x"}"#
-    );
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), r#"{"id":"x"}"#);
     let counters = layer.counters().snapshot();
-    assert_eq!(
-        (counters.recorded, counters.retried, counters.failed),
-        (1, 0, 0)
-    );
+    assert_eq!((counters.recorded, counters.retried, counters.failed), (1, 0, 0));
 }
 
 #[tokio::test]
@@ -340,16 +259,9 @@ async fn errors_are_never_recorded() {
         let store = Arc::new(MemoryStore::new());
         let layer = InsertionIdLayer::new(store.clone());
         let svc = layer.layer(service_fn(move |_req: Request<GatewayBody>| async move {
-            Ok::<_, BoxError>(response(
-                status,
-                "application/json",
-                vec![Ok(r#"{"error":{}}"#)],
-            ))
+            Ok::<_, BoxError>(response(status, "application/json", vec![Ok(r#"{"error":{}}"#)]))
         }));
-        let res = svc
-            .oneshot(chat_request(Some("r-err"), r#"{"model":"m"}"#))
-            .await
-            .unwrap();
+        let res = svc.oneshot(chat_request(Some("r-err"), r#"{"model":"m"}"#)).await.unwrap();
         assert_eq!(res.status().as_u16(), status);
         Uuid::parse_str(&id_of(&res)).unwrap();
         res.into_body().collect().await.unwrap();
@@ -358,13 +270,8 @@ async fn errors_are_never_recorded() {
     }
     // An SSE content type on an error status is not recorded either.
     let store = Arc::new(MemoryStore::new());
-    let (_, svc) = layer_with(store.clone(), || {
-        response(500, "text/event-stream", SSE.to_vec())
-    });
-    let res = svc
-        .oneshot(chat_request(Some("r-err"), "{}"))
-        .await
-        .unwrap();
+    let (_, svc) = layer_with(store.clone(), || response(500, "text/event-stream", SSE.to_vec()));
+    let res = svc.oneshot(chat_request(Some("r-err"), "{}")).await.unwrap();
     res.into_body().collect().await.unwrap();
     assert!(store.members("r-err").await.unwrap().is_empty());
 }
@@ -372,28 +279,14 @@ async fn errors_are_never_recorded() {
 #[tokio::test]
 async fn sse_is_recorded_before_the_done_frame_is_released() {
     let store = Arc::new(GatedStore::default());
-    let (layer, svc) = layer_with(store.clone(), || {
-        response(200, "text/event-stream; charset=utf-8", SSE.to_vec())
-    });
-    let res = svc
-        .oneshot(chat_request(
-            Some("r-sse"),
-            r#"{"model":"m","stream":true}"#,
-        ))
-        .await
-        .unwrap();
+    let (layer, svc) = layer_with(store.clone(), || response(200, "text/event-stream; charset=utf-8", SSE.to_vec()));
+    let res = svc.oneshot(chat_request(Some("r-sse"), r#"{"model":"m","stream":true}"#)).await.unwrap();
     let id = id_of(&res);
     assert_eq!(store.calls(), 0, "nothing recorded before the stream ends");
     let mut body = res.into_body();
     // Frames before [DONE] pass straight through.
-    assert_eq!(
-        body.frame().await.unwrap().unwrap().into_data().unwrap(),
-        SSE[0].unwrap()
-    );
-    assert_eq!(
-        body.frame().await.unwrap().unwrap().into_data().unwrap(),
-        SSE[1].unwrap()
-    );
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), SSE[0].unwrap());
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), SSE[1].unwrap());
     assert_eq!(store.calls(), 0);
     // The [DONE] frame waits for the record.
     let mut done = Box::pin(body.frame());
@@ -415,25 +308,16 @@ async fn sse_without_done_is_recorded_at_its_end() {
         response(
             200,
             "text/event-stream",
-            vec![
-                Ok("event: message_start\ndata: {}\n\n"),
-                Ok("data: {\"stop\":true}\n\n"),
-            ],
+            vec![Ok("event: message_start\ndata: {}\n\n"), Ok("data: {\"stop\":true}\n\n")],
         )
     });
-    let res = svc
-        .oneshot(chat_request(Some("r-end"), "{}"))
-        .await
-        .unwrap();
+    let res = svc.oneshot(chat_request(Some("r-end"), "{}")).await.unwrap();
     let id = id_of(&res);
     let mut body = res.into_body();
     body.frame().await.unwrap().unwrap();
     body.frame().await.unwrap().unwrap();
     let mut end = Box::pin(body.frame());
-    assert!(
-        poll_once(&mut end).await.is_pending(),
-        "the end of stream waits for the record"
-    );
+    assert!(poll_once(&mut end).await.is_pending(), "the end of stream waits for the record");
     store.open(1);
     assert!(end.await.is_none());
     assert_eq!(store.members("r-end").await.unwrap(), [id]);
@@ -445,14 +329,10 @@ async fn sse_single_full_body_is_recorded() {
     let store = Arc::new(MemoryStore::new());
     let (_, svc) = layer_with(store.clone(), || {
         let mut r = Response::new(body::full("data: {}\n\ndata: [DONE]\n\n"));
-        r.headers_mut()
-            .insert("content-type", "text/event-stream".parse().unwrap());
+        r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
         r
     });
-    let res = svc
-        .oneshot(chat_request(Some("r-full"), "{}"))
-        .await
-        .unwrap();
+    let res = svc.oneshot(chat_request(Some("r-full"), "{}")).await.unwrap();
     let id = id_of(&res);
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(bytes, "data: {}\n\ndata: [DONE]\n\n");
@@ -463,16 +343,9 @@ async fn sse_single_full_body_is_recorded() {
 async fn erroring_sse_stream_is_not_recorded() {
     let store = Arc::new(MemoryStore::new());
     let (layer, svc) = layer_with(store.clone(), || {
-        response(
-            200,
-            "text/event-stream",
-            vec![Ok("data: {}\n\n"), Err("upstream reset")],
-        )
+        response(200, "text/event-stream", vec![Ok("data: {}\n\n"), Err("upstream reset")])
     });
-    let res = svc
-        .oneshot(chat_request(Some("r-cut"), "{}"))
-        .await
-        .unwrap();
+    let res = svc.oneshot(chat_request(Some("r-cut"), "{}")).await.unwrap();
     let mut body = res.into_body();
     body.frame().await.unwrap().unwrap();
     assert!(body.frame().await.unwrap().is_err());
@@ -483,13 +356,8 @@ async fn erroring_sse_stream_is_not_recorded() {
 #[tokio::test]
 async fn dropped_sse_stream_is_not_recorded() {
     let store = Arc::new(MemoryStore::new());
-    let (layer, svc) = layer_with(store.clone(), || {
-        response(200, "text/event-stream", SSE.to_vec())
-    });
-    let res = svc
-        .oneshot(chat_request(Some("r-gone"), "{}"))
-        .await
-        .unwrap();
+    let (layer, svc) = layer_with(store.clone(), || response(200, "text/event-stream", SSE.to_vec()));
+    let res = svc.oneshot(chat_request(Some("r-gone"), "{}")).await.unwrap();
     let mut body = res.into_body();
     body.frame().await.unwrap().unwrap();
     drop(body); // the client went away
@@ -511,19 +379,12 @@ async fn slow_store_times_out_then_records_in_the_background() {
     }));
     // The store never answers in time: the response comes back anyway (the paused clock jumps
     // the 250 ms).
-    let res = svc
-        .clone()
-        .oneshot(chat_request(Some("r-slow"), "{}"))
-        .await
-        .unwrap();
+    let res = svc.clone().oneshot(chat_request(Some("r-slow"), "{}")).await.unwrap();
     let id = id_of(&res);
     let sse = layer.layer(service_fn(|_req: Request<GatewayBody>| async {
         Ok::<_, BoxError>(response(200, "text/event-stream", SSE.to_vec()))
     }));
-    let res = sse
-        .oneshot(chat_request(Some("r-slow"), "{}"))
-        .await
-        .unwrap();
+    let res = sse.oneshot(chat_request(Some("r-slow"), "{}")).await.unwrap();
     let id2 = id_of(&res);
     assert_eq!(
         res.into_body().collect().await.unwrap().to_bytes().len(),
@@ -531,34 +392,20 @@ async fn slow_store_times_out_then_records_in_the_background() {
     );
 
     let snapshot = layer.counters().snapshot();
-    assert_eq!(
-        (snapshot.recorded, snapshot.retried, snapshot.pending),
-        (0, 2, 2)
-    );
+    assert_eq!((snapshot.recorded, snapshot.retried, snapshot.pending), (0, 2, 2));
     assert!(snapshot.failed >= 2);
     // Nothing until the store comes back; then the queue drains.
-    assert!(
-        !layer
-            .flush(tokio::time::Instant::now() + Duration::from_secs(10))
-            .await
-    );
+    assert!(!layer.flush(tokio::time::Instant::now() + Duration::from_secs(10)).await);
     assert!(store.members("r-slow").await.unwrap().is_empty());
     store.open(2);
-    assert!(
-        layer
-            .flush(tokio::time::Instant::now() + Duration::from_secs(3600))
-            .await
-    );
+    assert!(layer.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await);
     let mut members = store.members("r-slow").await.unwrap();
     members.sort();
     let mut want = vec![id, id2];
     want.sort();
     assert_eq!(members, want);
     let snapshot = layer.counters().snapshot();
-    assert_eq!(
-        (snapshot.recorded, snapshot.pending, snapshot.dropped),
-        (2, 0, 0)
-    );
+    assert_eq!((snapshot.recorded, snapshot.pending, snapshot.dropped), (2, 0, 0));
 }
 
 /// A store that fails `n` times, then works.
@@ -583,24 +430,14 @@ impl InsertionStore for Flaky {
 
 #[tokio::test(start_paused = true)]
 async fn failing_store_is_retried_with_backoff_until_success() {
-    let store = Arc::new(Flaky {
-        inner: MemoryStore::new(),
-        failures: Mutex::new(6),
-    });
+    let store = Arc::new(Flaky { inner: MemoryStore::new(), failures: Mutex::new(6) });
     let layer = InsertionIdLayer::new(store.clone());
     let svc = layer.layer(service_fn(|_req: Request<GatewayBody>| async {
         Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")]))
     }));
-    let res = svc
-        .oneshot(chat_request(Some("r-flaky"), "{}"))
-        .await
-        .unwrap();
+    let res = svc.oneshot(chat_request(Some("r-flaky"), "{}")).await.unwrap();
     assert!(store.members("r-flaky").await.unwrap().is_empty());
-    assert!(
-        layer
-            .flush(tokio::time::Instant::now() + Duration::from_secs(3600))
-            .await
-    );
+    assert!(layer.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await);
     assert_eq!(store.members("r-flaky").await.unwrap(), [id_of(&res)]);
     let snapshot = layer.counters().snapshot();
     assert_eq!(snapshot.recorded, 1);
@@ -612,16 +449,12 @@ async fn failing_store_is_retried_with_backoff_until_success() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_is_counted_not_silent() {
     let store = Arc::new(GatedStore::default());
-    let layer = InsertionIdLayer::with_queue_capacity(store.clone(), 1)
-        .record_timeout(Duration::from_millis(10));
+    let layer = InsertionIdLayer::with_queue_capacity(store.clone(), 1).record_timeout(Duration::from_millis(10));
     let svc = layer.layer(service_fn(|_req: Request<GatewayBody>| async {
         Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")]))
     }));
     for _ in 0..4 {
-        svc.clone()
-            .oneshot(chat_request(Some("r-full-q"), "{}"))
-            .await
-            .unwrap();
+        svc.clone().oneshot(chat_request(Some("r-full-q"), "{}")).await.unwrap();
     }
     let snapshot = layer.counters().snapshot();
     // One id is in the worker's hands, one in the queue; the others could not be queued.

@@ -32,19 +32,9 @@ fn request(rollout_id: &str) -> Request<GatewayBody> {
 
 async fn upstream(req: Request<GatewayBody>) -> Result<Response<GatewayBody>, BoxError> {
     let sse = req.uri().path() == "/sse";
-    let mut response = Response::new(body::full(if sse {
-        "data: {}\n\ndata: [DONE]\n\n"
-    } else {
-        "{}"
-    }));
-    let content_type = if sse {
-        "text/event-stream"
-    } else {
-        "application/json"
-    };
-    response
-        .headers_mut()
-        .insert("content-type", content_type.parse().unwrap());
+    let mut response = Response::new(body::full(if sse { "data: {}\n\ndata: [DONE]\n\n" } else { "{}" }));
+    let content_type = if sse { "text/event-stream" } else { "application/json" };
+    response.headers_mut().insert("content-type", content_type.parse().unwrap());
     Ok(response)
 }
 
@@ -58,12 +48,7 @@ async fn send(layer: &InsertionIdLayer, rollout: &str, n: usize) -> Vec<String> 
             *req.uri_mut() = "/sse".parse().unwrap();
         }
         let response = svc.clone().oneshot(req).await.unwrap();
-        ids.push(
-            response.headers()["x-insertion-id"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(response.headers()["x-insertion-id"].to_str().unwrap().to_owned());
         response.into_body().collect().await.unwrap();
     }
     ids
@@ -95,22 +80,12 @@ async fn redis_down_at_start_and_mid_run() {
     })
     .await
     .unwrap();
-    assert!(
-        layer.flush(Instant::now() + Duration::from_secs(30)).await,
-        "{:?}",
-        layer.counters().snapshot()
-    );
-    assert_eq!(
-        set(store.members("r-outage").await.unwrap()),
-        set(ids.clone())
-    );
+    assert!(layer.flush(Instant::now() + Duration::from_secs(30)).await, "{:?}", layer.counters().snapshot());
+    assert_eq!(set(store.members("r-outage").await.unwrap()), set(ids.clone()));
 
     // Served normally, recorded in line.
     ids.extend(send(&layer, "r-outage", 2).await);
-    assert_eq!(
-        set(store.members("r-outage").await.unwrap()),
-        set(ids.clone())
-    );
+    assert_eq!(set(store.members("r-outage").await.unwrap()), set(ids.clone()));
 
     // Down mid-run (a crash loses the in-memory data: ids recorded so far are gone).
     server.kill();
@@ -121,17 +96,10 @@ async fn redis_down_at_start_and_mid_run() {
     })
     .await
     .unwrap();
-    assert!(
-        layer.flush(Instant::now() + Duration::from_secs(30)).await,
-        "{:?}",
-        layer.counters().snapshot()
-    );
+    assert!(layer.flush(Instant::now() + Duration::from_secs(30)).await, "{:?}", layer.counters().snapshot());
     let after = send(&layer, "r-outage", 2).await;
     let members = set(store.members("r-outage").await.unwrap());
-    assert!(
-        set(during.clone()).is_subset(&members),
-        "every id sent during the outage is recorded"
-    );
+    assert!(set(during.clone()).is_subset(&members), "every id sent during the outage is recorded");
     assert!(set(after.clone()).is_subset(&members));
 
     let snapshot = layer.counters().snapshot();

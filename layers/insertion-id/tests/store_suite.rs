@@ -8,10 +8,7 @@ use llmgate_test_support::redis::{RedisCluster, RedisServer};
 use redis::aio::ConnectionLike;
 
 fn sorted(ids: Vec<String>) -> Vec<String> {
-    ids.into_iter()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
+    ids.into_iter().collect::<BTreeSet<_>>().into_iter().collect()
 }
 
 /// The shared suite. `ns` keeps runs against one server apart.
@@ -90,30 +87,19 @@ async fn query<T: redis::FromRedisValue>(conn: &mut impl ConnectionLike, args: &
 }
 
 /// The exact data on the server: key name, type, members, TTL.
-async fn assert_redis_layout<C: ConnectionLike + Clone + Send + Sync + 'static>(
-    store: RedisStore<C>,
-) {
+async fn assert_redis_layout<C: ConnectionLike + Clone + Send + Sync + 'static>(store: RedisStore<C>) {
     let mut conn = store.connection().clone();
 
     // Default: the bare rollout id as key, TTL 86400, reset on every record.
-    store
-        .record("r-layout", "01890a5d-ac96-774b-bcce-b302099a8057")
-        .await
-        .unwrap();
-    assert_eq!(
-        query::<String>(&mut conn, &["TYPE", "r-layout"]).await,
-        "set"
-    );
+    store.record("r-layout", "01890a5d-ac96-774b-bcce-b302099a8057").await.unwrap();
+    assert_eq!(query::<String>(&mut conn, &["TYPE", "r-layout"]).await, "set");
     let members: Vec<String> = query(&mut conn, &["SMEMBERS", "r-layout"]).await;
     assert_eq!(members, ["01890a5d-ac96-774b-bcce-b302099a8057"]);
     let _: () = query(&mut conn, &["EXPIRE", "r-layout", "10"]).await;
     assert_eq!(query::<i64>(&mut conn, &["TTL", "r-layout"]).await, 10);
     store.record("r-layout", "second").await.unwrap();
     let ttl: i64 = query(&mut conn, &["TTL", "r-layout"]).await;
-    assert!(
-        (86_390..=86_400).contains(&ttl),
-        "TTL reset to 86400, got {ttl}"
-    );
+    assert!((86_390..=86_400).contains(&ttl), "TTL reset to 86400, got {ttl}");
     assert_eq!(query::<i64>(&mut conn, &["SCARD", "r-layout"]).await, 2);
 
     // Prefix and TTL are configurable.
@@ -127,10 +113,7 @@ async fn assert_redis_layout<C: ConnectionLike + Clone + Send + Sync + 'static>(
 
     // Data written by the original gateway (bare key, plain SADD) is readable.
     let _: () = query(&mut conn, &["SADD", "r-legacy", "old-1", "old-2"]).await;
-    assert_eq!(
-        sorted(store.members("r-legacy").await.unwrap()),
-        ["old-1", "old-2"]
-    );
+    assert_eq!(sorted(store.members("r-legacy").await.unwrap()), ["old-1", "old-2"]);
 }
 
 #[tokio::test]
