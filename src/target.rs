@@ -89,10 +89,11 @@ where
         if let Some(target) = self.targets.for_model(model.as_deref()) {
             let mut target = target.clone();
             if let Some(BaseUrlOverride(url)) = extensions.get::<BaseUrlOverride>()
-                && target.mode == UpstreamMode::OpenAi {
-                    target.base_url = url.clone();
-                    target.api_key = None;
-                }
+                && target.mode == UpstreamMode::OpenAi
+            {
+                target.base_url = url.clone();
+                target.api_key = None;
+            }
             let upstream_model = model
                 .as_deref()
                 .and_then(|m| self.targets.catalog.get(m))

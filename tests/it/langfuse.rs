@@ -102,10 +102,7 @@ async fn a_completion_is_one_trace_with_tags_usage_cost_and_the_insertion_id_as_
         let generation = obs.iter().find(|o| o.kind == "GENERATION").unwrap();
         assert_eq!(generation.name, "llm_call_gpt-test");
         assert_eq!(generation.model.as_deref(), Some("gpt-test"));
-        assert_eq!(
-            Value::Object(generation.usage_details.clone()),
-            json!({"input": 3, "output": 5, "total": 8})
-        );
+        assert_eq!(Value::Object(generation.usage_details.clone()), json!({"input": 3, "output": 5, "total": 8}));
         // 3 input tokens at $1/token and 5 output tokens at $2/token.
         let cost = &generation.cost_details;
         assert_eq!(cost["input"].as_f64(), Some(3.0));
