@@ -310,13 +310,19 @@ enum Msg {
 impl Job {
     /// Calls the stack and pumps the response body to the Pingora side (on the caller's runtime).
     async fn run(self, service: GatewayService) {
-        let Job { request, head, frames } = self;
+        let Job { request, mut head, frames } = self;
         // Boxed so that `tokio::spawn`'s `Send` check sees no `dyn Error` lifetimes (as in the
         // hyper host).
         let call: ResponseFuture = Box::pin(service.oneshot(request));
-        let response = match call.await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        // A client that went away before the head closes `head`: drop the call at once (as
+        // hyper drops the service future), so nothing it waits for (a retry, a rate-limit wait)
+        // happens on its behalf.
+        let response = tokio::select! {
+            response = call => match response {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
+            () = head.closed() => return,
         };
         let (parts, mut body) = response.into_parts();
         let end = body.is_end_stream();
@@ -398,6 +404,24 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+/// Resolves when the client went away (h1: EOF or a reset; h2: the stream or connection reset)
+/// with `true`; with `false` when the watch must stop without that meaning a disconnect (h1: the
+/// client sent bytes after its request, a pipelined request this host does not keep). Otherwise
+/// pending: it only reads when the socket is readable, never spins.
+///
+/// On h1 call it only once the request body was read to the end (it reads the connection).
+async fn client_gone(session: &mut ServerSession) -> bool {
+    match session.read_body_or_idle(true).await {
+        Ok(_) => false,
+        Err(error) => matches!(
+            error.etype(),
+            pingora_core::ErrorType::ConnectionClosed
+                | pingora_core::ErrorType::ReadError
+                | pingora_core::ErrorType::H2Error
+        ),
     }
 }
 
@@ -488,7 +512,7 @@ impl App {
         // Feed the request body until the response head arrives.
         let mut body_read = feeder.is_none();
         let head = match feeder {
-            None => head_rx.await,
+            None => None,
             Some(tx) => {
                 // hyper answers `Expect: 100-continue` when the body is first read; so do we.
                 let expects_continue = session
@@ -500,13 +524,33 @@ impl App {
                 let feed = feed_request_body(&mut session, tx);
                 tokio::pin!(feed);
                 tokio::select! {
-                    head = &mut head_rx => head,
+                    head = &mut head_rx => Some(head),
                     complete = &mut feed => {
                         body_read = complete;
-                        head_rx.await
+                        None
                     }
                 }
             }
+        };
+        // From here on, watch the client: a disconnect drops the pending call and the response
+        // body (through `head_rx` and `frames_rx`), as hyper does. On h1 the connection can only
+        // be read once the request body is done; an h2 stream reset is seen either way.
+        let mut watching = body_read || !h1;
+        let head = match head {
+            Some(head) => head,
+            None => loop {
+                tokio::select! {
+                    head = &mut head_rx => break head,
+                    gone = client_gone(&mut session), if watching => {
+                        if gone {
+                            tracing::debug!("the client went away before the response head");
+                            return None;
+                        }
+                        watching = false;
+                        session.set_keepalive(None);
+                    }
+                }
+            },
         };
         let Ok(Head { mut parts, exact, end }) = head else {
             let _ = session.respond_error(500).await;
@@ -544,7 +588,19 @@ impl App {
             }
         } else {
             loop {
-                match frames_rx.recv().await {
+                let msg = tokio::select! {
+                    msg = frames_rx.recv() => msg,
+                    gone = client_gone(&mut session), if watching => {
+                        if gone {
+                            tracing::debug!("the client went away mid-response");
+                            return None;
+                        }
+                        watching = false;
+                        session.set_keepalive(None);
+                        continue;
+                    }
+                };
+                match msg {
                     Some(Msg::Data(data)) => {
                         if let Err(error) = session.write_response_body(data, false).await {
                             tracing::debug!(%error, "the client went away mid-response");
