@@ -9,9 +9,10 @@
 //! batch when it reaches `max_batch_spans` (512) or every `schedule_delay` (5 s). An export is
 //! an `ExportTraceServiceRequest` encoded with prost, gzipped, and POSTed to
 //! `{host}/api/public/otel/v1/traces` with the project's Basic auth and
-//! `x-langfuse-ingestion-version: 4`. 429/502/503/504, timeouts and connection errors are
-//! retried with exponential backoff that honours `Retry-After`; 400/401/403 and other statuses
-//! drop the batch (`failed`), 401/403 logged at error level. At most `max_concurrent_exports`
+//! `x-langfuse-ingestion-version: 4`. 429/500/502/503/504, timeouts and connection errors are
+//! retried with exponential backoff that honours `Retry-After` (Langfuse answers 500 for a
+//! storage or queue failure, which passes, so it is retried like the OTLP-retryable codes);
+//! 400/401/403 and other statuses drop the batch (`failed`), 401/403 logged at error level. At most `max_concurrent_exports`
 //! exports run at once; past that the drain task waits, the queue fills and new spans are
 //! dropped, so memory stays bounded during an outage.
 
@@ -480,7 +481,7 @@ impl Export {
             Err(_) => Attempt::Retry(None, "timeout".into()),
             Ok(Err(error)) => Attempt::Retry(None, format!("connection error: {error}")),
             Ok(Ok((status, _, _))) if status.is_success() => Attempt::Done,
-            Ok(Ok((status, retry_after, _))) if matches!(status.as_u16(), 429 | 502 | 503 | 504) => {
+            Ok(Ok((status, retry_after, _))) if matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504) => {
                 Attempt::Retry(retry_after, format!("HTTP {status}"))
             }
             Ok(Ok((status, _, body))) => {
