@@ -19,3 +19,5 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --all-features "$@"
+# The integration suite once more, on the Pingora engine (one test body, parameterised).
+LLMGATE_TEST_ENGINE=pingora cargo test -p llmgate --all-features --test it "$@"
