@@ -18,37 +18,9 @@ struct Setup {
     _dir: TempDir,
 }
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub std::path::PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("llmgate-it-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `extra_models`: more YAML list entries for `models:`.
 async fn setup(extra_models: &str, batch_delay_ms: u64) -> Setup {
-    let standin = LangfuseStandIn::start().await;
-    standin.add_project("p1", "pk-lf-1", "sk-lf-1");
-    standin.add_project("p2", "pk-lf-2", "sk-lf-2");
-    let dir = TempDir::new();
-    let secrets = dir.0.join("secrets.yaml");
-    std::fs::write(
-        &secrets,
-        "langfuse_keys:\n  p1: {public_key: pk-lf-1, secret_key: sk-lf-1}\n  p2: {public_key: pk-lf-2, secret_key: sk-lf-2}\ndefault_project_id: p1\n",
-    )
-    .unwrap();
+    let (standin, dir, secrets) = langfuse_with_two_projects().await;
     let mock = mock().await;
     let yaml = format!(
         "upstreams:\n  mock: {{url: \"{}\", mode: openai}}\nlangfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: {batch_delay_ms}, timeout_ms: 1000}}}}\n\

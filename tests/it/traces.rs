@@ -14,7 +14,7 @@ use llmgate_test_support::langfuse::LangfuseStandIn;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::{langfuse::TempDir, support::*};
+use crate::support::*;
 
 const APIS: [&str; 2] = ["v3", "v4"];
 const CHAT: &str = "/chat/completions";
@@ -34,16 +34,7 @@ struct Setup {
 
 /// A gateway reading through `api`, with Langfuse at `host` (the stand-in's when `None`).
 async fn setup_at(api: &'static str, host: Option<String>) -> Setup {
-    let lf = LangfuseStandIn::start().await;
-    lf.add_project("p1", "pk-lf-1", "sk-lf-1");
-    lf.add_project("p2", "pk-lf-2", "sk-lf-2");
-    let dir = TempDir::new();
-    let secrets = dir.0.join("secrets.yaml");
-    std::fs::write(
-        &secrets,
-        "langfuse_keys:\n  p1: {public_key: pk-lf-1, secret_key: sk-lf-1}\n  p2: {public_key: pk-lf-2, secret_key: sk-lf-2}\ndefault_project_id: p1\n",
-    )
-    .unwrap();
+    let (lf, dir, secrets) = langfuse_with_two_projects().await;
     let mock = mock().await;
     let host = host.unwrap_or_else(|| lf.url());
     let yaml = format!(

@@ -175,3 +175,39 @@ impl TestGateway {
         (Self::serve(gateway).await, store)
     }
 }
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("llmgate-it-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The Langfuse stand-in with projects `p1` and `p2`, and a secrets file naming both (`p1` the
+/// default) in a temporary directory.
+pub async fn langfuse_with_two_projects()
+-> (llmgate_test_support::langfuse::LangfuseStandIn, TempDir, std::path::PathBuf) {
+    let standin = llmgate_test_support::langfuse::LangfuseStandIn::start().await;
+    standin.add_project("p1", "pk-lf-1", "sk-lf-1");
+    standin.add_project("p2", "pk-lf-2", "sk-lf-2");
+    let dir = TempDir::new();
+    let secrets = dir.0.join("secrets.yaml");
+    std::fs::write(
+        &secrets,
+        "langfuse_keys:\n  p1: {public_key: pk-lf-1, secret_key: sk-lf-1}\n  p2: {public_key: pk-lf-2, secret_key: sk-lf-2}\ndefault_project_id: p1\n",
+    )
+    .expect("write secrets");
+    (standin, dir, secrets)
+}
