@@ -6,6 +6,7 @@ mod bad_input;
 mod config_prop;
 mod engines;
 mod fallback;
+mod faults;
 mod langfuse;
 mod metadata;
 mod metrics;

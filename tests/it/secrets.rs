@@ -227,7 +227,8 @@ async fn traffic_leaks_nothing(level: &str) {
     assert_eq!(litellm_body.expect("a litellm body")["langfuse_secret_key"], LF_SECRET, "litellm mode carries the key");
 
     // Errors: upstream 500 and 429, unreachable upstream, 401s, 404, 400, 405, 403.
-    let failures: Vec<(Vec<(&str, &str)>, String, serde_json::Value)> = vec![
+    type Failure<'a> = (Vec<(&'a str, &'a str)>, String, serde_json::Value);
+    let failures: Vec<Failure<'_>> = vec![
         (vec![ok[0], ("x-mock-status", "500")], ROLLOUT.into(), chat_body("gpt-oa", false)),
         (
             vec![ok[0], ("x-mock-status", "429"), ("x-mock-retry-after", "0")],
