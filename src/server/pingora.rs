@@ -587,6 +587,11 @@ impl App {
                 return None;
             }
         } else {
+            // Bytes of a `content-length` body still to write. The write that completes the body
+            // hands the client the whole response, and a keep-alive client sends its next request
+            // right away: stop watching before that write, or the watch would read that request
+            // (pingora: "sent data after end of body") and the connection would not be reused.
+            let mut unwritten = exact.filter(|_| !bodiless);
             loop {
                 let msg = tokio::select! {
                     msg = frames_rx.recv() => msg,
@@ -602,6 +607,12 @@ impl App {
                 };
                 match msg {
                     Some(Msg::Data(data)) => {
+                        if let Some(left) = unwritten.as_mut() {
+                            *left = left.saturating_sub(data.len() as u64);
+                            if *left == 0 {
+                                watching = false;
+                            }
+                        }
                         if let Err(error) = session.write_response_body(data, false).await {
                             tracing::debug!(%error, "the client went away mid-response");
                             return None;
