@@ -4,22 +4,16 @@
 //!
 //! The `reason` of the `rate_limit_fallback` events is checked by the Langfuse tests.
 
-use std::{
-    fs::File,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use llmgate::mock_upstream::{MockOptions, MockUpstream};
 use llmgate_test_support::redis::{RedisCluster, RedisServer};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::support::*;
+use crate::support::{child::ChildGateway, *};
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -741,86 +735,6 @@ async fn redis_killed_with_fail_open_serves_on_per_process_budgets() {
     assert_eq!(snapshot["store_in_outage"], true, "{snapshot}");
 }
 
-// === the proxy binary, several processes ===
-
-/// A `llmgate serve` child process with its own config file and log; killed on drop.
-struct ChildGateway {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl ChildGateway {
-    /// Writes `yaml` to a temporary config file, starts the binary on a free port and waits
-    /// until `GET /health` answers.
-    async fn spawn(yaml: &str) -> Self {
-        for _attempt in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let dir = std::env::temp_dir().join(format!("llmgate-fallback-it-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let config = dir.join("llmgate.yaml");
-            std::fs::write(&config, yaml).unwrap();
-            let log = File::create(dir.join("log")).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_llmgate"))
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .env_clear()
-                .env("PORT", port.to_string())
-                .env("HOST", "127.0.0.1")
-                .env("LOG_LEVEL", "warn")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("spawn llmgate");
-            let mut gateway = Self { child, port, dir };
-            if gateway.wait_healthy().await {
-                return gateway;
-            }
-            // It exited (most likely the port was taken in between): try another port.
-            eprintln!("llmgate on port {port} exited early: {}", gateway.log());
-        }
-        panic!("llmgate did not start");
-    }
-
-    /// Polls `/health` until it answers 200 (true) or the process exits (false).
-    async fn wait_healthy(&mut self) -> bool {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                eprintln!("llmgate exited with {status}");
-                return false;
-            }
-            let req = Request::get(self.url("/health")).body(Full::<Bytes>::default()).unwrap();
-            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), client().request(req)).await
-                && response.status() == StatusCode::OK
-            {
-                return true;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "llmgate never became healthy: {}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
-}
-
-impl Drop for ChildGateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Two proxy processes on one Redis (or Redis Cluster) URL: a burst of 200 requests, in four
 /// waves of 50 spread over both, gets exactly 50 answers from the upstream (rpm 50, no chain).
 async fn two_processes_share_one_budget(redis_url: &str) {
@@ -835,7 +749,10 @@ models:
 ",
         mock.url()
     );
-    let gateways = [ChildGateway::spawn(&yaml).await, ChildGateway::spawn(&yaml).await];
+    let gateways = [
+        ChildGateway::spawn(&yaml, &[("LOG_LEVEL", "warn")], &[]).await,
+        ChildGateway::spawn(&yaml, &[("LOG_LEVEL", "warn")], &[]).await,
+    ];
     // Each process connects to Redis (lazily) before the burst.
     for gw in &gateways {
         let reply = chat(&gw.url(CHAT), "warmup", &[]).await;
@@ -900,7 +817,7 @@ models:
         mock.url(),
         redis.url()
     );
-    let gw = ChildGateway::spawn(&yaml).await;
+    let gw = ChildGateway::spawn(&yaml, &[("LOG_LEVEL", "warn")], &[]).await;
     let unreachable = |log: &str| log.lines().filter(|l| l.contains("rate-limit store: Redis unreachable")).count();
     assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
     assert_eq!(unreachable(&gw.log()), 0, "{}", gw.log());

@@ -13,7 +13,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{secrets::ChildGateway, support::*};
+use crate::support::{child::ChildGateway, *};
 
 const CHAT: &str = "/chat/completions";
 

@@ -1,5 +1,7 @@
 //! The harness: start the gateway and the mock upstream in-process, talk to them over HTTP.
 
+pub mod child;
+
 use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
