@@ -17,7 +17,7 @@ use http::{Method, Request, Response};
 use llmgate_context_routing::ContextRoutingStats;
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError,
-    ext::{RouteKind, RouteMeta},
+    ext::{RouteKind, RouteMeta, ServedBy},
 };
 use llmgate_insertion_id::Counters as InsertionCounters;
 use llmgate_langfuse::LangfuseExporter;
@@ -248,7 +248,8 @@ fn route_label<B>(req: &Request<B>) -> &'static str {
 
 // === MetricsLayer ===
 
-/// Counts requests by route and status and times them to the response head.
+/// Counts requests by route and status, times them to the response head, and logs one line per
+/// request (method, route, status, latency, model, fallback, insertion id).
 #[derive(Clone)]
 pub struct MetricsLayer {
     metrics: Arc<Metrics>,
@@ -302,6 +303,7 @@ where
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
         let route = route_label(&req);
+        let method = req.method().clone();
         let metrics = self.metrics.clone();
         metrics.in_flight.inc();
         let guard = InFlight(metrics.clone());
@@ -313,9 +315,27 @@ where
                 Ok(response) => response.status().as_u16(),
                 Err(error) => GatewayError::find(&**error).map_or(500, |e| e.status().as_u16()),
             };
+            let latency = started.elapsed();
             metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
-            metrics.request_duration.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
+            metrics.request_duration.get_or_create(&RouteLabels { route }).observe(latency.as_secs_f64());
             drop(guard);
+            // One line per request (probes of /health and /metrics aside): no keys, no prompt text.
+            if matches!(route, "health" | "metrics") {
+                return result;
+            }
+            let response = result.as_ref().ok();
+            let served = response.and_then(|r| r.extensions().get::<ServedBy>());
+            let insertion_id = response.and_then(|r| r.headers().get("x-insertion-id")).and_then(|v| v.to_str().ok());
+            tracing::info!(
+                %method,
+                route,
+                status,
+                latency_ms = latency.as_secs_f64() * 1e3,
+                model = served.map(|s| &*s.model),
+                fallback = served.is_some_and(|s| s.attempts > 1),
+                insertion_id,
+                "request"
+            );
             result
         })
     }

@@ -177,7 +177,7 @@ where
                     usage::StreamEnd::Cancelled => &metrics.cancelled,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
+                tracing::debug!(
                     model = model.unwrap_or("-"),
                     status,
                     latency_ms = started.elapsed().as_secs_f64() * 1e3,
