@@ -64,11 +64,20 @@ pub struct TokenLabels {
     pub direction: &'static str,
 }
 
-/// `model`.
+/// `model`, `fallback`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelLabels {
+pub struct CostLabels {
     /// A catalogue model, or `other`.
     pub model: String,
+    /// How the request was served: `none`, `rate_limit` or `context_length`.
+    pub fallback: &'static str,
+}
+
+/// `fallback`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackKindLabels {
+    /// `none`, `rate_limit` or `context_length`.
+    pub fallback: &'static str,
 }
 
 /// `type`, `reason`, `original_model`, `fallback_model`.
@@ -115,8 +124,10 @@ pub struct Metrics {
     pub time_to_first_byte: Histogram,
     /// Tokens by model and direction.
     pub tokens: Family<TokenLabels, Counter>,
-    /// Cost in USD by model.
-    pub cost_usd: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    /// Cost in USD by model and how the request was served.
+    pub cost_usd: Family<CostLabels, Counter<f64, AtomicU64>>,
+    /// Chat requests: time to the response head, primary vs fallback.
+    pub chat_duration: HistogramFamily<FallbackKindLabels>,
     /// Fallbacks by type, reason and model pair.
     pub fallbacks: Family<FallbackLabels, Counter>,
     insertion_records: Family<OutcomeLabels, Counter>,
@@ -142,6 +153,7 @@ impl Metrics {
             time_to_first_byte: latency_histogram(),
             tokens: Family::default(),
             cost_usd: Family::default(),
+            chat_duration: Family::new_with_constructor(latency_histogram),
             fallbacks: Family::default(),
             insertion_records: Family::default(),
             insertion_pending: Gauge::default(),
@@ -165,6 +177,11 @@ impl Metrics {
         );
         registry.register("tokens", "Tokens reported by upstreams", m.tokens.clone());
         registry.register("cost_usd", "Cost in USD from the configured pricing", m.cost_usd.clone());
+        registry.register(
+            "chat_duration_seconds",
+            "Chat requests: time to the response head, by fallback kind",
+            m.chat_duration.clone(),
+        );
         registry.register("fallbacks", "Fallbacks by type, reason and model pair", m.fallbacks.clone());
         registry.register("insertion_records", "Insertion-id records by outcome", m.insertion_records.clone());
         registry.register(

@@ -20,7 +20,7 @@ use llmgate_core::{
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::metrics::{FallbackLabels, Metrics, ModelLabels, TokenLabels};
+use crate::metrics::{CostLabels, FallbackKindLabels, FallbackLabels, Metrics, TokenLabels};
 
 /// Counters of the reference proxy.
 #[derive(Debug, Default)]
@@ -138,7 +138,20 @@ where
         Box::pin(async move {
             let mut response = future.await?;
             let status = response.status().as_u16();
-            let served: Option<Arc<str>> = response.extensions().get::<ServedBy>().map(|s| s.model.clone());
+            let served_by = response.extensions().get::<ServedBy>();
+            let served: Option<Arc<str>> = served_by.map(|s| s.model.clone());
+            // Rate-limit fallbacks take more than one attempt; a different model in one attempt
+            // was chosen for its context window.
+            let fallback = match served_by {
+                Some(s) if s.attempts > 1 => "rate_limit",
+                Some(s) if model.as_deref().is_some_and(|m| m != &*s.model) => "context_length",
+                _ => "none",
+            };
+            observer
+                .metrics
+                .chat_duration
+                .get_or_create(&FallbackKindLabels { fallback })
+                .observe(started.elapsed().as_secs_f64());
             let streaming = response
                 .headers()
                 .get(http::header::CONTENT_TYPE)
@@ -168,7 +181,11 @@ where
                     let pricing = model.and_then(|m| observer.catalog.get(m)).and_then(|spec| spec.pricing);
                     if let Some(pricing) = pricing {
                         let cost = pricing.cost(usage.input, usage.output);
-                        observer.metrics.cost_usd.get_or_create(&ModelLabels { model: label }).inc_by(cost.total);
+                        observer
+                            .metrics
+                            .cost_usd
+                            .get_or_create(&CostLabels { model: label, fallback })
+                            .inc_by(cost.total);
                     }
                 }
                 let counter = match outcome.end {

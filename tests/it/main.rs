@@ -10,6 +10,7 @@ mod faults;
 mod langfuse;
 mod metadata;
 mod metrics;
+mod operations;
 mod proxy;
 mod routing;
 mod secrets;

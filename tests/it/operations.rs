@@ -1,0 +1,43 @@
+//! Every series the operations guide's PromQL names is one `/metrics` exports.
+
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+/// The metric names in `docs/operations.md`'s code blocks.
+fn documented_series() -> Vec<String> {
+    let doc = include_str!("../../docs/operations.md");
+    let mut names: Vec<String> = doc
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .flat_map(|block| block.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|word| word.starts_with("llmgate_"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn every_promql_expression_names_exported_series() {
+    let mock = mock().await;
+    let models = "models:\n  - {name: gpt-a, context_window: 100000, pricing: {input_per_1m: 1, output_per_1m: 1}, fallbacks: [gpt-b]}\n  - {name: gpt-b, context_window: 100000, pricing: {input_per_1m: 1, output_per_1m: 1}}\n  - {name: tiny, context_window: 20, fallbacks: [gpt-a]}\n";
+    let (standin, _dir, secrets) = langfuse_with_two_projects().await;
+    let langfuse = format!("langfuse: {{host: \"{}\", secrets_path: \"{}\"}}\n", standin.url(), secrets.display());
+    let gw = TestGateway::in_front_of(&mock, &format!("{models}{langfuse}")).await;
+    let fail = [("x-mock-fail", "gpt-a=429:rate_limit_exceeded")];
+    let rollout = "/rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/w/chat/completions";
+    assert_eq!(post_json(&gw.url(rollout), &fail, &chat_body("gpt-a", true)).await.status, StatusCode::OK);
+    let big = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "word ".repeat(50)}]});
+    assert_eq!(post_json(&gw.url("/v1/chat/completions"), &[], &big).await.status, StatusCode::OK);
+    let text = send(Method::GET, &gw.url("/metrics"), &[], "").await.text();
+    let exported: Vec<&str> =
+        text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let names = documented_series();
+    assert!(names.len() >= 5, "the code blocks name the series: {names:?}");
+    for name in names {
+        assert!(exported.contains(&name.as_str()), "`{name}` is in docs/operations.md but not in /metrics:\n{text}");
+    }
+}
