@@ -81,6 +81,28 @@ struct LangfuseFile {
     emit: Option<Emit>,
     #[serde(default)]
     export: ExportSettings,
+    trace_name: Option<String>,
+    environment: Option<String>,
+    release: Option<String>,
+    version: Option<String>,
+    capture_bytes: Option<usize>,
+}
+
+/// What every exported trace carries (`langfuse.trace_name`, `environment`, `release`,
+/// `version`, `capture_bytes`).
+#[derive(Clone, Debug, Default)]
+pub struct TraceSettings {
+    /// The trace name (default `chat-completion`).
+    pub trace_name: Option<String>,
+    /// Langfuse `environment` (lower-case letters, digits, `-`, `_`).
+    pub environment: Option<String>,
+    /// Langfuse `release`.
+    pub release: Option<String>,
+    /// Langfuse `version`.
+    pub version: Option<String>,
+    /// How much of a request's input and output a span keeps (bytes; default 32 KiB; the cut is
+    /// marked).
+    pub capture_bytes: Option<usize>,
 }
 
 /// How the Langfuse exporter batches (defaults like the official SDKs).
@@ -211,6 +233,8 @@ pub struct Config {
     pub emit: Option<Emit>,
     /// How the Langfuse exporter batches.
     pub langfuse_export: ExportSettings,
+    /// What every exported trace carries.
+    pub langfuse_trace: TraceSettings,
     /// Allowed `encoded_base_url` prefixes.
     pub encoded_base_url_allow: Vec<String>,
     /// Static API keys; empty means no auth.
@@ -429,6 +453,15 @@ impl Config {
             langfuse_api: langfuse.and_then(|l| l.api).unwrap_or_default(),
             emit: langfuse.and_then(|l| l.emit),
             langfuse_export: langfuse.map(|l| l.export).unwrap_or_default(),
+            langfuse_trace: langfuse
+                .map(|l| TraceSettings {
+                    trace_name: l.trace_name.clone(),
+                    environment: l.environment.clone(),
+                    release: l.release.clone(),
+                    version: l.version.clone(),
+                    capture_bytes: l.capture_bytes,
+                })
+                .unwrap_or_default(),
             encoded_base_url_allow: file.encoded_base_url.map(|e| e.allow).unwrap_or_default(),
             api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
             max_wait,
@@ -595,6 +628,9 @@ mod tests {
             parse("upstreams:\n  a: {url: \"http://a\"}\ndefault_upstream: b\n", &no_env).unwrap_err().to_string();
         assert!(err.contains("default_upstream 'b'") && err.contains("line 3"), "{err}");
 
+        let err = parse("langfuse: {host: \"http://l\", colour: red}\n", &no_env).unwrap_err().to_string();
+        assert!(err.contains("colour") && err.contains("line 1"), "{err}");
+
         let err = parse("models:\n  - name: m\n    limits: {rpm: -5}\n", &no_env).unwrap_err().to_string();
         assert!(err.contains("invalid limit -5") && err.contains("line 3"), "{err}");
     }
@@ -618,7 +654,7 @@ models:
     pricing: {input_per_1m: 2.5, output_per_1m: 10}
     fallbacks: [gpt-4o-mini]
 redis: {url: "redis://127.0.0.1:6379"}
-langfuse: {host: "https://cloud.langfuse.com", secrets_path: secrets.yaml, api: v3, emit: events}
+langfuse: {host: "https://cloud.langfuse.com", secrets_path: secrets.yaml, api: v3, emit: events, environment: staging, capture_bytes: 1024}
 encoded_base_url: {allow: ["https://api.fireworks.ai/inference/v1"]}
 auth: {api_keys: ["k1"]}
 rate_limit: {max_wait_seconds: 2}
@@ -630,6 +666,8 @@ rate_limit: {max_wait_seconds: 2}
         assert_eq!(config.models[0].limits.rpm, Some(500));
         assert_eq!(config.langfuse_api, LangfuseApi::V3);
         assert_eq!(config.emit, Some(Emit::Events));
+        assert_eq!(config.langfuse_trace.environment.as_deref(), Some("staging"));
+        assert_eq!(config.langfuse_trace.capture_bytes, Some(1024));
         assert!(!config.describe().contains("sk-x"));
     }
 }

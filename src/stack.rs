@@ -198,7 +198,24 @@ impl Gateway {
                     Some(Emit::Off) => langfuse::Emit::Off,
                     None => langfuse::Emit::ByUpstream,
                 };
-                Some((LangfuseLayer::new(exporter.clone()).emit(emit), exporter))
+                let trace = &config.langfuse_trace;
+                let mut layer = LangfuseLayer::new(exporter.clone()).emit(emit);
+                if let Some(name) = &trace.trace_name {
+                    layer = layer.trace_name(name.as_str());
+                }
+                if let Some(environment) = &trace.environment {
+                    layer = layer.environment(environment.as_str());
+                }
+                if let Some(release) = &trace.release {
+                    layer = layer.release(release.as_str());
+                }
+                if let Some(version) = &trace.version {
+                    layer = layer.version(version.as_str());
+                }
+                if let Some(bytes) = trace.capture_bytes {
+                    layer = layer.capture_limit(bytes);
+                }
+                Some((layer, exporter))
             }
             _ => None,
         };
