@@ -93,6 +93,15 @@ pub struct FallbackLabels {
     pub fallback_model: String,
 }
 
+/// `upstream`, `status` (`error` for a transport failure or timeout).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The configured upstream name.
+    pub upstream: Arc<str>,
+    /// The HTTP status, or `error`.
+    pub status: Arc<str>,
+}
+
 /// `outcome`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -118,6 +127,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily<RouteLabels>,
     in_flight: Gauge,
+    upstream_duration: HistogramFamily<UpstreamLabels>,
     /// Chat responses streaming right now.
     pub open_streams: Gauge,
     /// Time to the first body frame of streamed chat responses.
@@ -149,6 +159,7 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             in_flight: Gauge::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
             open_streams: Gauge::default(),
             time_to_first_byte: latency_histogram(),
             tokens: Family::default(),
@@ -169,6 +180,11 @@ impl Metrics {
         registry.register("requests", "Requests by route and status", m.requests.clone());
         registry.register("request_duration_seconds", "Time to the response head", m.request_duration.clone());
         registry.register("in_flight_requests", "Requests being handled", m.in_flight.clone());
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream calls: time to the response head, by upstream and status",
+            m.upstream_duration.clone(),
+        );
         registry.register("open_streams", "Chat responses streaming now", m.open_streams.clone());
         registry.register(
             "time_to_first_byte_seconds",
@@ -353,6 +369,75 @@ where
                 insertion_id,
                 "request"
             );
+            result
+        })
+    }
+}
+
+// === UpstreamMetricsLayer ===
+
+/// Times every upstream call (each attempt of a chat request, and catch-all calls) to its
+/// response head, by upstream and status.
+#[derive(Clone)]
+pub struct UpstreamMetricsLayer {
+    metrics: Arc<Metrics>,
+    default_upstream: Arc<str>,
+}
+
+impl UpstreamMetricsLayer {
+    /// Records into `metrics`; calls without an `UpstreamTarget` go to `default_upstream`.
+    pub fn new(metrics: Arc<Metrics>, default_upstream: Arc<str>) -> Self {
+        Self { metrics, default_upstream }
+    }
+}
+
+impl<S> Layer<S> for UpstreamMetricsLayer {
+    type Service = UpstreamMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UpstreamMetrics { inner, layer: self.clone() }
+    }
+}
+
+/// Service of [`UpstreamMetricsLayer`].
+#[derive(Clone)]
+pub struct UpstreamMetrics<S> {
+    inner: S,
+    layer: UpstreamMetricsLayer,
+}
+
+impl<S, F> Service<Request<GatewayBody>> for UpstreamMetrics<S>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError, Future = F>,
+    F: Future<Output = Result<Response<GatewayBody>, BoxError>> + Send + 'static,
+{
+    type Response = Response<GatewayBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
+        let upstream = req
+            .extensions()
+            .get::<llmgate_core::ext::UpstreamTarget>()
+            .map_or_else(|| self.layer.default_upstream.clone(), |t| t.name.clone());
+        let metrics = self.layer.metrics.clone();
+        let started = Instant::now();
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            let result = future.await;
+            let status: Arc<str> = match &result {
+                Ok(response) => response.status().as_str().into(),
+                Err(_) => "error".into(),
+            };
+            metrics
+                .upstream_duration
+                .get_or_create(&UpstreamLabels { upstream, status })
+                .observe(started.elapsed().as_secs_f64());
             result
         })
     }

@@ -35,7 +35,7 @@ use tower::{ServiceBuilder, util::BoxCloneService};
 
 use crate::{
     config::{Config, Emit, Engine},
-    metrics::{Metrics, MetricsLayer, Sources},
+    metrics::{Metrics, MetricsLayer, Sources, UpstreamMetricsLayer},
     observe::{ChatObserveLayer, GatewayMetrics},
     redis::RedisConnection,
     routes::{BoxStack, Dispatch, Router},
@@ -228,6 +228,7 @@ impl Gateway {
             rate_limit: Some(stats.clone()),
             context: Some(context.stats()),
         }));
+        let upstream_metrics = UpstreamMetricsLayer::new(prometheus.clone(), config.default_upstream.as_str().into());
 
         let per_attempt = ServiceBuilder::new()
             .layer(ResolveTargetLayer::new(targets))
@@ -235,6 +236,7 @@ impl Gateway {
             .option_layer(langfuse.as_ref().map(|_| LangfuseAttemptLayer::new().catalog(catalog.clone())))
             .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
             .layer(EncodeJsonLayer::new())
+            .layer(upstream_metrics.clone())
             .service(upstream.clone());
         let chat: BoxStack = BoxCloneService::new(
             ServiceBuilder::new()
@@ -249,7 +251,7 @@ impl Gateway {
                 .layer(rate_limit)
                 .service(BoxCloneService::new(per_attempt)),
         );
-        let catch_all: BoxStack = BoxCloneService::new(upstream);
+        let catch_all: BoxStack = BoxCloneService::new(tower::Layer::layer(&upstream_metrics, upstream));
         // With gateway keys on, the client's `Authorization` is the gateway's own key: it is
         // consumed here and never forwarded (upstreams get their server-side keys).
         let consume_gateway_key = !config.api_keys.is_empty();

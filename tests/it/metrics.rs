@@ -29,6 +29,8 @@ async fn metrics_expose_requests_tokens_cost_fallbacks_and_records() {
     for line in [
         r#"llmgate_requests_total{route="chat",status="200"} 3"#,
         r#"llmgate_requests_total{route="catch_all",status="200"} 1"#,
+        r#"llmgate_upstream_duration_seconds_count{upstream="mock",status="429"} 1"#,
+        r#"llmgate_upstream_duration_seconds_count{upstream="mock",status="200"} 4"#,
         r#"llmgate_tokens_total{model="gpt-a",direction="input"} 3"#,
         r#"llmgate_tokens_total{model="gpt-a",direction="output"} 5"#,
         r#"llmgate_tokens_total{model="other",direction="output"} 5"#,

@@ -1,19 +1,32 @@
-//! Every series the operations guide's PromQL names is one `/metrics` exports.
+//! Every series the operations guide's PromQL and the Grafana dashboard name is one `/metrics`
+//! exports.
 
 use http::{Method, StatusCode};
 
 use crate::support::*;
 
-/// The metric names in `docs/operations.md`'s code blocks.
+/// The metric names in `docs/operations.md`'s code blocks and in the Grafana dashboard's
+/// expressions (which must parse as JSON).
 fn documented_series() -> Vec<String> {
     let doc = include_str!("../../docs/operations.md");
-    let mut names: Vec<String> = doc
-        .split("```")
-        .skip(1)
-        .step_by(2)
-        .flat_map(|block| block.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
-        .filter(|word| word.starts_with("llmgate_"))
-        .map(str::to_string)
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "the dashboard has the widgets");
+    let exprs: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .map(|t| t["expr"].as_str().expect("every target has an expr").to_string())
+        .collect();
+    let promql = doc.split("```").skip(1).step_by(2).map(str::to_string).chain(exprs);
+    let mut names: Vec<String> = promql
+        .flat_map(|block| {
+            block
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("llmgate_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect();
     names.sort();
     names.dedup();
