@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod mock_upstream;
 pub mod observe;
 pub mod redis;
+pub mod report;
 pub mod routes;
 pub mod server;
 pub mod stack;

@@ -54,6 +54,21 @@ enum Command {
         #[arg(long)]
         rate_limit_every: Option<u64>,
     },
+    /// Print the fallback report of a project, read back from Langfuse.
+    Report {
+        /// The project (the secrets file's default when omitted).
+        #[arg(long)]
+        project: Option<String>,
+        /// How far back to look: e.g. 7d, 24h, 90m.
+        #[arg(long, default_value = "7d", value_parser = llmgate::report::parse_since)]
+        since: Duration,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = llmgate::report::Format::Table)]
+        format: llmgate::report::Format,
+        /// The YAML config file (for the Langfuse host, read API and secrets file).
+        #[arg(long, env = "LLMGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -128,6 +143,9 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             println!("mock upstream listening on {}", mock.url());
             shutdown_signal().await;
             Ok(())
+        }
+        Command::Report { project, since, format, config } => {
+            llmgate::report::run(load(config)?, project, since, format).await
         }
     }
 }

@@ -12,6 +12,7 @@ mod metadata;
 mod metrics;
 mod operations;
 mod proxy;
+mod report;
 mod routing;
 mod secrets;
 mod support;

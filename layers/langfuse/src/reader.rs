@@ -193,6 +193,79 @@ pub trait LangfuseReader: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Trace>, ReadError>> {
         Box::pin(find_by_tag(self, keys, insertion_id, query))
     }
+
+    /// The observations matching any of `selectors` that started in `window` (`from <= start <
+    /// to`), each with its trace id, for `llmgate report`. `progress` is called with the number
+    /// of observations (or traces, on v3) read so far, after every page.
+    ///
+    /// The default walks [`list_traces`](Self::list_traces) over the window (with
+    /// [`get_trace`](Self::get_trace) per trace when the list has no observations) and keeps
+    /// the matching observations; [`V4Reader`] queries the observations API once per selector.
+    fn list_observations<'a>(
+        &'a self,
+        keys: &'a LangfuseKeys,
+        selectors: &'a [ObservationSelector],
+        window: (SystemTime, SystemTime),
+        progress: &'a (dyn Fn(usize) + Send + Sync),
+    ) -> BoxFuture<'a, Result<Vec<TracedObservation>, ReadError>> {
+        Box::pin(async move {
+            let query = TraceQuery { from: Some(window.0), to: Some(window.1), ..TraceQuery::default() };
+            let listed = self.list_traces(keys, &query).await?;
+            let mut out = Vec::new();
+            for (n, trace) in listed.into_iter().enumerate() {
+                let trace =
+                    if self.lists_full_traces() { Some(trace) } else { self.get_trace(keys, &trace.id).await? };
+                progress(n + 1);
+                let Some(trace) = trace else {
+                    continue;
+                };
+                for o in trace.observations {
+                    let started = o.start_time.as_deref().and_then(parse_timestamp);
+                    let in_window = started.is_some_and(|t| t >= window.0 && t < window.1);
+                    if in_window && selectors.iter().any(|s| s.matches(&o)) {
+                        out.push(TracedObservation { trace_id: trace.id.clone(), observation: o });
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Which observations [`LangfuseReader::list_observations`] lists: a type and, optionally, an
+/// exact name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservationSelector {
+    /// `EVENT`, `GENERATION`, …
+    pub kind: String,
+    /// Exact name; any name when `None`.
+    pub name: Option<String>,
+}
+
+impl ObservationSelector {
+    /// Observations of this type, any name.
+    pub fn kind(kind: impl Into<String>) -> Self {
+        Self { kind: kind.into(), name: None }
+    }
+
+    /// Observations of this type and name.
+    pub fn named(kind: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { kind: kind.into(), name: Some(name.into()) }
+    }
+
+    /// Whether `o` is one of them.
+    pub fn matches(&self, o: &Observation) -> bool {
+        o.kind.eq_ignore_ascii_case(&self.kind) && self.name.as_ref().is_none_or(|n| o.name.as_ref() == Some(n))
+    }
+}
+
+/// An observation with the id of its trace.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TracedObservation {
+    /// Trace id.
+    pub trace_id: String,
+    /// The observation.
+    pub observation: Observation,
 }
 
 /// How many traces one insertion's tag query reads (one, plus the duplicates to drop).
@@ -582,6 +655,11 @@ pub struct V4Reader {
 }
 
 const V4_FIELDS: &str = "core,basic,time,io,metadata,model,usage,trace_context";
+/// Field groups of the report's reads (events and generations, spec `langfuse.md` §7.3).
+const REPORT_FIELDS: &str = "core,basic,model,usage,metadata,metrics,trace_context";
+/// Metadata keys the report reads in full.
+const REPORT_METADATA: &str = "original_model,fallback_model,reason,estimated_tokens,original_max_context,\
+                               fallback_max_context,cost_usd,is_primary,latency_seconds";
 
 /// The v4 field groups for a v3 `fields` list: `core` → `metadata` (plus the groups always
 /// asked for), `io` → `io`, `observations` → `time,model,usage`, `metrics` → `metrics`,
@@ -799,6 +877,54 @@ impl LangfuseReader for V4Reader {
 
     fn lists_full_traces(&self) -> bool {
         true
+    }
+
+    fn list_observations<'a>(
+        &'a self,
+        keys: &'a LangfuseKeys,
+        selectors: &'a [ObservationSelector],
+        (from, to): (SystemTime, SystemTime),
+        progress: &'a (dyn Fn(usize) + Send + Sync),
+    ) -> BoxFuture<'a, Result<Vec<TracedObservation>, ReadError>> {
+        Box::pin(async move {
+            let mut out: Vec<TracedObservation> = Vec::new();
+            for selector in selectors {
+                let mut cursor: Option<String> = None;
+                loop {
+                    let mut pairs = vec![
+                        ("type", selector.kind.to_ascii_uppercase()),
+                        ("fromStartTime", iso_millis(from)),
+                        ("toStartTime", iso_millis(to)),
+                        ("limit", self.page_size.to_string()),
+                        ("fields", REPORT_FIELDS.to_owned()),
+                        ("expandMetadata", REPORT_METADATA.to_owned()),
+                    ];
+                    if let Some(name) = &selector.name {
+                        pairs.push(("name", name.clone()));
+                    }
+                    if let Some(cursor) = cursor.take() {
+                        pairs.push(("cursor", cursor));
+                    }
+                    let url = format!("{}/api/public/v2/observations?{}", self.host, query_string(pairs));
+                    let Some(body) = get_json(&self.client, keys, url).await? else {
+                        return Err(ReadError {
+                            status: Some(404),
+                            message: "the v2 observations API is not available".into(),
+                        });
+                    };
+                    for row in body.get("data").and_then(Value::as_array).into_iter().flatten() {
+                        let trace_id = string(row, "traceId").unwrap_or_default();
+                        out.push(TracedObservation { trace_id, observation: observation(row) });
+                    }
+                    progress(out.len());
+                    match body.get("meta").and_then(|m| m.get("cursor")).and_then(Value::as_str) {
+                        Some(next) if !next.is_empty() => cursor = Some(next.to_owned()),
+                        _ => break,
+                    }
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn get_trace<'a>(
