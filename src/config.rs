@@ -55,6 +55,13 @@ struct FileConfig {
     auth: Option<AuthFile>,
     rate_limit: Option<RateLimitFile>,
     insertion_id: Option<InsertionIdFile>,
+    metrics: Option<MetricsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +214,8 @@ pub enum Emit {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// A second listener serving only `GET /metrics`, without auth (`metrics.listen`).
+    pub metrics_listen: Option<SocketAddr>,
     /// The engine (`engine`, or `llmgate serve --engine`).
     pub engine: Engine,
     /// Connect and response-head timeout for upstream calls (`REQUEST_TIMEOUT`).
@@ -436,8 +445,16 @@ impl Config {
                 at("engine", "pingora")
             )));
         }
+        let metrics_listen =
+            match file.metrics.as_ref().and_then(|m| m.listen.as_deref()) {
+                Some(text) => Some(text.parse::<SocketAddr>().map_err(|e| {
+                    ConfigError(format!("{}invalid `metrics.listen` {text:?}: {e}", at("listen", text)))
+                })?),
+                None => None,
+            };
         Ok(Config {
             listen,
+            metrics_listen,
             engine: file.engine.unwrap_or_default(),
             request_timeout,
             drain_timeout,

@@ -17,6 +17,7 @@ use http::{Method, Request, Response};
 use llmgate_context_routing::ContextRoutingStats;
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError,
+    catalog::Catalog,
     ext::{RouteKind, RouteMeta, ServedBy},
 };
 use llmgate_insertion_id::Counters as InsertionCounters;
@@ -46,6 +47,8 @@ fn latency_histogram() -> Histogram {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     route: &'static str,
+    /// The model that answered a chat request (a catalogue name or `other`), `-` elsewhere.
+    model: String,
     status: u16,
 }
 
@@ -149,11 +152,12 @@ pub struct Metrics {
     redis_errors: Counter,
     context_estimates: Family<OutcomeLabels, Counter>,
     sources: Sources,
+    catalog: Arc<Catalog>,
 }
 
 impl Metrics {
-    /// The registry with every family registered.
-    pub fn new(sources: Sources) -> Self {
+    /// The registry with every family registered; `catalog` bounds the `model` labels.
+    pub fn new(sources: Sources, catalog: Arc<Catalog>) -> Self {
         let mut registry = Registry::with_prefix("llmgate");
         let m = Self {
             requests: Family::default(),
@@ -175,6 +179,7 @@ impl Metrics {
             redis_errors: Counter::default(),
             context_estimates: Family::default(),
             sources,
+            catalog,
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by route and status", m.requests.clone());
@@ -212,6 +217,14 @@ impl Metrics {
         registry.register("redis_errors", "Rate-limit store errors", m.redis_errors.clone());
         registry.register("context_estimates", "Context estimates by path", m.context_estimates.clone());
         Self { registry, ..m }
+    }
+
+    /// A bounded model label: a catalogue name, else `other`.
+    pub fn model_label(&self, model: Option<&str>) -> String {
+        match model {
+            Some(m) if self.catalog.get(m).is_some() => m.to_string(),
+            _ => "other".to_string(),
+        }
     }
 
     /// The Prometheus text exposition.
@@ -349,7 +362,12 @@ where
                 Err(error) => GatewayError::find(&**error).map_or(500, |e| e.status().as_u16()),
             };
             let latency = started.elapsed();
-            metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
+            let served = result.as_ref().ok().and_then(|r| r.extensions().get::<ServedBy>());
+            let model = match route {
+                "chat" => metrics.model_label(served.map(|s| &*s.model)),
+                _ => "-".to_string(),
+            };
+            metrics.requests.get_or_create(&RequestLabels { route, model, status }).inc();
             metrics.request_duration.get_or_create(&RouteLabels { route }).observe(latency.as_secs_f64());
             drop(guard);
             // One line per request (probes of /health and /metrics aside): no keys, no prompt text.
@@ -357,7 +375,6 @@ where
                 return result;
             }
             let response = result.as_ref().ok();
-            let served = response.and_then(|r| r.extensions().get::<ServedBy>());
             let insertion_id = response.and_then(|r| r.headers().get("x-insertion-id")).and_then(|v| v.to_str().ok());
             tracing::info!(
                 %method,

@@ -52,12 +52,8 @@ struct Observer {
 }
 
 impl Observer {
-    /// A bounded model label: a catalogue name, else `other`.
     fn model_label(&self, model: Option<&str>) -> String {
-        match model {
-            Some(m) if self.catalog.get(m).is_some() => m.to_string(),
-            _ => "other".to_string(),
-        }
+        self.metrics.model_label(model)
     }
 }
 

@@ -53,6 +53,7 @@ pub struct Gateway {
     metrics: Arc<GatewayMetrics>,
     background: Arc<Background>,
     insertion_store: Arc<dyn InsertionStore>,
+    prometheus: Arc<Metrics>,
     config: Arc<Config>,
 }
 
@@ -222,12 +223,15 @@ impl Gateway {
         let context = ContextRoutingLayer::new(catalog.clone());
         let rate_limit = RateLimitFallbackLayer::new(catalog.clone(), rate_store).max_wait(config.max_wait);
         let stats = rate_limit.stats();
-        let prometheus = Arc::new(Metrics::new(Sources {
-            insertion: Some(insertion.counters()),
-            langfuse: langfuse.as_ref().map(|(_, exporter)| exporter.clone()),
-            rate_limit: Some(stats.clone()),
-            context: Some(context.stats()),
-        }));
+        let prometheus = Arc::new(Metrics::new(
+            Sources {
+                insertion: Some(insertion.counters()),
+                langfuse: langfuse.as_ref().map(|(_, exporter)| exporter.clone()),
+                rate_limit: Some(stats.clone()),
+                context: Some(context.stats()),
+            },
+            catalog.clone(),
+        ));
         let upstream_metrics = UpstreamMetricsLayer::new(prometheus.clone(), config.default_upstream.as_str().into());
 
         let per_attempt = ServiceBuilder::new()
@@ -270,7 +274,7 @@ impl Gateway {
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
             .layer(RescueLayer::new())
             .layer(PathMetadataLayer::new())
-            .layer(MetricsLayer::new(prometheus))
+            .layer(MetricsLayer::new(prometheus.clone()))
             .service(Router::new(dispatch));
         let background = Background { insertion: Some(insertion), langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
@@ -278,6 +282,7 @@ impl Gateway {
             metrics,
             background: Arc::new(background),
             insertion_store,
+            prometheus,
             config,
         })
     }
@@ -305,7 +310,22 @@ impl Gateway {
     /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for up to the
     /// configured drain timeout, then flushes background work.
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        let Gateway { service, background, config, .. } = self;
+        let Gateway { service, background, config, prometheus, .. } = self;
+        let metrics_server = match config.metrics_listen {
+            Some(addr) => match server::hyper::bind(addr).await {
+                Ok(listener) => Some(tokio::spawn(server::hyper::serve(
+                    listener,
+                    crate::routes::metrics_only(prometheus),
+                    std::future::pending(),
+                    Duration::ZERO,
+                ))),
+                Err(error) => {
+                    tracing::error!(%addr, %error, "cannot listen for /metrics");
+                    None
+                }
+            },
+            None => None,
+        };
         match config.engine {
             Engine::Hyper => server::hyper::serve(listener, service, shutdown, config.drain_timeout).await,
             #[cfg(feature = "pingora")]
@@ -318,6 +338,9 @@ impl Gateway {
             }
             #[cfg(not(feature = "pingora"))]
             Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
+        }
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
         }
         background.flush(config.drain_timeout).await;
     }

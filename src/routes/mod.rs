@@ -65,6 +65,13 @@ impl Service<Request<GatewayBody>> for Dispatch {
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
         let kind = req.extensions().get::<RouteMeta>().map(|m| m.kind);
+        if let (None, Some(metrics)) = (kind, &self.metrics)
+            && req.method() == Method::GET
+            && req.uri().path() == "/metrics"
+        {
+            let response = metrics_response(metrics);
+            return Box::pin(async move { Ok(response) });
+        }
         let branch = match kind {
             Some(RouteKind::ChatCompletions) => self.chat.clone(),
             Some(RouteKind::Traces | RouteKind::TracesPointwise) => match &self.traces {
@@ -78,17 +85,6 @@ impl Service<Request<GatewayBody>> for Dispatch {
                     });
                 }
             },
-            None if req.method() == Method::GET && req.uri().path() == "/metrics" && self.metrics.is_some() => {
-                let text = self.metrics.as_ref().map(|m| m.render()).unwrap_or_default();
-                return Box::pin(async move {
-                    let mut response = Response::new(llmgate_core::body::full(text));
-                    response.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    Ok(response)
-                });
-            }
             None if req.method() == Method::GET && req.uri().path() == "/stats" => {
                 let stats = self.stats.as_ref().map_or_else(|| json!({}), |s| s.snapshot());
                 return Box::pin(async move { Ok(json_response(StatusCode::OK, &stats)) });
@@ -131,4 +127,25 @@ where
         }
         Box::pin(self.rest.clone().oneshot(req))
     }
+}
+
+/// The Prometheus text of `metrics` as a response.
+fn metrics_response(metrics: &Metrics) -> Response<GatewayBody> {
+    let mut response = Response::new(llmgate_core::body::full(metrics.render()));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
+}
+
+/// The service of the separate metrics listener: `GET /metrics`, no auth; 404 for anything else.
+pub fn metrics_only(metrics: Arc<Metrics>) -> crate::stack::GatewayService {
+    BoxCloneService::new(tower::service_fn(move |req: Request<GatewayBody>| {
+        let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+            metrics_response(&metrics)
+        } else {
+            json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"}))
+        };
+        std::future::ready(Ok::<_, std::convert::Infallible>(response))
+    }))
 }

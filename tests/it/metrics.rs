@@ -27,8 +27,10 @@ async fn metrics_expose_requests_tokens_cost_fallbacks_and_records() {
     assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = reply.text();
     for line in [
-        r#"llmgate_requests_total{route="chat",status="200"} 3"#,
-        r#"llmgate_requests_total{route="catch_all",status="200"} 1"#,
+        r#"llmgate_requests_total{route="chat",model="gpt-a",status="200"} 1"#,
+        r#"llmgate_requests_total{route="chat",model="gpt-b",status="200"} 1"#,
+        r#"llmgate_requests_total{route="chat",model="other",status="200"} 1"#,
+        r#"llmgate_requests_total{route="catch_all",model="-",status="200"} 1"#,
         r#"llmgate_upstream_duration_seconds_count{upstream="mock",status="429"} 1"#,
         r#"llmgate_upstream_duration_seconds_count{upstream="mock",status="200"} 4"#,
         r#"llmgate_tokens_total{model="gpt-a",direction="input"} 3"#,
@@ -46,4 +48,32 @@ async fn metrics_expose_requests_tokens_cost_fallbacks_and_records() {
     assert!(text.contains("llmgate_request_duration_seconds_bucket{"), "{text}");
     assert!(text.contains("llmgate_time_to_first_byte_seconds_count 1"), "{text}");
     assert!(!text.contains("r1"), "no rollout ids in labels");
+}
+
+#[tokio::test]
+async fn metrics_can_have_their_own_port_without_auth() {
+    let mock = mock().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let extra = format!("auth: {{api_keys: [\"gateway-key\"]}}\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n");
+    let gw = TestGateway::in_front_of(&mock, &extra).await;
+    assert_eq!(send(Method::GET, &gw.url("/metrics"), &[], "").await.status, StatusCode::UNAUTHORIZED);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut reply = None;
+    for _ in 0..200 {
+        if let Ok(Ok(response)) = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            client().request(request(Method::GET, &url, &[], "")),
+        )
+        .await
+        {
+            reply = Some(response);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let reply = reply.expect("the metrics listener answers");
+    assert_eq!(reply.status(), StatusCode::OK);
+    let other = send(Method::GET, &format!("http://127.0.0.1:{port}/v1/models"), &[], "").await;
+    assert_eq!(other.status, StatusCode::NOT_FOUND, "the metrics port serves nothing else");
+    assert_eq!(mock.requests().len(), 0);
 }
