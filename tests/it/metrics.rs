@@ -77,3 +77,43 @@ async fn metrics_can_have_their_own_port_without_auth() {
     assert_eq!(other.status, StatusCode::NOT_FOUND, "the metrics port serves nothing else");
     assert_eq!(mock.requests().len(), 0);
 }
+
+#[tokio::test]
+async fn metrics_count_waits_and_failed_langfuse_exports() {
+    let mock = mock().await;
+    let (standin, _dir, secrets) = langfuse_with_two_projects().await;
+    // Langfuse refuses the keys: every export fails (401 is never retried).
+    standin.set_fault(llmgate_test_support::langfuse::Fault::Status(401));
+    let extra = format!(
+        "models:\n  - {{name: gpt-a, context_window: 100000}}\nrate_limit: {{max_wait_seconds: 2}}\n\
+         langfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: 20}}}}\n",
+        standin.url(),
+        secrets.display()
+    );
+    let gw = TestGateway::in_front_of(&mock, &extra).await;
+    // A 429 with `Retry-After: 1` on a model without fallbacks: the gateway waits, then retries.
+    let wait = [("x-mock-status", "429"), ("x-mock-retry-after", "1")];
+    let reply = post_json(&gw.url("/v1/chat/completions"), &wait, &chat_body("gpt-a", false)).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "the mock answers 429 every time here");
+    eventually("a failed export", || standin.state(|s| s.export_requests()) > 0).await;
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = send(Method::GET, &gw.url("/metrics"), &[], "").await.text();
+        if text
+            .lines()
+            .any(|l| l.starts_with(r#"llmgate_langfuse_spans_total{outcome="failed"}"#) && !l.ends_with(" 0"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The waits the gateway made (one per 429 within `max_wait_seconds`) are the ones /stats counts.
+    let stats = send(Method::GET, &gw.url("/stats"), &[], "").await.json();
+    let waits = stats["rate_limit_waits"].as_u64().unwrap();
+    assert!(waits >= 1, "{stats}");
+    assert!(text.lines().any(|l| l == format!("llmgate_rate_limit_waits_total {waits}")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(r#"llmgate_langfuse_spans_total{outcome="failed"}"#) && !l.ends_with(" 0")),
+        "{text}"
+    );
+}
