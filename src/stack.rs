@@ -3,12 +3,16 @@
 //! Outer → inner (the first layer listed sees the request first):
 //!
 //! ```text
-//! CatchPanic → Rescue → PathMetadata → Router
+//! CatchPanic → Rescue → PathMetadata → Metrics → Router
 //!   ├─ GET /health
 //!   └─ Auth → Dispatch on RouteMeta
-//!      ├─ chat:      DecodeJson → Project → InsertionId → ChatObserve
-//!      │             → [per attempt] ResolveTarget → UpstreamAuth → EncodeJson → Upstream
-//!      └─ catch-all: Upstream (body streamed, nothing injected)
+//!      ├─ chat:      DecodeJson → Project → InsertionId → [Langfuse] → ChatObserve
+//!      │             → ContextRouting → RateLimitFallback
+//!      │             → [per attempt] ResolveTarget → UpstreamAuth → [LangfuseAttempt] → EncodeJson
+//!      │             → UpstreamMetrics → Upstream (hyper or Pingora)
+//!      ├─ traces:    TracesService (Langfuse read back end), when Langfuse is configured
+//!      ├─ GET /stats, GET /metrics
+//!      └─ catch-all: UpstreamMetrics → Upstream (body streamed, nothing injected)
 //! ```
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -58,9 +62,8 @@ pub struct Gateway {
 }
 
 /// Work that goes on after responses: flushed on graceful shutdown.
-#[derive(Default)]
 pub struct Background {
-    insertion: Option<InsertionIdLayer>,
+    insertion: InsertionIdLayer,
     langfuse: Option<LangfuseExporter>,
 }
 
@@ -68,9 +71,7 @@ impl Background {
     /// Flushes background work (export queues, record retries) for up to `timeout`.
     pub async fn flush(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(insertion) = &self.insertion
-            && !insertion.flush(deadline).await
-        {
+        if !self.insertion.flush(deadline).await {
             tracing::error!("shutdown: insertion-id records still pending after {timeout:?}");
         }
         if let Some(exporter) = &self.langfuse
@@ -276,7 +277,7 @@ impl Gateway {
             .layer(PathMetadataLayer::new())
             .layer(MetricsLayer::new(prometheus.clone()))
             .service(Router::new(dispatch));
-        let background = Background { insertion: Some(insertion), langfuse: langfuse.map(|(_, exporter)| exporter) };
+        let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
             service: BoxCloneService::new(service),
             metrics,
