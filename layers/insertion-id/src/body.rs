@@ -1,6 +1,8 @@
-//! The response body: passes every frame through, except that on a 2xx SSE stream the frame
-//! holding `data: [DONE]` (or the last frame, when the stream has no `[DONE]`) waits until the
-//! record is written.
+//! The response body: passes every frame through, except that on a 2xx rollout response the
+//! frame that completes it waits until the record is written: on an SSE stream the frame holding
+//! `data: [DONE]` (or the last frame, when the stream has no `[DONE]`), on any other body its last
+//! frame (known from `content-length`, or from the end of the stream). A body that breaks before
+//! that frame is never recorded.
 
 use std::{
     fmt,
@@ -13,7 +15,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-/// The record of an SSE stream, started when its end is in sight.
+/// The record of a response, started when its end is in sight.
 pub(crate) type RecordFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Builds the record future (once).
 pub(crate) type StartRecord = Box<dyn FnOnce() -> RecordFuture + Send>;
@@ -25,13 +27,25 @@ pin_project! {
         inner: B,
         state: State,
     }
+
+    impl<B> PinnedDrop for RecordBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // A record under way belongs to a completion that finished upstream: a client that
+            // leaves while its last frame waits must not make the record a coin toss.
+            if let State::Record { record, .. } = std::mem::replace(this.project().state, State::Ended)
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(record);
+            }
+        }
+    }
 }
 
 enum State {
-    /// Nothing to do: not a rollout, not a 2xx SSE stream, or already recorded.
+    /// Nothing to do: not a 2xx rollout response, or already recorded.
     Pass,
-    /// A 2xx SSE stream whose end has not been seen yet.
-    Watch { scanner: DoneScanner, start: StartRecord },
+    /// A 2xx rollout response whose end has not been seen yet.
+    Watch { end: EndWatch, start: StartRecord },
     /// The end was seen: the record runs, `held` waits for it (`None`: the end of the stream).
     Record { record: RecordFuture, held: Option<Frame<Bytes>> },
     /// The record is written; the held end of stream comes next.
@@ -43,8 +57,34 @@ impl<B> RecordBody<B> {
         Self { inner, state: State::Pass }
     }
 
-    pub(crate) fn sse(inner: B, start: StartRecord) -> Self {
-        Self { inner, state: State::Watch { scanner: DoneScanner::default(), start } }
+    /// Records once `end` sees the response complete; a body that breaks first is not recorded.
+    pub(crate) fn record_at_end(inner: B, end: EndWatch, start: StartRecord) -> Self {
+        Self { inner, state: State::Watch { end, start } }
+    }
+}
+
+/// How the frame that completes a response is recognised (besides the end of the stream).
+#[derive(Debug)]
+pub(crate) enum EndWatch {
+    /// An SSE stream: its `data: [DONE]` line.
+    Sse(DoneScanner),
+    /// A body of known length: the frame that brings its last byte.
+    Length(u64),
+    /// Only the end of the stream.
+    EndOfStream,
+}
+
+impl EndWatch {
+    /// Feeds one data frame; `true` once the response is complete with it.
+    fn feed(&mut self, data: &[u8]) -> bool {
+        match self {
+            EndWatch::Sse(scanner) => scanner.feed(data),
+            EndWatch::Length(remaining) => {
+                *remaining = remaining.saturating_sub(data.len() as u64);
+                *remaining == 0
+            }
+            EndWatch::EndOfStream => false,
+        }
     }
 }
 
@@ -67,7 +107,7 @@ where
                     *this.state = if held.is_some() { State::Pass } else { State::Ended };
                     return Poll::Ready(held.map(Ok));
                 }
-                State::Watch { scanner, .. } => {
+                State::Watch { end, .. } => {
                     let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
                         Some(Ok(frame)) => frame,
                         Some(Err(error)) => {
@@ -80,7 +120,7 @@ where
                             continue;
                         }
                     };
-                    let done = frame.data_ref().is_some_and(|data| scanner.feed(data));
+                    let done = frame.data_ref().is_some_and(|data| end.feed(data));
                     if done || this.inner.is_end_stream() {
                         start_record(this.state, Some(frame));
                         continue;

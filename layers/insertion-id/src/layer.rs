@@ -23,7 +23,7 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use crate::{
-    body::{RecordBody, RecordFuture, StartRecord},
+    body::{DoneScanner, EndWatch, RecordBody, RecordFuture, StartRecord},
     recorder::{Counters, DEFAULT_QUEUE_CAPACITY, Recorder, RetryPolicy},
     store::InsertionStore,
 };
@@ -143,7 +143,7 @@ where
 {
     type Response = Response<RecordBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S::Future>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -231,23 +231,21 @@ impl Record {
 
 pin_project! {
     /// The response future of [`InsertionId`].
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        state: FutureState<B>,
+        state: FutureState,
     }
 }
 
-enum FutureState<B> {
+enum FutureState {
     /// Not a rollout request, or done.
     Pass,
     /// Waiting for the inner response of a rollout request.
     Rollout { record: Option<Record> },
-    /// A 2xx non-SSE response waits for its record.
-    Waiting { record: RecordFuture, response: Option<Response<B>> },
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body<Data = Bytes>,
@@ -255,52 +253,39 @@ where
     type Output = Result<Response<RecordBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        match this.state {
-            FutureState::Pass => {
-                let response = ready!(this.inner.as_mut().poll(cx))?;
-                Poll::Ready(Ok(response.map(RecordBody::pass)))
-            }
-            FutureState::Waiting { record, response } => {
-                ready!(record.as_mut().poll(cx));
-                match response.take() {
-                    Some(response) => Poll::Ready(Ok(response.map(RecordBody::pass))),
-                    // Polled after completion.
-                    None => Poll::Pending,
-                }
-            }
-            FutureState::Rollout { record } => {
-                let response = ready!(this.inner.as_mut().poll(cx));
-                let Some(record) = record.take() else {
-                    // Polled after completion.
-                    return Poll::Pending;
-                };
-                let mut response = response?;
-                if let Ok(value) = HeaderValue::from_str(&record.insertion_id) {
-                    response.headers_mut().insert(INSERTION_ID_HEADER, value);
-                }
-                if !response.status().is_success() {
-                    return Poll::Ready(Ok(response.map(RecordBody::pass)));
-                }
-                if is_sse(&response) {
-                    let start: StartRecord = Box::new(move || record.future());
-                    return Poll::Ready(Ok(response.map(|body| RecordBody::sse(body, start))));
-                }
-                let mut future = record.future();
-                if future.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ok(response.map(RecordBody::pass)));
-                }
-                *this.state = FutureState::Waiting { record: future, response: Some(response) };
-                Poll::Pending
-            }
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx));
+        let record = match this.state {
+            FutureState::Pass => None,
+            FutureState::Rollout { record } => record.take(),
+        };
+        let mut response = response?;
+        let Some(record) = record else {
+            return Poll::Ready(Ok(response.map(RecordBody::pass)));
+        };
+        if let Ok(value) = HeaderValue::from_str(&record.insertion_id) {
+            response.headers_mut().insert(INSERTION_ID_HEADER, value);
         }
+        if !response.status().is_success() {
+            return Poll::Ready(Ok(response.map(RecordBody::pass)));
+        }
+        // The head goes out now; the frame that completes the body waits for the record, so a
+        // client never holds a whole completion whose id is not stored, and a body that breaks
+        // is never recorded.
+        let end = end_watch(&response);
+        let start: StartRecord = Box::new(move || record.future());
+        Poll::Ready(Ok(response.map(|body| RecordBody::record_at_end(body, end, start))))
     }
 }
 
-fn is_sse<B>(response: &Response<B>) -> bool {
-    response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+fn end_watch<B>(response: &Response<B>) -> EndWatch {
+    let headers = response.headers();
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if content_type.trim_start().get(..17).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream")) {
+        return EndWatch::Sse(DoneScanner::default());
+    }
+    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        Some(length) => EndWatch::Length(length),
+        None => EndWatch::EndOfStream,
+    }
 }

@@ -13,10 +13,12 @@
 //!    extension);
 //! 3. returns the id in an `x-insertion-id` response header;
 //! 4. records the id in an [`InsertionStore`] once the completion succeeded, **before the client
-//!    sees the end of the response**: a 2xx non-SSE response waits for the record; a 2xx
-//!    `text/event-stream` holds back only the frame with `data: [DONE]` (or the end of the
-//!    stream) until the record is written. Nothing is recorded on 4xx/5xx, on a body error, or
-//!    when the body is dropped before its end. A store slower than `record_timeout` (250 ms)
+//!    sees the end of the response**: the head of a 2xx response goes out at once and only the
+//!    frame that completes its body waits for the record: the frame with `data: [DONE]` (or the
+//!    end of the stream) of a `text/event-stream`, the last frame of any other body (known from
+//!    its `content-length`, else the end of the stream). Nothing is recorded on 4xx/5xx, on a
+//!    body that breaks, or when the body is dropped before that frame arrived; a record under
+//!    way when the client leaves is finished (the completion was whole). A store slower than `record_timeout` (250 ms)
 //!    does not delay the response further: the id goes to a bounded background queue that
 //!    retries with capped exponential backoff until the store takes it (failures are logged at
 //!    error level and counted in [`Counters`]).
@@ -67,9 +69,10 @@
 //! });
 //! let response = svc.oneshot(req).await.unwrap();
 //! let id = response.headers()["x-insertion-id"].to_str().unwrap().to_owned();
-//! // A JSON response is recorded before it is returned.
-//! assert_eq!(store.members("r1").await.unwrap(), vec![id]);
+//! // The body's last frame waits for the record: a client that has the whole completion
+//! // knows its id is stored.
 //! response.into_body().collect().await.unwrap();
+//! assert_eq!(store.members("r1").await.unwrap(), vec![id]);
 //! # }
 //! ```
 #![deny(clippy::unwrap_used, clippy::expect_used)]

@@ -237,20 +237,67 @@ fn layer_with(
 }
 
 #[tokio::test]
-async fn json_2xx_is_recorded_before_the_response_is_returned() {
+async fn json_2xx_is_recorded_before_its_last_frame_is_released() {
     let store = Arc::new(GatedStore::default());
-    let (layer, svc) = layer_with(store.clone(), || response(201, "application/json", vec![Ok(r#"{"id":"x"}"#)]));
-    let mut call = Box::pin(svc.oneshot(chat_request(Some("r-json"), r#"{"model":"m"}"#)));
-    // The record is under way and the response waits for it.
-    assert!(poll_once(&mut call).await.is_pending());
+    let (layer, svc) =
+        layer_with(store.clone(), || response(201, "application/json", vec![Ok(r#"{"id":"#), Ok(r#""x"}"#)]));
+    // The head goes out at once; nothing is recorded yet.
+    let res = svc.oneshot(chat_request(Some("r-json"), r#"{"model":"m"}"#)).await.unwrap();
+    let id = id_of(&res);
+    assert_eq!(store.calls(), 0);
+    let mut body = res.into_body();
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), r#"{"id":"#);
+    // Without a content-length, the end of the stream waits for the record.
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), r#""x"}"#);
+    let mut end = Box::pin(body.frame());
+    assert!(poll_once(&mut end).await.is_pending());
     assert_eq!(store.calls(), 1);
     assert!(store.members("r-json").await.unwrap().is_empty());
     store.open(1);
-    let res = call.await.unwrap();
-    assert_eq!(store.members("r-json").await.unwrap(), [id_of(&res)]);
-    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), r#"{"id":"x"}"#);
+    assert!(end.await.is_none());
+    assert_eq!(store.members("r-json").await.unwrap(), [id]);
     let counters = layer.counters().snapshot();
     assert_eq!((counters.recorded, counters.retried, counters.failed), (1, 0, 0));
+}
+
+#[tokio::test]
+async fn json_with_content_length_holds_the_frame_that_completes_it() {
+    let store = Arc::new(GatedStore::default());
+    let (_, svc) = layer_with(store.clone(), || {
+        let mut r = response(200, "application/json", vec![Ok(r#"{"id":"#), Ok(r#""x"}"#), Ok("")]);
+        r.headers_mut().insert("content-length", "10".parse().unwrap());
+        r
+    });
+    let res = svc.oneshot(chat_request(Some("r-len"), "{}")).await.unwrap();
+    let id = id_of(&res);
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    // The frame with the last byte is held (a client counting bytes would be done with it).
+    let mut last = Box::pin(body.frame());
+    assert!(poll_once(&mut last).await.is_pending());
+    store.open(1);
+    assert_eq!(last.await.unwrap().unwrap().into_data().unwrap(), r#""x"}"#);
+    assert_eq!(store.members("r-len").await.unwrap(), [id]);
+}
+
+#[tokio::test]
+async fn json_cut_short_or_dropped_is_not_recorded() {
+    let store = Arc::new(MemoryStore::new());
+    let (layer, svc) = layer_with(store.clone(), || {
+        let mut r = response(200, "application/json", vec![Ok(r#"{"id":"#), Err("upstream reset")]);
+        r.headers_mut().insert("content-length", "100".parse().unwrap());
+        r
+    });
+    let res = svc.clone().oneshot(chat_request(Some("r-cut"), "{}")).await.unwrap();
+    assert!(res.into_body().collect().await.is_err());
+    // A client that goes away before the end.
+    let res = svc.oneshot(chat_request(Some("r-cut"), "{}")).await.unwrap();
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    tokio::task::yield_now().await;
+    assert!(store.members("r-cut").await.unwrap().is_empty());
+    assert_eq!(layer.counters().snapshot(), Default::default());
 }
 
 #[tokio::test]
@@ -377,10 +424,11 @@ async fn slow_store_times_out_then_records_in_the_background() {
     let svc = layer.layer(service_fn(|_req: Request<GatewayBody>| async {
         Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")]))
     }));
-    // The store never answers in time: the response comes back anyway (the paused clock jumps
+    // The store never answers in time: the response completes anyway (the paused clock jumps
     // the 250 ms).
     let res = svc.clone().oneshot(chat_request(Some("r-slow"), "{}")).await.unwrap();
     let id = id_of(&res);
+    res.into_body().collect().await.unwrap();
     let sse = layer.layer(service_fn(|_req: Request<GatewayBody>| async {
         Ok::<_, BoxError>(response(200, "text/event-stream", SSE.to_vec()))
     }));
@@ -436,9 +484,11 @@ async fn failing_store_is_retried_with_backoff_until_success() {
         Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")]))
     }));
     let res = svc.oneshot(chat_request(Some("r-flaky"), "{}")).await.unwrap();
+    let id = id_of(&res);
+    res.into_body().collect().await.unwrap();
     assert!(store.members("r-flaky").await.unwrap().is_empty());
     assert!(layer.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await);
-    assert_eq!(store.members("r-flaky").await.unwrap(), [id_of(&res)]);
+    assert_eq!(store.members("r-flaky").await.unwrap(), [id]);
     let snapshot = layer.counters().snapshot();
     assert_eq!(snapshot.recorded, 1);
     assert_eq!(snapshot.retried, 1);
@@ -454,7 +504,8 @@ async fn a_full_queue_is_counted_not_silent() {
         Ok::<_, BoxError>(response(200, "application/json", vec![Ok("{}")]))
     }));
     for _ in 0..4 {
-        svc.clone().oneshot(chat_request(Some("r-full-q"), "{}")).await.unwrap();
+        let res = svc.clone().oneshot(chat_request(Some("r-full-q"), "{}")).await.unwrap();
+        res.into_body().collect().await.unwrap();
     }
     let snapshot = layer.counters().snapshot();
     // One id is in the worker's hands, one in the queue; the others could not be queued.
