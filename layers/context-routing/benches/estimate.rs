@@ -105,13 +105,19 @@ fn bench(c: &mut Criterion) {
     });
 
     let large = request("gpt-4o", 1024, 1024 * 1024 - 1024);
-    let tokens = estimate::estimate(&large, &gpt4o);
-    assert_eq!(tokens.method, estimate::Method::Tokenizer);
-    eprintln!("1 MiB prompt: {} o200k tokens (+ overheads)", tokens.tokens);
+    let sampled = estimate::estimate(&large, &gpt4o);
+    assert_eq!(sampled.method, estimate::Method::Sampled);
+    // A window just over the exact count: the sample lands near it, so the text is counted.
+    let near = ModelSpec { context_window: Some(sampled.tokens), ..gpt4o.clone() };
+    assert_eq!(estimate::estimate(&large, &near).method, estimate::Method::Tokenizer);
+    eprintln!("1 MiB prompt: about {} o200k tokens (sampled, + overheads)", sampled.tokens);
     let mut group = c.benchmark_group("1 MiB");
     group.sample_size(10);
-    group.bench_function("estimate 1 MiB prompt, o200k_base (gpt-4o)", |b| {
+    group.bench_function("estimate 1 MiB prompt, o200k_base sampled (gpt-4o, far over its window)", |b| {
         b.iter(|| estimate::estimate(black_box(&large), black_box(&gpt4o)))
+    });
+    group.bench_function("estimate 1 MiB prompt, o200k_base exact (a window near its count)", |b| {
+        b.iter(|| estimate::estimate(black_box(&large), black_box(&near)))
     });
     group.bench_function("estimate 1 MiB prompt, bytes estimate (gemini)", |b| {
         b.iter(|| estimate::estimate(black_box(&large), black_box(&gemini)))

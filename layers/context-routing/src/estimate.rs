@@ -34,6 +34,16 @@
 //! tokenizer would see, JSON definitions measured by a counting writer) plus the overheads,
 //! images and requested output. When the bound fits the window the request fits, and it is not
 //! tokenized at all; the estimate is then the bound, marked `estimated`.
+//!
+//! # Sampling huge texts
+//!
+//! Tokenizing is ~25 ms per MiB. A request whose bound passes the window is first counted with
+//! every text over [`SAMPLE_ABOVE`] (64 KiB) **sampled**: [`SAMPLE_SLICES`] slices spread evenly
+//! over the text are tokenized and their tokens per byte extrapolated to the whole text (marked
+//! `estimated`; a slice cut inside a word counts a token more, so the error leans high). Only
+//! when that count lands within [`SAMPLE_MARGIN`] (⅛) of the window, where the routing decision
+//! could flip, is the request counted exactly. A 1 MiB prompt far over (or under) its window is
+//! decided in about a millisecond; exact counts near the window's edge are kept.
 
 use std::{io, sync::LazyLock};
 
@@ -55,6 +65,15 @@ pub const IMAGE_TOKENS_LOW: u64 = 85;
 pub const IMAGE_TOKENS_HIGH: u64 = 765;
 /// Bytes per token of the bytes-based estimate.
 pub const BYTES_PER_TOKEN: u64 = 3;
+/// Texts longer than this (bytes) are counted on a sample first.
+pub const SAMPLE_ABOVE: usize = 64 * 1024;
+/// Slices tokenized per sampled text.
+pub const SAMPLE_SLICES: usize = 16;
+/// Bytes per slice (at most; cut back to a character boundary).
+pub const SAMPLE_SLICE_BYTES: usize = 2 * 1024;
+/// A sampled count this close to the window (a fraction of it: `window / SAMPLE_MARGIN`) is
+/// redone exactly.
+pub const SAMPLE_MARGIN: u64 = 8;
 
 static O200K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| load("o200k_base", tiktoken_rs::o200k_base));
 static CL100K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| load("cl100k_base", tiktoken_rs::cl100k_base));
@@ -126,6 +145,8 @@ pub enum Method {
     Bound,
     /// The model's own tokenizer.
     Tokenizer,
+    /// The model's own tokenizer on a sample of the huge texts, extrapolated.
+    Sampled,
     /// The bytes-based estimate.
     Bytes,
 }
@@ -170,9 +191,16 @@ impl Estimate {
 pub struct RequestEstimator<'a> {
     json: &'a Map<String, Value>,
     size: Size,
-    o200k: Option<u64>,
-    cl100k: Option<u64>,
+    o200k: Option<Count>,
+    cl100k: Option<Count>,
     tokenized: u32,
+}
+
+/// A tokenizer's count of the texts.
+#[derive(Clone, Copy, Debug)]
+struct Count {
+    tokens: u64,
+    sampled: bool,
 }
 
 /// The result of the bound pass.
@@ -213,40 +241,50 @@ impl<'a> RequestEstimator<'a> {
     }
 
     /// The estimate for a model counted by `tokenizer` with context `window` (if known): the
-    /// tokenizer's count when this estimator already has it, else the bound when it fits the
-    /// window, else the tokenizer's count (the bytes estimate for [`Tokenizer::Bytes`]).
+    /// bound when it fits the window, else the tokenizer's count, sampled when that is far
+    /// enough from the window (see the [module docs](self)); the bytes estimate for
+    /// [`Tokenizer::Bytes`]. Counts are kept, so each tokenizer runs at most twice (sampled,
+    /// then exact).
     pub fn estimate(&mut self, tokenizer: Tokenizer, window: Option<u64>) -> Estimate {
-        let bytes_estimate = || Estimate {
-            tokens: self.size.text_bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(self.size.fixed),
-            method: Method::Bytes,
-        };
-        let Some(bpe) = tokenizer.bpe() else {
-            return bytes_estimate();
-        };
-        let cached = match tokenizer {
-            Tokenizer::O200k => self.o200k,
-            Tokenizer::Cl100k => self.cl100k,
-            Tokenizer::Bytes => None,
-        };
-        let bound = self.bound();
-        if cached.is_none() && window.is_none_or(|w| bound <= w) {
-            return Estimate { tokens: bound, method: Method::Bound };
-        }
-        let cached = match tokenizer {
+        let fixed = self.size.fixed;
+        let mut no_slot = None;
+        let slot = match tokenizer {
             Tokenizer::O200k => &mut self.o200k,
             Tokenizer::Cl100k => &mut self.cl100k,
-            Tokenizer::Bytes => return bytes_estimate(),
+            Tokenizer::Bytes => &mut no_slot,
         };
-        let text_tokens = match *cached {
-            Some(tokens) => tokens,
-            None => {
-                let tokens = count(self.json, bpe);
-                *cached = Some(tokens);
+        let Some(bpe) = tokenizer.bpe() else {
+            return Estimate {
+                tokens: self.size.text_bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(fixed),
+                method: Method::Bytes,
+            };
+        };
+        let bound = self.size.text_bytes.saturating_add(fixed);
+        if slot.is_none() && window.is_none_or(|w| bound <= w) {
+            return Estimate { tokens: bound, method: Method::Bound };
+        }
+        let decides = |count: &Count| {
+            !count.sampled || window.is_none_or(|w| count.tokens.saturating_add(fixed).abs_diff(w) > w / SAMPLE_MARGIN)
+        };
+        let count = match *slot {
+            Some(count) if decides(&count) => count,
+            Some(_) => {
                 self.tokenized += 1;
-                tokens
+                *slot.insert(count(self.json, bpe, false))
+            }
+            None => {
+                self.tokenized += 1;
+                let sampled = count(self.json, bpe, true);
+                if decides(&sampled) {
+                    *slot.insert(sampled)
+                } else {
+                    self.tokenized += 1;
+                    *slot.insert(count(self.json, bpe, false))
+                }
             }
         };
-        Estimate { tokens: text_tokens.saturating_add(self.size.fixed), method: Method::Tokenizer }
+        let method = if count.sampled { Method::Sampled } else { Method::Tokenizer };
+        Estimate { tokens: count.tokens.saturating_add(fixed), method }
     }
 
     /// The estimate for a catalogue model, by its tokenizer and window.
@@ -265,18 +303,47 @@ fn requested_output(json: &Map<String, Value>) -> u64 {
     ["max_completion_tokens", "max_tokens"].iter().find_map(|key| json.get(*key).and_then(Value::as_u64)).unwrap_or(0)
 }
 
-/// The tokens of every counted text (without the fixed part).
-fn count(json: &Map<String, Value>, bpe: &CoreBPE) -> u64 {
-    let mut tokens = 0u64;
+/// The tokens of every counted text (without the fixed part); with `sample`, texts over
+/// [`SAMPLE_ABOVE`] are counted on a sample.
+fn count(json: &Map<String, Value>, bpe: &CoreBPE, sample: bool) -> Count {
+    let mut total = Count { tokens: 0, sampled: false };
+    let mut add = |text: &str| {
+        let (tokens, sampled) = match sample && text.len() > SAMPLE_ABOVE {
+            true => (count_sample(text, bpe), true),
+            false => (bpe.count_ordinary(text) as u64, false),
+        };
+        total.tokens = total.tokens.saturating_add(tokens);
+        total.sampled |= sampled;
+    };
     walk(json, &mut |piece| match piece {
-        Piece::Text(text) => tokens += bpe.count_ordinary(text) as u64,
-        Piece::Json(value) => {
-            let text = value.to_string();
-            tokens += bpe.count_ordinary(&text) as u64;
-        }
+        Piece::Text(text) => add(text),
+        Piece::Json(value) => add(&value.to_string()),
         Piece::Tokens(_) => {}
     });
-    tokens
+    total
+}
+
+/// `text`'s tokens extrapolated from [`SAMPLE_SLICES`] slices spread evenly over it.
+fn count_sample(text: &str, bpe: &CoreBPE) -> u64 {
+    let floor = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let stride = text.len() / SAMPLE_SLICES;
+    let (mut bytes, mut tokens) = (0u64, 0u64);
+    for slice in 0..SAMPLE_SLICES {
+        let start = floor(slice * stride);
+        let end = floor((start + SAMPLE_SLICE_BYTES).min(text.len()));
+        bytes += (end - start) as u64;
+        tokens += bpe.count_ordinary(&text[start..end]) as u64;
+    }
+    if bytes == 0 {
+        return 0;
+    }
+    // Rounded up; u128 keeps `tokens × len` exact.
+    (u128::from(tokens) * text.len() as u128).div_ceil(u128::from(bytes)) as u64
 }
 
 // === The walk ===
@@ -534,6 +601,47 @@ mod tests {
         let again = estimator.estimate(Tokenizer::O200k, Some(500));
         assert_eq!(again, slow);
         assert_eq!(estimator.tokenizer_runs(), 1);
+    }
+
+    /// Varied prose-like text of about `bytes` bytes (a fixed pseudo-random word order).
+    fn prose(bytes: usize) -> String {
+        let words = ["the", "model", "routes", "a", "prompt", "to", "Übergröße", "where", "it", "fits,", "数据", "\n"];
+        let (mut text, mut state) = (String::with_capacity(bytes + 16), 7u64);
+        while text.len() < bytes {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            text.push_str(words[(state >> 33) as usize % words.len()]);
+            text.push(' ');
+        }
+        text
+    }
+
+    #[test]
+    fn huge_texts_far_from_the_window_are_sampled_near_it_counted() {
+        let json = obj(json!({"messages": [{"role": "user", "content": prose(256 * 1024)}]}));
+        let bpe = Tokenizer::O200k.bpe().unwrap();
+        let fixed = RequestEstimator::new(&json).size.fixed;
+        let exact = Estimate { tokens: count(&json, bpe, false).tokens + fixed, method: Method::Tokenizer };
+
+        // Far over a small window: the sample decides, close to the exact count.
+        let mut estimator = RequestEstimator::new(&json);
+        let sampled = estimator.estimate(Tokenizer::O200k, Some(exact.tokens / 4));
+        assert_eq!(sampled.method, Method::Sampled);
+        assert!(sampled.token_estimate().estimated);
+        let error = sampled.tokens.abs_diff(exact.tokens) as f64 / exact.tokens as f64;
+        assert!(error < 0.03, "sampled {} vs exact {}", sampled.tokens, exact.tokens);
+        assert_eq!(estimator.tokenizer_runs(), 1);
+        // Far under a larger window, the same sample serves.
+        assert_eq!(estimator.estimate(Tokenizer::O200k, Some(exact.tokens * 4)), sampled);
+        assert_eq!(estimator.tokenizer_runs(), 1);
+        // Near a window, the exact count decides (and is kept).
+        assert_eq!(estimator.estimate(Tokenizer::O200k, Some(exact.tokens)), exact);
+        assert_eq!(estimator.estimate(Tokenizer::O200k, Some(exact.tokens / 4)), exact);
+        assert_eq!(estimator.tokenizer_runs(), 2);
+
+        // Near the window from the start: sampled, then counted exactly.
+        let mut estimator = RequestEstimator::new(&json);
+        assert_eq!(estimator.estimate(Tokenizer::O200k, Some(exact.tokens - 1)), exact);
+        assert_eq!(estimator.tokenizer_runs(), 2);
     }
 
     #[test]
