@@ -27,6 +27,17 @@ enum Command {
         #[arg(long, value_enum)]
         engine: Option<llmgate::config::Engine>,
     },
+    /// Run a bare proxy hop: the same upstream and host as `serve`, no layers. The baseline of
+    /// the end-to-end benchmark (`scripts/bench.sh`); reads the same config (listen address,
+    /// upstream URL, timeouts, engine).
+    BareProxy {
+        /// The YAML config file (optional: embedded defaults otherwise).
+        #[arg(long, env = "LLMGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The engine: hyper (default) or pingora; overrides the config's `engine`.
+        #[arg(long, value_enum)]
+        engine: Option<llmgate::config::Engine>,
+    },
     /// Validate a config and print what `serve` would run.
     CheckConfig {
         /// The YAML config file.
@@ -93,6 +104,23 @@ fn load(config: Option<PathBuf>) -> Result<Config, llmgate::config::ConfigError>
     Config::load(config.as_deref(), &|name| std::env::var(name).ok())
 }
 
+/// The config for `serve` and `bare-proxy`, with the engine flag applied and logging started.
+fn load_for_serving(
+    config: Option<PathBuf>,
+    engine: Option<llmgate::config::Engine>,
+) -> Result<Config, llmgate::config::ConfigError> {
+    let mut config = load(config)?;
+    if let Some(engine) = engine {
+        config.engine = engine;
+    }
+    init_logging(&config.log_filter);
+    Ok(config)
+}
+
+async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))
+}
+
 fn init_logging(filter: &str) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -116,19 +144,26 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             Ok(())
         }
         Command::Serve { config, engine } => {
-            let mut config = load(config)?;
-            if let Some(engine) = engine {
-                config.engine = engine;
-            }
-            init_logging(&config.log_filter);
-            let listen = config.listen;
+            let config = load_for_serving(config, engine)?;
             // Load the tokenizers before the first request, off the runtime's workers.
             let _ = tokio::task::spawn_blocking(llmgate_context_routing::warm_up).await;
+            let listen = config.listen;
             let gateway = Gateway::from_config(config).await?;
-            let listener =
-                llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            let listener = bind(listen).await?;
             tracing::info!("llmgate listening on http://{}", listener.local_addr()?);
             gateway.serve(listener, shutdown_signal()).await;
+            Ok(())
+        }
+        Command::BareProxy { config, engine } => {
+            let config = load_for_serving(config, engine)?;
+            let service = llmgate::stack::bare_service(&config)?;
+            let listener = bind(config.listen).await?;
+            tracing::info!(
+                "bare proxy hop (no layers) listening on http://{} → {}",
+                listener.local_addr()?,
+                config.default_target().base_url
+            );
+            llmgate::stack::serve_on(config.engine, listener, service, shutdown_signal(), config.drain_timeout).await;
             Ok(())
         }
         Command::MockUpstream { port, host, delay_ms, chunks, chunk_delay_ms, rate_limit_every } => {

@@ -3,7 +3,7 @@
 //! `POST …/chat/completions` answers a chat completion, as JSON or (with `"stream": true`) as
 //! SSE chunks, with a usage block (in the stream only when the request sets
 //! `stream_options.include_usage`, as OpenAI does). Any other request is echoed back as JSON
-//! (`method`, `path`, `query`, `headers`, `body`). Every request is recorded.
+//! (`method`, `path`, `query`, `headers`, `body`). The latest [`KEPT_REQUESTS`] requests are kept.
 //!
 //! Behaviour can be steered per process ([`MockOptions`]) or per request with headers:
 //!
@@ -18,7 +18,7 @@
 //! | `x-mock-cut-after` | end an SSE stream abruptly (connection reset) after this many chunks |
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -82,9 +82,13 @@ impl RecordedRequest {
 #[derive(Default)]
 struct State {
     options: MockOptions,
-    requests: Mutex<Vec<RecordedRequest>>,
+    /// The last [`KEPT_REQUESTS`] requests: a long benchmark or soak must not grow the mock.
+    requests: Mutex<VecDeque<RecordedRequest>>,
     chat_count: AtomicU64,
 }
+
+/// How many of the latest requests the mock keeps for [`MockUpstream::requests`].
+pub const KEPT_REQUESTS: usize = 10_000;
 
 /// A running mock upstream.
 pub struct MockUpstream {
@@ -118,9 +122,9 @@ impl MockUpstream {
         format!("http://{}/v1", self.addr)
     }
 
-    /// Every request received so far.
+    /// The requests received so far (the latest [`KEPT_REQUESTS`]), oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
     /// Chat requests received so far.
@@ -163,12 +167,19 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Ga
     let (parts, incoming) = req.into_parts();
     let body = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let uri = parts.uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
-    state.requests.lock().unwrap_or_else(|p| p.into_inner()).push(RecordedRequest {
+    let recorded = RecordedRequest {
         method: parts.method.to_string(),
         uri: uri.clone(),
         headers: parts.headers.clone(),
         body: body.clone(),
-    });
+    };
+    {
+        let mut requests = state.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if requests.len() == KEPT_REQUESTS {
+            requests.pop_front();
+        }
+        requests.push_back(recorded);
+    }
     let headers = &parts.headers;
     if headers.contains_key("x-mock-hang") {
         std::future::pending::<()>().await;

@@ -35,7 +35,7 @@ use llmgate_langfuse::{
 use llmgate_path_metadata::PathMetadataLayer;
 use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
 use tokio::net::TcpListener;
-use tower::{ServiceBuilder, util::BoxCloneService};
+use tower::{Layer, ServiceBuilder, util::BoxCloneService};
 
 use crate::{
     config::{Config, Emit, Engine},
@@ -256,7 +256,7 @@ impl Gateway {
                 .layer(rate_limit)
                 .service(BoxCloneService::new(per_attempt)),
         );
-        let catch_all: BoxStack = BoxCloneService::new(tower::Layer::layer(&upstream_metrics, upstream));
+        let catch_all: BoxStack = BoxCloneService::new(upstream_metrics.layer(upstream));
         // With gateway keys on, the client's `Authorization` is the gateway's own key: it is
         // consumed here and never forwarded (upstreams get their server-side keys).
         let consume_gateway_key = !config.api_keys.is_empty();
@@ -327,23 +327,40 @@ impl Gateway {
             },
             None => None,
         };
-        match config.engine {
-            Engine::Hyper => server::hyper::serve(listener, service, shutdown, config.drain_timeout).await,
-            #[cfg(feature = "pingora")]
-            Engine::Pingora => {
-                if let Err(error) =
-                    server::pingora::serve_pingora(listener, service, shutdown, config.drain_timeout).await
-                {
-                    tracing::error!(%error, "the Pingora host failed");
-                }
-            }
-            #[cfg(not(feature = "pingora"))]
-            Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
-        }
+        serve_on(config.engine, listener, service, shutdown, config.drain_timeout).await;
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }
         background.flush(config.drain_timeout).await;
+    }
+}
+
+/// A bare proxy hop: the configured engine's upstream, no layers (a transport error becomes
+/// the same JSON error the gateway gives). The baseline of the end-to-end benchmark
+/// (`llmgate bare-proxy`, `scripts/bench.sh`).
+pub fn bare_service(config: &Config) -> Result<GatewayService, BoxError> {
+    Ok(BoxCloneService::new(RescueLayer::new().layer(upstream(config)?)))
+}
+
+/// Serves `service` on `listener` with `engine`'s host until `shutdown`, then drains for up to
+/// `drain`.
+pub async fn serve_on(
+    engine: Engine,
+    listener: TcpListener,
+    service: GatewayService,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    match engine {
+        Engine::Hyper => server::hyper::serve(listener, service, shutdown, drain).await,
+        #[cfg(feature = "pingora")]
+        Engine::Pingora => {
+            if let Err(error) = server::pingora::serve_pingora(listener, service, shutdown, drain).await {
+                tracing::error!(%error, "the Pingora host failed");
+            }
+        }
+        #[cfg(not(feature = "pingora"))]
+        Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
     }
 }
 

@@ -167,8 +167,13 @@ impl Drop for LangfuseStandIn {
 impl LangfuseStandIn {
     /// Starts on `127.0.0.1:0`.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the Langfuse stand-in");
-        let addr = listener.local_addr().expect("local addr");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("bind the Langfuse stand-in")
+    }
+
+    /// Starts on `addr` (port 0 picks one).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
@@ -177,7 +182,7 @@ impl LangfuseStandIn {
             connections: watch::channel(0).0,
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-        Self { addr, shared, accept: Mutex::new(Some(accept)) }
+        Ok(Self { addr, shared, accept: Mutex::new(Some(accept)) })
     }
 
     /// `http://127.0.0.1:<port>` (the `LANGFUSE_HOST`).
