@@ -1,9 +1,21 @@
-//! Per-request cost of recording: the two Langfuse layers around an in-memory upstream (span
-//! building, JSON metadata, enqueueing), against the same stack without them. The exporter
-//! points at a closed port with no retries, so batches are dropped quickly and memory stays
-//! bounded; its drain task (prost encoding, gzip) runs on a separate runtime thread.
+//! Per-request cost of recording: the two Langfuse layers around an in-memory upstream, against
+//! the same stack without them.
+//!
+//! - `langfuse_root_and_generation` is the request path: what the layers do on the request's
+//!   task (trace context, attempt info, the body tap, the one queue push). Requests run in
+//!   chunks; between chunks, untimed, the exporter is flushed, so no request meets a full
+//!   queue (which would time the cheap drop instead).
+//! - `exporter_per_request` is the background side: draining a chunk's records, building the
+//!   spans, protobuf encoding and gzip, divided by the chunk's requests. The exporter points at
+//!   a closed port with no retries, so the send fails at once.
+//!
+//! The exporter runs on its own runtime thread, as it would on a multi-threaded server.
 
-use std::{hint::black_box, sync::Arc, time::Duration};
+use std::{
+    hint::black_box,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -65,53 +77,89 @@ fn upstream()
     })
 }
 
+/// Requests per chunk: 2 spans each, well under the queue's 8192.
+const CHUNK: u64 = 1000;
+
+async fn one_request(svc: impl Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError>) {
+    let response = svc.oneshot(request()).await.unwrap();
+    black_box(response.into_body().collect().await.unwrap().to_bytes());
+    // Let other tasks run, as real I/O would.
+    tokio::task::yield_now().await;
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    // The exporter's drain task runs on its own thread, as it would on a multi-threaded server,
-    // so the numbers are the request path's cost (span building and enqueueing).
     let background = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let catalog = Arc::new(Catalog::new([ModelSpec {
         name: MODEL.into(),
         pricing: Some(Pricing { input_per_1m: 0.15, output_per_1m: 0.6 }),
         ..Default::default()
     }]));
-    let mut group = c.benchmark_group("record");
-    group.measurement_time(Duration::from_secs(4));
-    group.bench_function("baseline_no_langfuse", |b| {
-        let svc = upstream();
-        b.to_async(&rt).iter(|| {
-            let svc = svc.clone();
-            async move {
-                let response = svc.oneshot(request()).await.unwrap();
-                black_box(response.into_body().collect().await.unwrap().to_bytes());
-                // Let the background drain task run, as real I/O would.
-                tokio::task::yield_now().await;
-            }
-        });
-    });
-    group.bench_function("langfuse_root_and_generation", |b| {
+    // `batch_spans` also sets when the exporter wakes up by itself (a batch's worth queued).
+    let recording = |batch_spans: usize| {
         let exporter = background.block_on(async {
             let config = ExporterConfig::new("http://127.0.0.1:1")
                 .max_queue_spans(8192)
+                .max_batch_spans(batch_spans)
                 .max_retries(0)
-                .schedule_delay(Duration::from_secs(1));
+                .schedule_delay(Duration::from_secs(3600));
             LangfuseExporter::spawn(config, LangfuseClient::http())
         });
         let svc = ServiceBuilder::new()
             .layer(LangfuseLayer::new(exporter.clone()))
             .layer(LangfuseAttemptLayer::new().catalog(catalog.clone()))
             .service(upstream());
-        b.to_async(&rt).iter(|| {
-            let svc = svc.clone();
+        (exporter, svc)
+    };
+    let flush = |exporter: LangfuseExporter| async move {
+        assert!(exporter.flush(tokio::time::Instant::now() + Duration::from_secs(60)).await, "flushed");
+    };
+    let mut group = c.benchmark_group("record");
+    group.measurement_time(Duration::from_secs(4));
+    group.bench_function("baseline_no_langfuse", |b| {
+        let svc = upstream();
+        b.to_async(&rt).iter(|| one_request(svc.clone()));
+    });
+    group.bench_function("langfuse_root_and_generation", |b| {
+        let (exporter, svc) = recording(512);
+        b.to_async(&rt).iter_custom(|iters| {
+            let (exporter, svc) = (exporter.clone(), svc.clone());
             async move {
-                let response = svc.oneshot(request()).await.unwrap();
-                black_box(response.into_body().collect().await.unwrap().to_bytes());
-                // Let the background drain task run, as real I/O would.
-                tokio::task::yield_now().await;
+                let mut timed = Duration::ZERO;
+                for chunk in (0..iters).step_by(CHUNK as usize) {
+                    let start = Instant::now();
+                    for _ in chunk..iters.min(chunk + CHUNK) {
+                        one_request(svc.clone()).await;
+                    }
+                    timed += start.elapsed();
+                    flush(exporter.clone()).await;
+                }
+                timed
             }
         });
-        let snapshot = exporter.snapshot();
-        assert!(snapshot.queue_depth < 8192, "the drain task keeps up: {snapshot:?}");
+        assert_eq!(exporter.snapshot().dropped, 0, "no request met a full queue");
+    });
+    group.bench_function("exporter_per_request", |b| {
+        // Batches as large as the queue: the exporter only works when flushed.
+        let (exporter, svc) = recording(8192);
+        b.to_async(&rt).iter_custom(|iters| {
+            let (exporter, svc) = (exporter.clone(), svc.clone());
+            async move {
+                let mut timed = Duration::ZERO;
+                for chunk in (0..iters).step_by(CHUNK as usize) {
+                    let n = iters.min(chunk + CHUNK) - chunk;
+                    for _ in 0..n {
+                        one_request(svc.clone()).await;
+                    }
+                    assert_eq!(exporter.snapshot().queue_depth, 2 * n, "nothing drained before the flush");
+                    let start = Instant::now();
+                    flush(exporter.clone()).await;
+                    timed += start.elapsed();
+                }
+                timed
+            }
+        });
+        assert_eq!(exporter.snapshot().dropped, 0, "no request met a full queue");
     });
     group.finish();
 }

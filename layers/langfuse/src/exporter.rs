@@ -1,12 +1,15 @@
 //! The background OTLP/HTTP exporter: a bounded span queue, per-project batches, gzip, retries.
 //!
-//! Spans are handed over with [`LangfuseExporter::enqueue`], which never waits: it is a
-//! `try_send` on a bounded queue (default 2048 spans). **When the queue is full the new span is
-//! dropped** (like OpenTelemetry's `BatchSpanProcessor`) and counted in `dropped`.
+//! Spans are handed over with [`LangfuseExporter::enqueue`] (the layers hand over a request's
+//! record, whose spans the exporter task builds), which never waits: a short lock around a
+//! push onto a queue bounded in spans (default 2048). **When the queue is full the new spans
+//! are dropped** (like OpenTelemetry's `BatchSpanProcessor`) and counted in `dropped`.
 //!
-//! One background task drains the queue into one batch per project (credentials are per
-//! project, so spans of different projects never share an export), and exports a project's
-//! batch when it reaches `max_batch_spans` (512) or every `schedule_delay` (5 s). An export is
+//! One background task drains the queue when it holds `max_batch_spans` (or half its capacity,
+//! if less) and every `schedule_delay`, so a request does not wake it. It builds the spans
+//! into one batch per project (credentials are per project, so spans of different projects
+//! never share an export), and exports a project's batch when it reaches `max_batch_spans`
+//! (512) or every `schedule_delay` (5 s). An export is
 //! an `ExportTraceServiceRequest` encoded with prost, gzipped, and POSTed to
 //! `{host}/api/public/otel/v1/traces` with the project's Basic auth and
 //! `x-langfuse-ingestion-version: 4`. 429/500/502/503/504, timeouts and connection errors are
@@ -20,8 +23,8 @@ use std::{
     collections::HashMap,
     io::Write as _,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -38,11 +41,11 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{Notify, Semaphore, mpsc, oneshot},
     time::Instant,
 };
 
-use crate::{LangfuseClient, client, span::kv_str};
+use crate::{LangfuseClient, client, record::TraceRecord, span::kv_str};
 
 /// The OTLP path under the Langfuse host.
 pub const OTEL_TRACES_PATH: &str = "/api/public/otel/v1/traces";
@@ -82,7 +85,7 @@ impl ExporterConfig {
         }
     }
 
-    /// Queue capacity in spans (default 2048); a full queue drops the new span.
+    /// Queue capacity in spans (default 2048); a full queue drops the new spans.
     pub fn max_queue_spans(mut self, n: usize) -> Self {
         self.max_queue_spans = n.max(1);
         self
@@ -168,13 +171,92 @@ impl Counters {
     }
 }
 
-// === LangfuseExporter ===
+// === Queue ===
 
-/// One span bound for one project.
+/// Spans bound for one project: one span, or a request's record.
 struct Queued {
     keys: LangfuseKeys,
-    span: Span,
+    payload: Payload,
 }
+
+enum Payload {
+    Span(Span),
+    Trace(TraceRecord),
+}
+
+impl Queued {
+    fn spans(&self) -> usize {
+        match &self.payload {
+            Payload::Span(_) => 1,
+            Payload::Trace(record) => record.span_count(),
+        }
+    }
+}
+
+/// The queue between the request path and the exporter task, bounded in spans. Pushing takes a
+/// short lock and wakes the task only when a batch's worth is waiting: a wake-up per request
+/// would cost the request path a cross-thread notification.
+struct Queue {
+    items: Mutex<Vec<Queued>>,
+    /// Spans in `items`, readable without the lock.
+    depth: AtomicUsize,
+    capacity: usize,
+    wake_at: usize,
+    closed: AtomicBool,
+    wake: Notify,
+}
+
+impl Queue {
+    fn new(capacity: usize, batch: usize) -> Self {
+        Self {
+            items: Mutex::new(Vec::new()),
+            depth: AtomicUsize::new(0),
+            capacity,
+            wake_at: batch.min(capacity.div_ceil(2)).max(1),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Adds `queued` unless its spans do not fit or the exporter task is gone.
+    fn push(&self, queued: Queued) -> bool {
+        let n = queued.spans();
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        let depth = self.depth.load(Ordering::Relaxed);
+        if self.closed.load(Ordering::Relaxed) || depth + n > self.capacity {
+            return false;
+        }
+        items.push(queued);
+        self.depth.store(depth + n, Ordering::Relaxed);
+        drop(items);
+        if depth < self.wake_at && depth + n >= self.wake_at {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Swaps everything queued into `into` (empty, its capacity reused by the next pushes).
+    fn take(&self, into: &mut Vec<Queued>) {
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *items, into);
+        self.depth.store(0, Ordering::Relaxed);
+    }
+
+    fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+// === LangfuseExporter ===
 
 /// Handle to the background exporter. Cheap to clone; the task ends when every handle is
 /// dropped (after exporting what is left) .
@@ -184,10 +266,16 @@ pub struct LangfuseExporter {
 }
 
 struct Shared {
-    spans: mpsc::Sender<Queued>,
+    queue: Arc<Queue>,
     control: mpsc::UnboundedSender<oneshot::Sender<()>>,
     counters: Arc<Counters>,
-    capacity: usize,
+}
+
+impl Drop for Shared {
+    /// The last handle is gone: the task exports what is left and ends.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 impl std::fmt::Debug for LangfuseExporter {
@@ -199,7 +287,7 @@ impl std::fmt::Debug for LangfuseExporter {
 impl LangfuseExporter {
     /// Starts the background exporter on the current Tokio runtime.
     pub fn spawn(config: ExporterConfig, client: LangfuseClient) -> Self {
-        let (spans, rx) = mpsc::channel(config.max_queue_spans);
+        let queue = Arc::new(Queue::new(config.max_queue_spans, config.max_batch_spans));
         let (control, control_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
         let endpoint = format!("{}{}", config.host, OTEL_TRACES_PATH).parse::<Uri>().ok();
@@ -208,26 +296,38 @@ impl LangfuseExporter {
         }
         let worker = Worker {
             semaphore: Arc::new(Semaphore::new(config.max_concurrent_exports)),
-            config: Arc::new(config.clone()),
+            config: Arc::new(config),
             endpoint,
             client,
             counters: counters.clone(),
+            queue: queue.clone(),
             pending: HashMap::new(),
         };
-        tokio::spawn(worker.run(rx, control_rx));
-        Self { inner: Arc::new(Shared { spans, control, counters, capacity: config.max_queue_spans }) }
+        tokio::spawn(worker.run(control_rx));
+        Self { inner: Arc::new(Shared { queue, control, counters }) }
     }
 
     /// Queues `span` for the project of `keys` without waiting. Returns `false` (and counts
     /// it as dropped) when the queue is full or the exporter stopped.
     pub fn enqueue(&self, keys: &LangfuseKeys, span: Span) -> bool {
-        match self.inner.spans.try_send(Queued { keys: keys.clone(), span }) {
-            Ok(()) => true,
-            Err(_) => {
-                Counters::add(&self.inner.counters.dropped, 1);
-                false
-            }
+        self.push(Queued { keys: keys.clone(), payload: Payload::Span(span) })
+    }
+
+    /// Queues a request's record (all its spans, or none) without waiting.
+    pub(crate) fn enqueue_trace(&self, keys: &LangfuseKeys, record: TraceRecord) -> bool {
+        self.push(Queued { keys: keys.clone(), payload: Payload::Trace(record) })
+    }
+
+    fn push(&self, queued: Queued) -> bool {
+        let n = queued.spans();
+        if n == 0 {
+            return true;
         }
+        let accepted = self.inner.queue.push(queued);
+        if !accepted {
+            Counters::add(&self.inner.counters.dropped, n);
+        }
+        accepted
     }
 
     /// Counts a request that was not recorded because it had no project.
@@ -244,7 +344,7 @@ impl LangfuseExporter {
             dropped: c.dropped.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             skipped: c.skipped.load(Ordering::Relaxed),
-            queue_depth: self.inner.capacity.saturating_sub(self.inner.spans.capacity()) as u64,
+            queue_depth: self.inner.queue.depth() as u64,
         }
     }
 
@@ -267,22 +367,30 @@ struct Worker {
     client: LangfuseClient,
     counters: Arc<Counters>,
     semaphore: Arc<Semaphore>,
+    queue: Arc<Queue>,
     /// Batches by Basic auth header (one per project key pair).
     pending: HashMap<Bytes, Vec<Span>>,
 }
 
+impl Drop for Worker {
+    /// The task ended (or its runtime went away): later spans are dropped and counted.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
 impl Worker {
-    async fn run(mut self, mut rx: mpsc::Receiver<Queued>, mut control: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
         let mut tick = tokio::time::interval(self.config.schedule_delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let queue = self.queue.clone();
+        let mut drained = Vec::new();
         loop {
             tokio::select! {
                 biased;
                 Some(reply) = control.recv() => {
-                    while let Ok(queued) = rx.try_recv() {
-                        self.push(queued).await;
-                    }
+                    self.drain(&mut drained).await;
                     self.export_all().await;
                     let all = self.config.max_concurrent_exports as u32;
                     let semaphore = self.semaphore.clone();
@@ -294,31 +402,48 @@ impl Worker {
                         let _ = reply.send(());
                     });
                 }
-                queued = rx.recv() => match queued {
-                    Some(queued) => self.push(queued).await,
-                    None => {
+                () = queue.wake.notified() => {
+                    self.drain(&mut drained).await;
+                    if queue.is_closed() {
                         self.export_all().await;
                         let all = self.config.max_concurrent_exports as u32;
                         let _ = self.semaphore.acquire_many(all).await;
                         return;
                     }
-                },
-                _ = tick.tick() => self.export_all().await,
+                }
+                _ = tick.tick() => {
+                    self.drain(&mut drained).await;
+                    self.export_all().await;
+                }
             }
         }
     }
 
+    /// Moves the queue into the batches; `buffer` is the spare the queue swaps with.
+    async fn drain(&mut self, buffer: &mut Vec<Queued>) {
+        self.queue.take(buffer);
+        for queued in buffer.drain(..) {
+            self.push(queued).await;
+        }
+    }
+
+    /// Builds the spans into their project's batch, exporting every full batch.
     async fn push(&mut self, queued: Queued) {
         let Some(auth) = client::basic_auth(&queued.keys) else {
-            Counters::add(&self.counters.failed, 1);
+            Counters::add(&self.counters.failed, queued.spans());
             return;
         };
         let key = Bytes::copy_from_slice(auth.as_bytes());
         let batch = self.pending.entry(key.clone()).or_default();
-        batch.push(queued.span);
-        if batch.len() >= self.config.max_batch_spans {
-            let spans = std::mem::take(batch);
-            self.dispatch(key, spans).await;
+        match queued.payload {
+            Payload::Span(span) => batch.push(span),
+            Payload::Trace(record) => record.build_into(batch),
+        }
+        let max = self.config.max_batch_spans;
+        while let Some(batch) = self.pending.get_mut(&key).filter(|b| b.len() >= max) {
+            let rest = batch.split_off(max);
+            let full = std::mem::replace(batch, rest);
+            self.dispatch(key.clone(), full).await;
         }
     }
 

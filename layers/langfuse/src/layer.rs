@@ -8,27 +8,26 @@ use std::{
     time::SystemTime,
 };
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use llmgate_core::{
     BoxError, GatewayError,
-    catalog::{Catalog, Pricing},
+    catalog::Catalog,
     ext::{
         FallbackEvents, InsertionId, LlmRequest, ModelChoice, Project, RolloutTags, ServedBy, UpstreamMode,
         UpstreamTarget,
     },
-    usage::{self, Outcome, StreamEnd},
+    usage,
 };
-use opentelemetry_proto::tonic::trace::v1::Span;
 use pin_project_lite::pin_project;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{
     LangfuseExporter,
-    span::{Level, SpanParts, bounded_text, iso_millis, kv_str, new_span_id},
-    trace::{TraceContext, event_metadata},
+    record::{AttemptStart, Ended, GenerationRecord, RootRecord},
+    trace::TraceContext,
 };
 
 /// How much a stack exports.
@@ -49,8 +48,8 @@ pub enum Emit {
 /// Default bound of the recorded input and output (32 KiB each).
 pub const DEFAULT_CAPTURE_LIMIT: usize = 32 * 1024;
 
+/// The layer's settings; the queued records share them.
 pub(crate) struct LayerConfig {
-    pub exporter: LangfuseExporter,
     pub trace_name: Arc<str>,
     pub emit: Emit,
     pub capture_limit: usize,
@@ -71,6 +70,7 @@ pub(crate) struct LayerConfig {
 #[derive(Clone)]
 pub struct LangfuseLayer {
     config: Arc<LayerConfig>,
+    exporter: LangfuseExporter,
 }
 
 impl LangfuseLayer {
@@ -78,8 +78,8 @@ impl LangfuseLayer {
     /// [`Emit::ByUpstream`], 32 KiB input/output bounds.
     pub fn new(exporter: LangfuseExporter) -> Self {
         Self {
+            exporter,
             config: Arc::new(LayerConfig {
-                exporter,
                 trace_name: Arc::from("chat-completion"),
                 emit: Emit::default(),
                 capture_limit: DEFAULT_CAPTURE_LIMIT,
@@ -96,7 +96,6 @@ impl LangfuseLayer {
         } else {
             let c = &self.config;
             let mut config = LayerConfig {
-                exporter: c.exporter.clone(),
                 trace_name: c.trace_name.clone(),
                 emit: c.emit,
                 capture_limit: c.capture_limit,
@@ -149,7 +148,7 @@ impl<S> Layer<S> for LangfuseLayer {
     type Service = LangfuseService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LangfuseService { inner, config: self.config.clone() }
+        LangfuseService { inner, config: self.config.clone(), exporter: self.exporter.clone() }
     }
 }
 
@@ -160,6 +159,7 @@ impl<S> Layer<S> for LangfuseLayer {
 pub struct LangfuseService<S> {
     inner: S,
     config: Arc<LayerConfig>,
+    exporter: LangfuseExporter,
 }
 
 impl<S, B> Service<Request<B>> for LangfuseService<S>
@@ -180,17 +180,18 @@ where
         }
         let ext = req.extensions();
         let Some(project) = ext.get::<Project>() else {
-            self.config.exporter.count_skipped();
+            self.exporter.count_skipped();
             return RootFuture { inner: self.inner.call(req), ctx: None };
         };
         let ctx = TraceContext::new(
             &self.config,
+            &self.exporter,
             project.langfuse.clone(),
             ext.get::<LlmRequest>(),
             ext.get::<InsertionId>(),
             ext.get::<RolloutTags>(),
         );
-        req.extensions_mut().insert(FallbackEvents(ctx.0.events.clone()));
+        req.extensions_mut().insert(FallbackEvents(ctx.0.clone()));
         req.extensions_mut().insert(ctx.clone());
         RootFuture { inner: self.inner.call(req), ctx: Some(ctx) }
     }
@@ -217,159 +218,25 @@ where
         if let Some(ctx) = this.ctx.take() {
             match result {
                 Ok(mut response) => {
-                    let outcome = usage::tap(&mut response, ctx.0.capture_limit);
+                    let limit = ctx.0.data.config.capture_limit;
+                    let outcome = usage::tap(&mut response, limit);
                     let status = response.status();
                     let served = response.extensions().get::<ServedBy>().cloned();
-                    outcome.subscribe(move |o| record_root(&ctx, Some(status), served.as_ref(), Some(o), None));
+                    outcome.subscribe(move |o| {
+                        ctx.0.finish_root(RootRecord { ended: Ended::new(Some(status), Some(o), None, limit), served });
+                    });
                     return Poll::Ready(Ok(response));
                 }
                 Err(error) => {
                     let status = GatewayError::find(error.as_ref()).map(GatewayError::status);
-                    record_root(&ctx, status, None, None, Some(error.to_string()));
+                    let ended = Ended::new(status, None, Some(error.to_string()), ctx.0.data.config.capture_limit);
+                    ctx.0.finish_root(RootRecord { ended, served: None });
                     return Poll::Ready(Err(error));
                 }
             }
         }
         Poll::Ready(result)
     }
-}
-
-/// Builds the root span and the event spans and hands them to the exporter.
-pub(crate) fn record_root(
-    ctx: &TraceContext,
-    status: Option<StatusCode>,
-    served: Option<&ServedBy>,
-    outcome: Option<&Outcome>,
-    error: Option<String>,
-) {
-    let t = &ctx.0;
-    let end = outcome.map_or_else(SystemTime::now, |o| ctx.wall(o.ended_at));
-    let (level, status_message) = judge(status, outcome, error, true);
-    let mut attrs = t.trace_attributes.clone();
-    attrs.push(kv_str("langfuse.observation.type", "span"));
-    attrs.push(kv_str("langfuse.observation.input", t.input.clone()));
-    if let Some(o) = outcome {
-        attrs.push(kv_str("langfuse.observation.output", output_text(o, t.capture_limit)));
-    }
-    let mut metadata = Map::new();
-    if let Some(status) = status {
-        metadata.insert("http_status".into(), status.as_u16().into());
-    }
-    if let Some(served) = served {
-        metadata.insert("served_by_model".into(), served.model.as_ref().into());
-        metadata.insert("upstream".into(), served.upstream.as_ref().into());
-        metadata.insert("attempts".into(), served.attempts.into());
-    }
-    if !metadata.is_empty() {
-        attrs.push(kv_str("langfuse.observation.metadata", Value::Object(metadata).to_string()));
-    }
-    let root = SpanParts {
-        trace_id: &t.trace_id,
-        span_id: t.root_span_id,
-        parent: None,
-        name: t.trace_attributes.first().and_then(string_value).unwrap_or("chat-completion").to_owned(),
-        start: t.started,
-        end,
-        level,
-        status_message,
-    }
-    .build(attrs);
-    t.exporter.enqueue(&t.keys, root);
-    for (event, at) in t.events.take() {
-        let mut attrs = t.trace_attributes.clone();
-        attrs.push(kv_str("langfuse.observation.type", "event"));
-        attrs.push(kv_str("langfuse.observation.metadata", event_metadata(&event).to_string()));
-        let span = SpanParts {
-            trace_id: &t.trace_id,
-            span_id: new_span_id(),
-            parent: Some(&t.root_span_id),
-            name: event.name().to_owned(),
-            start: at,
-            end: at,
-            level: Level::Warning,
-            status_message: None,
-        }
-        .build(attrs);
-        t.exporter.enqueue(&t.keys, span);
-    }
-}
-
-fn string_value(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> Option<&str> {
-    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
-    match kv.value.as_ref()?.value.as_ref()? {
-        V::StringValue(s) => Some(s),
-        _ => None,
-    }
-}
-
-/// Level and status message from the status, the body's end and a transport error.
-fn judge(
-    status: Option<StatusCode>,
-    outcome: Option<&Outcome>,
-    error: Option<String>,
-    client_facing: bool,
-) -> (Level, Option<String>) {
-    if let Some(error) = error {
-        return (Level::Error, Some(error));
-    }
-    if let Some(status) = status.filter(|s| s.is_client_error() || s.is_server_error()) {
-        let detail = outcome.map(|o| bounded_text(&o.captured, 512, o.bytes, o.truncated)).filter(|d| !d.is_empty());
-        let message = match detail {
-            Some(detail) => format!("HTTP {}: {detail}", status.as_u16()),
-            None => format!("HTTP {}", status.as_u16()),
-        };
-        return (Level::Error, Some(message));
-    }
-    match outcome.map(|o| &o.end) {
-        Some(StreamEnd::Error(e)) => (Level::Error, Some(format!("response body failed: {e}"))),
-        Some(StreamEnd::Cancelled) if client_facing => {
-            (Level::Warning, Some("the client went away before the end of the response".into()))
-        }
-        Some(StreamEnd::Cancelled) => (Level::Warning, Some("the response was not read to its end".into())),
-        _ => (Level::Default, None),
-    }
-}
-
-/// The recorded output: the JSON body, or for SSE the assembled message, bounded.
-pub(crate) fn output_text(o: &Outcome, limit: usize) -> String {
-    if o.sse
-        && let Some(assembled) = assemble_sse(&o.captured)
-    {
-        let text = assembled.to_string();
-        let cut = text.len() > limit || o.truncated;
-        return if cut { bounded_text(text.as_bytes(), limit, text.len() as u64, true) } else { text };
-    }
-    bounded_text(&o.captured, limit, o.bytes, o.truncated)
-}
-
-/// Joins the `choices[0].delta.content` of OpenAI chunks into one assistant message.
-fn assemble_sse(captured: &[u8]) -> Option<Value> {
-    let mut content = String::new();
-    let mut finish_reason = Value::Null;
-    let mut seen = false;
-    for line in captured.split(|b| *b == b'\n') {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let data = data.trim_ascii();
-        if data == b"[DONE]" {
-            continue;
-        }
-        let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
-            continue;
-        };
-        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else {
-            continue;
-        };
-        seen = true;
-        if let Some(text) = choice.get("delta").and_then(|d| d.get("content")).and_then(Value::as_str) {
-            content.push_str(text);
-        }
-        if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
-            finish_reason = reason.clone();
-        }
-    }
-    seen.then(|| json!({"role": "assistant", "content": content, "finish_reason": finish_reason}))
 }
 
 // === impl LangfuseAttemptLayer ===
@@ -411,17 +278,10 @@ pub struct LangfuseAttemptService<S> {
     catalog: Option<Arc<Catalog>>,
 }
 
-/// What is known about an attempt when it starts.
+/// An attempt being recorded.
 pub(crate) struct AttemptInfo {
-    pub ctx: TraceContext,
-    pub model: String,
-    pub upstream_model: String,
-    pub parameters: Value,
-    pub pricing: Option<Pricing>,
-    pub is_primary: bool,
-    pub attempt: u32,
-    pub started: SystemTime,
-    pub started_at: Instant,
+    ctx: TraceContext,
+    start: AttemptStart,
 }
 
 impl<S, B> Service<Request<B>> for LangfuseAttemptService<S>
@@ -437,42 +297,40 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let info = attempt_info(&req, self.catalog.as_deref());
+        let info = attempt_info(&req, self.catalog.as_ref());
         AttemptFuture { inner: self.inner.call(req), info }
     }
 }
 
-fn attempt_info<B>(req: &Request<B>, catalog: Option<&Catalog>) -> Option<AttemptInfo> {
+fn attempt_info<B>(req: &Request<B>, catalog: Option<&Arc<Catalog>>) -> Option<AttemptInfo> {
     let ext = req.extensions();
     let ctx = ext.get::<TraceContext>()?;
     let mode = ext.get::<UpstreamTarget>().map_or(UpstreamMode::OpenAi, |t| t.mode);
-    match ctx.0.emit {
+    match ctx.0.data.config.emit {
         Emit::All => {}
         Emit::ByUpstream if mode == UpstreamMode::OpenAi => {}
         _ => return None,
     }
     let request = ext.get::<LlmRequest>();
     let choice = ext.get::<ModelChoice>();
-    let model = choice
-        .map(|c| c.current.to_string())
-        .or_else(|| request.and_then(LlmRequest::model).map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned());
-    let spec = catalog.and_then(|c| c.get(&model));
+    let model = match choice {
+        Some(c) => c.current.clone(),
+        None => Arc::from(request.and_then(LlmRequest::model).unwrap_or("unknown")),
+    };
     let attempt = match choice {
         Some(c) => c.attempt,
         None => ctx.0.attempts.fetch_add(1, Ordering::Relaxed) + 1,
     };
-    Some(AttemptInfo {
-        ctx: ctx.clone(),
-        upstream_model: spec.and_then(|s| s.upstream_model.clone()).unwrap_or_else(|| model.clone()),
+    let start = AttemptStart {
         model,
-        parameters: request.map_or(Value::Object(Map::new()), model_parameters),
-        pricing: spec.and_then(|s| s.pricing),
+        catalog: catalog.cloned(),
+        parameters: request.map_or_else(Vec::new, model_parameters),
         is_primary: choice.is_none_or(ModelChoice::is_primary),
         attempt,
         started: SystemTime::now(),
         started_at: Instant::now(),
-    })
+    };
+    Some(AttemptInfo { ctx: ctx.clone(), start })
 }
 
 const PARAMETERS: &[&str] = &[
@@ -491,11 +349,17 @@ const PARAMETERS: &[&str] = &[
     "tool_choice",
 ];
 
-fn model_parameters(request: &LlmRequest) -> Value {
-    let json = request.json();
-    let params: Map<String, Value> =
-        PARAMETERS.iter().filter_map(|k| json.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect();
-    Value::Object(params)
+/// The request's model parameters in [`PARAMETERS`] order; serialised on the exporter's task.
+/// One pass over the body's keys: a lookup per parameter would hash thirteen keys.
+fn model_parameters(request: &LlmRequest) -> Vec<(&'static str, Value)> {
+    let position = |key: &str| PARAMETERS.iter().position(|p| *p == key);
+    let mut params: Vec<(&'static str, Value)> = request
+        .json()
+        .iter()
+        .filter_map(|(key, value)| position(key).map(|i| (PARAMETERS[i], value.clone())))
+        .collect();
+    params.sort_unstable_by_key(|(name, _)| position(name));
+    params
 }
 
 pin_project! {
@@ -519,13 +383,15 @@ where
         if let Some(info) = this.info.take() {
             match result {
                 Ok(mut response) => {
-                    let outcome = usage::tap(&mut response, info.ctx.0.capture_limit);
+                    let limit = info.ctx.0.data.config.capture_limit;
+                    let outcome = usage::tap(&mut response, limit);
                     let status = response.status();
-                    outcome.subscribe(move |o| record_generation(&info, Some(status), Some(o), None));
+                    outcome.subscribe(move |o| info.finish(Ended::new(Some(status), Some(o), None, limit)));
                     return Poll::Ready(Ok(response));
                 }
                 Err(error) => {
-                    record_generation(&info, None, None, Some(error.to_string()));
+                    let limit = info.ctx.0.data.config.capture_limit;
+                    info.finish(Ended::new(None, None, Some(error.to_string()), limit));
                     return Poll::Ready(Err(error));
                 }
             }
@@ -534,67 +400,8 @@ where
     }
 }
 
-/// Builds one generation span and hands it to the exporter.
-pub(crate) fn record_generation(
-    info: &AttemptInfo,
-    status: Option<StatusCode>,
-    outcome: Option<&Outcome>,
-    error: Option<String>,
-) {
-    let t = &info.ctx.0;
-    let ended_at = outcome.map_or_else(Instant::now, |o| o.ended_at);
-    let end = info.started + ended_at.saturating_duration_since(info.started_at);
-    let (level, status_message) = judge(status, outcome, error, false);
-    let mut attrs = t.trace_attributes.clone();
-    attrs.reserve(10);
-    attrs.push(kv_str("langfuse.observation.type", "generation"));
-    attrs.push(kv_str("langfuse.observation.model.name", info.upstream_model.clone()));
-    attrs.push(kv_str("langfuse.observation.model.parameters", info.parameters.to_string()));
-    attrs.push(kv_str("langfuse.observation.input", t.input.clone()));
-    let mut metadata = Map::new();
-    if let Some(o) = outcome {
-        attrs.push(kv_str("langfuse.observation.output", output_text(o, t.capture_limit)));
-        if let Some(u) = o.usage {
-            attrs.push(kv_str(
-                "langfuse.observation.usage_details",
-                json!({"input": u.input, "output": u.output, "total": u.total}).to_string(),
-            ));
-            if let Some(pricing) = info.pricing {
-                let cost = pricing.cost(u.input, u.output);
-                attrs.push(kv_str(
-                    "langfuse.observation.cost_details",
-                    json!({"input": cost.input, "output": cost.output, "total": cost.total}).to_string(),
-                ));
-                metadata.insert("cost_usd".into(), json!(cost.total));
-                metadata.insert("input_cost_usd".into(), json!(cost.input));
-                metadata.insert("output_cost_usd".into(), json!(cost.output));
-            }
-        }
-        if o.sse
-            && let Some(first) = o.first_frame_at
-        {
-            let first = info.started + first.saturating_duration_since(info.started_at);
-            attrs.push(kv_str("langfuse.observation.completion_start_time", iso_millis(first)));
-        }
+impl AttemptInfo {
+    fn finish(self, ended: Ended) {
+        self.ctx.0.finish_generation(GenerationRecord { start: self.start, ended });
     }
-    metadata.insert("is_primary".into(), info.is_primary.into());
-    metadata.insert("latency_seconds".into(), json!(ended_at.saturating_duration_since(info.started_at).as_secs_f64()));
-    if let Some(status) = status {
-        metadata.insert("http_status".into(), status.as_u16().into());
-    }
-    metadata.insert("attempt".into(), info.attempt.into());
-    metadata.insert("model".into(), info.model.clone().into());
-    attrs.push(kv_str("langfuse.observation.metadata", Value::Object(metadata).to_string()));
-    let span: Span = SpanParts {
-        trace_id: &t.trace_id,
-        span_id: new_span_id(),
-        parent: Some(&t.root_span_id),
-        name: format!("llm_call_{}", info.model.replace('/', "_")),
-        start: info.started,
-        end,
-        level,
-        status_message,
-    }
-    .build(attrs);
-    t.exporter.enqueue(&t.keys, span);
 }

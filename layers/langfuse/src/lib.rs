@@ -7,11 +7,13 @@
 //! [`LangfuseAttemptLayer`] (per attempt, inside the routing layers) adds one `generation` per
 //! upstream response, with model, parameters, usage, cost, `is_primary`, latency and
 //! completion start time. Every span carries the trace-level attributes (name, tags as a string
-//! array, rollout metadata, user, session, environment/release/version). Spans are handed to a
-//! [`LangfuseExporter`] with a non-blocking `try_send`; a background task batches them per
-//! project, gzips and POSTs them to `{host}/api/public/otel/v1/traces`. **A full queue drops the
-//! new span** and counts it; Langfuse being slow, failing or unreachable never delays a
-//! response. See [`exporter`] for the retry rules.
+//! array, rollout metadata, user, session, environment/release/version). The request path only
+//! keeps what the spans need (bounded body heads as bytes, a few small strings) and hands a
+//! request's record to a [`LangfuseExporter`] in one non-blocking push when the root finishes;
+//! the background task builds the spans, batches them per project, gzips and POSTs them to
+//! `{host}/api/public/otel/v1/traces`. **A full queue drops the new spans** and counts them;
+//! Langfuse being slow, failing or unreachable never delays a response. See [`exporter`] for
+//! the retry rules.
 //!
 //! **Reading.** [`LangfuseReader`] with [`V3Reader`] (`/api/public/traces`) and [`V4Reader`]
 //! (`/api/public/v2/observations`), both returning [`Trace`]s.
@@ -55,6 +57,7 @@ mod client;
 pub mod exporter;
 mod layer;
 pub mod reader;
+mod record;
 pub mod span;
 mod trace;
 

@@ -1,7 +1,9 @@
-//! The per-request trace: ids, trace-level attributes, the fallback event buffer.
+//! The per-request trace: what the request path keeps (ids, the trace-level values, the
+//! fallback events and the generations that finished before the root), and the trace-level
+//! attributes the exporter task builds from it.
 
 use std::{
-    sync::{Arc, Mutex, atomic::AtomicU32},
+    sync::{Arc, Mutex, OnceLock, atomic::AtomicU32},
     time::SystemTime,
 };
 
@@ -12,8 +14,9 @@ use tokio::time::Instant;
 
 use crate::{
     LangfuseExporter,
-    layer::{Emit, LayerConfig},
-    span::{bounded_text, kv_str, kv_str_array},
+    layer::LayerConfig,
+    record::{Captured, GenerationRecord, RootRecord, TraceRecord},
+    span::{kv_str, kv_str_array, new_span_id},
 };
 
 /// Request extension written by [`LangfuseLayer`](crate::LangfuseLayer) and read by
@@ -24,22 +27,41 @@ use crate::{
 #[derive(Clone)]
 pub struct TraceContext(pub(crate) Arc<TraceInner>);
 
+/// The request path's side of a trace. Its spans are built by the exporter task from
+/// [`TraceData`] and the records handed over when the root finishes.
 pub(crate) struct TraceInner {
-    pub trace_id: [u8; 16],
-    pub root_span_id: [u8; 8],
-    pub keys: LangfuseKeys,
-    pub exporter: LangfuseExporter,
-    pub emit: Emit,
-    pub capture_limit: usize,
-    /// Attributes that go on every span (spec §5 rule 1).
-    pub trace_attributes: Vec<KeyValue>,
-    /// The bounded request body.
-    pub input: String,
-    pub started: SystemTime,
-    pub started_at: Instant,
-    pub events: Arc<EventBuffer>,
+    pub data: Arc<TraceData>,
+    exporter: LangfuseExporter,
+    keys: LangfuseKeys,
     /// Attempt numbers when no `ModelChoice` says.
     pub attempts: AtomicU32,
+    collected: Mutex<Collected>,
+}
+
+/// What waits for the root span, so that a request's spans go in one queue message.
+#[derive(Default)]
+struct Collected {
+    events: Vec<(FallbackEvent, SystemTime)>,
+    generations: Vec<GenerationRecord>,
+    root_sent: bool,
+}
+
+/// What a trace's spans are built from, shared by the request path and the queued records.
+/// Holds only bounded copies, so a full queue pins no request body.
+pub(crate) struct TraceData {
+    pub trace_id: [u8; 16],
+    /// Drawn by the exporter task when the first span is built: a random id costs a system call.
+    root_span_id: OnceLock<[u8; 8]>,
+    pub config: Arc<LayerConfig>,
+    insertion_id: Option<InsertionId>,
+    rollout_tags: Option<RolloutTags>,
+    client_tags: Vec<String>,
+    user: Option<String>,
+    session: Option<String>,
+    /// The bounded request body.
+    pub input: Captured,
+    pub started: SystemTime,
+    pub started_at: Instant,
 }
 
 impl std::fmt::Debug for TraceContext {
@@ -51,21 +73,12 @@ impl std::fmt::Debug for TraceContext {
 impl TraceContext {
     /// The trace id as Langfuse shows it: 32 lowercase hex characters.
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.0.trace_id)
-    }
-
-    /// The root span's id, 16 hex characters.
-    pub fn root_span_id_hex(&self) -> String {
-        hex(&self.0.root_span_id)
-    }
-
-    /// Converts a monotonic instant of this request into wall-clock time.
-    pub(crate) fn wall(&self, at: Instant) -> SystemTime {
-        self.0.started + at.saturating_duration_since(self.0.started_at)
+        hex(&self.0.data.trace_id)
     }
 
     pub(crate) fn new(
-        config: &LayerConfig,
+        config: &Arc<LayerConfig>,
+        exporter: &LangfuseExporter,
         keys: LangfuseKeys,
         request: Option<&LlmRequest>,
         insertion_id: Option<&InsertionId>,
@@ -75,22 +88,143 @@ impl TraceContext {
             Some(id) => *id.0.as_bytes(),
             None => *uuid::Uuid::now_v7().as_bytes(),
         };
-        let input = request
-            .map_or_else(String::new, |r| bounded_text(r.raw(), config.capture_limit, r.raw().len() as u64, false));
-        Self(Arc::new(TraceInner {
+        let json = request.map(LlmRequest::json);
+        let short = |v: Option<&Value>| {
+            v.and_then(Value::as_str).filter(|s| !s.is_empty() && s.len() <= MAX_TAG_LEN).map(str::to_owned)
+        };
+        let data = TraceData {
             trace_id,
-            root_span_id: crate::span::new_span_id(),
-            keys,
-            exporter: config.exporter.clone(),
-            emit: config.emit,
-            capture_limit: config.capture_limit,
-            trace_attributes: trace_attributes(config, request, insertion_id, rollout_tags),
-            input,
+            root_span_id: OnceLock::new(),
+            config: config.clone(),
+            insertion_id: insertion_id.copied(),
+            rollout_tags: rollout_tags.cloned(),
+            client_tags: request.map_or_else(Vec::new, |r| {
+                r.client_tags().filter(|t| t.len() <= MAX_TAG_LEN).map(str::to_owned).collect()
+            }),
+            user: short(json.and_then(|j| j.get("user"))),
+            session: short(json.and_then(|j| j.get("metadata")).and_then(|m| m.get("session_id"))),
+            input: request.map_or_else(Captured::default, |r| {
+                Captured::head(r.raw(), config.capture_limit, r.raw().len() as u64, false)
+            }),
             started: SystemTime::now(),
             started_at: Instant::now(),
-            events: Arc::new(EventBuffer::default()),
+        };
+        Self(Arc::new(TraceInner {
+            data: Arc::new(data),
+            exporter: exporter.clone(),
+            keys,
             attempts: AtomicU32::new(0),
+            collected: Mutex::default(),
         }))
+    }
+}
+
+impl TraceInner {
+    /// Hands the root span over with everything collected so far, as one queue message.
+    pub(crate) fn finish_root(&self, root: RootRecord) {
+        let (generations, events) = {
+            let mut collected = self.collected.lock().unwrap_or_else(|p| p.into_inner());
+            collected.root_sent = true;
+            (std::mem::take(&mut collected.generations), std::mem::take(&mut collected.events))
+        };
+        self.enqueue(Some(root), generations, events);
+    }
+
+    /// Keeps a generation for the root's message, or sends it alone when the root already went.
+    pub(crate) fn finish_generation(&self, generation: GenerationRecord) {
+        {
+            let mut collected = self.collected.lock().unwrap_or_else(|p| p.into_inner());
+            if !collected.root_sent {
+                collected.generations.push(generation);
+                return;
+            }
+        }
+        self.enqueue(None, vec![generation], Vec::new());
+    }
+
+    fn enqueue(
+        &self,
+        root: Option<RootRecord>,
+        generations: Vec<GenerationRecord>,
+        events: Vec<(FallbackEvent, SystemTime)>,
+    ) {
+        let record = TraceRecord { data: self.data.clone(), root, generations, events };
+        self.exporter.enqueue_trace(&self.keys, record);
+    }
+}
+
+impl Drop for TraceInner {
+    /// A request dropped before its response (the client went away) records no root; its
+    /// finished generations are still sent, as each was sent when it finished before.
+    fn drop(&mut self) {
+        let collected = self.collected.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !collected.root_sent && !collected.generations.is_empty() {
+            let generations = std::mem::take(&mut collected.generations);
+            self.enqueue(None, generations, Vec::new());
+        }
+    }
+}
+
+impl FallbackEventSink for TraceInner {
+    fn record(&self, event: FallbackEvent) {
+        let mut collected = self.collected.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a routing loop cannot grow it without limit. Events after the root span
+        // was handed over have no message to go in.
+        if !collected.root_sent && collected.events.len() < 64 {
+            collected.events.push((event, SystemTime::now()));
+        }
+    }
+}
+
+impl TraceData {
+    /// Converts a monotonic instant of this request into wall-clock time.
+    pub(crate) fn wall(&self, at: Instant) -> SystemTime {
+        self.started + at.saturating_duration_since(self.started_at)
+    }
+
+    /// The root span's id, the same for every message of this trace.
+    pub(crate) fn root_span_id(&self) -> &[u8; 8] {
+        self.root_span_id.get_or_init(new_span_id)
+    }
+
+    /// Attributes that go on every span (spec §5 rule 1).
+    pub(crate) fn attributes(&self) -> Vec<KeyValue> {
+        let config = &self.config;
+        let mut attrs = Vec::with_capacity(16);
+        attrs.push(kv_str("langfuse.trace.name", config.trace_name.to_string()));
+        let mut tags = self.client_tags.clone();
+        if let Some(rollout) = &self.rollout_tags {
+            for tag in rollout.0.iter() {
+                tags.push(tag.clone());
+                if let Some((key, value)) = tag.split_once(':') {
+                    attrs.push(kv_str(format!("langfuse.trace.metadata.{key}"), value.to_owned()));
+                }
+            }
+        }
+        if let Some(id) = self.insertion_id
+            && !attrs.iter().any(|kv| kv.key == "langfuse.trace.metadata.insertion_id")
+        {
+            attrs.push(kv_str("langfuse.trace.metadata.insertion_id", id.0.to_string()));
+        }
+        if !tags.is_empty() {
+            attrs.push(kv_str_array("langfuse.trace.tags", tags));
+        }
+        if let Some(user) = &self.user {
+            attrs.push(kv_str("user.id", user.clone()));
+        }
+        if let Some(session) = &self.session {
+            attrs.push(kv_str("session.id", session.clone()));
+        }
+        for (key, value) in [
+            ("langfuse.environment", &config.environment),
+            ("langfuse.release", &config.release),
+            ("langfuse.version", &config.version),
+        ] {
+            if let Some(value) = value {
+                attrs.push(kv_str(key, value.to_string()));
+            }
+        }
+        attrs
     }
 }
 
@@ -106,80 +240,6 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Longest tag, user or session value sent (the official SDKs reject longer ones).
 const MAX_TAG_LEN: usize = 200;
-
-fn trace_attributes(
-    config: &LayerConfig,
-    request: Option<&LlmRequest>,
-    insertion_id: Option<&InsertionId>,
-    rollout_tags: Option<&RolloutTags>,
-) -> Vec<KeyValue> {
-    let mut attrs = Vec::with_capacity(16);
-    attrs.push(kv_str("langfuse.trace.name", config.trace_name.to_string()));
-    let mut tags: Vec<String> = Vec::new();
-    if let Some(request) = request {
-        tags.extend(request.client_tags().filter(|t| t.len() <= MAX_TAG_LEN).map(str::to_owned));
-    }
-    if let Some(rollout) = rollout_tags {
-        for tag in rollout.0.iter() {
-            tags.push(tag.clone());
-            if let Some((key, value)) = tag.split_once(':') {
-                attrs.push(kv_str(format!("langfuse.trace.metadata.{key}"), value.to_owned()));
-            }
-        }
-    }
-    if let Some(id) = insertion_id
-        && !attrs.iter().any(|kv| kv.key == "langfuse.trace.metadata.insertion_id")
-    {
-        attrs.push(kv_str("langfuse.trace.metadata.insertion_id", id.0.to_string()));
-    }
-    if !tags.is_empty() {
-        attrs.push(kv_str_array("langfuse.trace.tags", tags));
-    }
-    if let Some(json) = request.map(LlmRequest::json) {
-        if let Some(user) = json.get("user").and_then(Value::as_str).filter(|u| !u.is_empty() && u.len() <= MAX_TAG_LEN)
-        {
-            attrs.push(kv_str("user.id", user.to_owned()));
-        }
-        let session = json.get("metadata").and_then(|m| m.get("session_id")).and_then(Value::as_str);
-        if let Some(session) = session.filter(|s| !s.is_empty() && s.len() <= MAX_TAG_LEN) {
-            attrs.push(kv_str("session.id", session.to_owned()));
-        }
-    }
-    for (key, value) in [
-        ("langfuse.environment", &config.environment),
-        ("langfuse.release", &config.release),
-        ("langfuse.version", &config.version),
-    ] {
-        if let Some(value) = value {
-            attrs.push(kv_str(key, value.to_string()));
-        }
-    }
-    attrs
-}
-
-// === EventBuffer ===
-
-/// The request's fallback events, installed as [`FallbackEvents`](llmgate_core::ext::FallbackEvents).
-#[derive(Default)]
-pub(crate) struct EventBuffer {
-    events: Mutex<Vec<(FallbackEvent, SystemTime)>>,
-}
-
-impl EventBuffer {
-    pub(crate) fn take(&self) -> Vec<(FallbackEvent, SystemTime)> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-impl FallbackEventSink for EventBuffer {
-    fn record(&self, event: FallbackEvent) {
-        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded: a routing loop cannot grow it without limit.
-        if events.len() < 64 {
-            events.push((event, SystemTime::now()));
-        }
-    }
-}
 
 /// The metadata JSON of a fallback event, with exactly the keys of fallback-tracking.md §8.
 pub(crate) fn event_metadata(event: &FallbackEvent) -> Value {

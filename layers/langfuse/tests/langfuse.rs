@@ -415,6 +415,78 @@ async fn a_full_queue_drops_the_new_span_and_counts_it() {
     assert_eq!(exporter.snapshot().exported, 2);
 }
 
+/// The per-attempt part alone: `LangfuseAttempt` → upstream (JSON).
+fn attempt_service()
+-> impl tower::Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError, Future: Send> + Clone {
+    ServiceBuilder::new()
+        .layer(LangfuseAttemptLayer::new().catalog(catalog()))
+        .service(service_fn(|_req: Request<GatewayBody>| async { Ok::<_, BoxError>(json_response()) }))
+}
+
+#[tokio::test]
+async fn a_generation_that_ends_after_the_root_is_still_its_child() {
+    let lf = stand_in().await;
+    let exporter = LangfuseExporter::spawn(fast_config(&lf), LangfuseClient::http());
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = Arc::new(std::sync::Mutex::new(Some(released)));
+    // Between the layers, as a routing layer reading a losing attempt in the background might:
+    // the client gets its own body, the attempt's body is read only after the root finished.
+    let attempt = attempt_service();
+    let svc = ServiceBuilder::new().layer(LangfuseLayer::new(exporter.clone())).service(service_fn(
+        move |req: Request<GatewayBody>| {
+            let (attempt, released) = (attempt.clone(), released.lock().unwrap().take().unwrap());
+            async move {
+                let response = attempt.oneshot(req).await?;
+                tokio::spawn(async move {
+                    let _ = released.await;
+                    response.into_body().collect().await.unwrap();
+                });
+                Ok::<_, BoxError>(Response::new(body::full("{}")))
+            }
+        },
+    ));
+    let id = insertion();
+    run(svc, request(Req { project: Some(project(1)), insertion: Some(id), stream: false, rollout: "late" })).await;
+    lf.wait_for(|s| s.observations("p1").len() == 1).await;
+    release.send(()).unwrap();
+    lf.wait_for(|s| s.observations("p1").len() == 2).await;
+    let state = lf.lock();
+    let obs = state.observations("p1");
+    let (root, generation) = (find(&obs, "SPAN")[0], find(&obs, "GENERATION")[0]);
+    assert_eq!(generation.parent_observation_id.as_deref(), Some(root.id.as_str()));
+    assert_eq!(generation.trace_id, hex_id(id));
+    assert_eq!(generation.tags, expected_tags(id, "late"));
+    assert_eq!(generation.usage_details["total"], 1500);
+    assert_eq!(state.export_requests(), 2, "the late generation went in its own export");
+}
+
+#[tokio::test]
+async fn a_request_dropped_before_its_response_still_exports_its_generations() {
+    let lf = stand_in().await;
+    let exporter = LangfuseExporter::spawn(fast_config(&lf), LangfuseClient::http());
+    // Between the layers: the attempt's response is thrown away (a retry would follow), then the
+    // client goes away before any response.
+    let attempt = attempt_service();
+    let svc = ServiceBuilder::new().layer(LangfuseLayer::new(exporter.clone())).service(service_fn(
+        move |req: Request<GatewayBody>| {
+            let attempt = attempt.clone();
+            async move {
+                drop(attempt.oneshot(req).await?);
+                std::future::pending::<Result<Response<GatewayBody>, BoxError>>().await
+            }
+        },
+    ));
+    let req = request(Req { project: Some(project(1)), insertion: Some(insertion()), stream: false, rollout: "gone" });
+    assert!(tokio::time::timeout(Duration::from_millis(50), svc.oneshot(req)).await.is_err());
+    assert!(exporter.flush(Instant::now() + Duration::from_secs(10)).await);
+    let state = lf.lock();
+    let obs = state.observations("p1");
+    assert_eq!(obs.len(), 1, "no root span: the request never finished");
+    assert_eq!(obs[0].kind, "GENERATION");
+    assert_eq!(obs[0].level, "WARNING", "the response was not read to its end");
+    assert!(obs[0].parent_observation_id.is_some());
+}
+
 /// A request completes while Langfuse misbehaves, before anything is stored; spans arrive
 /// once Langfuse recovers.
 async fn survives(fault: Fault) {
