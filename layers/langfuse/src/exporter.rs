@@ -33,19 +33,18 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::Full;
 use llmgate_core::ext::LangfuseKeys;
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::{InstrumentationScope, KeyValue},
-    resource::v1::Resource,
-    trace::v1::{ResourceSpans, ScopeSpans, Span},
-};
+use opentelemetry_proto::tonic::{common::v1::InstrumentationScope, resource::v1::Resource, trace::v1::Span};
 use prost::Message as _;
 use tokio::{
     sync::{Notify, Semaphore, mpsc, oneshot},
     time::Instant,
 };
 
-use crate::{LangfuseClient, client, record::TraceRecord, span::kv_str};
+use crate::{
+    LangfuseClient, client,
+    record::TraceRecord,
+    span::{field_len, kv_str, len_field, len_field_head},
+};
 
 /// The OTLP path under the Langfuse host.
 pub const OTEL_TRACES_PATH: &str = "/api/public/otel/v1/traces";
@@ -369,7 +368,7 @@ struct Worker {
     semaphore: Arc<Semaphore>,
     queue: Arc<Queue>,
     /// Batches by Basic auth header (one per project key pair).
-    pending: HashMap<Bytes, Vec<Span>>,
+    pending: HashMap<Bytes, Batch>,
 }
 
 impl Drop for Worker {
@@ -427,101 +426,120 @@ impl Worker {
         }
     }
 
-    /// Builds the spans into their project's batch, exporting every full batch.
+    /// Writes the spans into their project's batch and exports the batches that filled up.
     async fn push(&mut self, queued: Queued) {
         let Some(auth) = client::basic_auth(&queued.keys) else {
             Counters::add(&self.counters.failed, queued.spans());
             return;
         };
         let key = Bytes::copy_from_slice(auth.as_bytes());
-        let batch = self.pending.entry(key.clone()).or_default();
+        let config = &self.config;
+        let batch = self
+            .pending
+            .entry(key.clone())
+            .or_insert_with(|| Batch::new(config.max_batch_spans, config.max_batch_bytes));
         match queued.payload {
-            Payload::Span(span) => batch.push(span),
-            Payload::Trace(record) => record.build_into(batch),
+            Payload::Span(span) => batch.span(|out| len_field(out, 2, &span.encode_to_vec())),
+            Payload::Trace(record) => record.write(batch),
         }
-        let max = self.config.max_batch_spans;
-        while let Some(batch) = self.pending.get_mut(&key).filter(|b| b.len() >= max) {
-            let rest = batch.split_off(max);
-            let full = std::mem::replace(batch, rest);
-            self.dispatch(key.clone(), full).await;
+        for (spans, n) in std::mem::take(&mut batch.full) {
+            self.dispatch(key.clone(), spans, n).await;
         }
     }
 
     async fn export_all(&mut self) {
-        let batches: Vec<_> = self.pending.drain().filter(|(_, v)| !v.is_empty()).collect();
-        for (key, spans) in batches {
-            self.dispatch(key, spans).await;
+        let batches: Vec<_> = self.pending.drain().collect();
+        for (key, mut batch) in batches {
+            batch.close();
+            for (spans, n) in batch.full {
+                self.dispatch(key.clone(), spans, n).await;
+            }
         }
     }
 
-    /// Splits by size and starts the exports, waiting for a free export slot.
-    async fn dispatch(&mut self, auth: Bytes, spans: Vec<Span>) {
-        for chunk in split_by_size(spans, self.config.max_batch_bytes) {
-            let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
-                return;
-            };
-            let job = Export {
-                config: self.config.clone(),
-                endpoint: self.endpoint.clone(),
-                client: self.client.clone(),
-                counters: self.counters.clone(),
-                auth: auth.clone(),
-            };
-            tokio::spawn(async move {
-                job.run(chunk).await;
-                drop(permit);
-            });
+    /// Starts the export of `n` encoded spans, waiting for a free export slot.
+    async fn dispatch(&mut self, auth: Bytes, spans: Vec<u8>, n: usize) {
+        let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
+            return;
+        };
+        let job = Export {
+            config: self.config.clone(),
+            endpoint: self.endpoint.clone(),
+            client: self.client.clone(),
+            counters: self.counters.clone(),
+            auth,
+        };
+        tokio::spawn(async move {
+            job.run(spans, n).await;
+            drop(permit);
+        });
+    }
+}
+
+// === Batch ===
+
+/// One project's spans, encoded as `ScopeSpans.spans` entries, cut into exports by the span
+/// and byte bounds.
+pub(crate) struct Batch {
+    open: Vec<u8>,
+    spans: usize,
+    /// Closed exports: encoded spans and how many.
+    full: Vec<(Vec<u8>, usize)>,
+    max_spans: usize,
+    max_bytes: usize,
+}
+
+impl Batch {
+    fn new(max_spans: usize, max_bytes: usize) -> Self {
+        Self { open: Vec::new(), spans: 0, full: Vec::new(), max_spans, max_bytes }
+    }
+
+    /// Adds the span `write` appends; a span that would take the batch over `max_bytes` starts
+    /// the next one.
+    pub(crate) fn span(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.open.len();
+        write(&mut self.open);
+        if self.spans > 0 && self.open.len() > self.max_bytes {
+            let span = self.open.split_off(start);
+            self.close();
+            self.open = span;
+        }
+        self.spans += 1;
+        if self.spans >= self.max_spans {
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        if self.spans > 0 {
+            self.full.push((std::mem::take(&mut self.open), std::mem::take(&mut self.spans)));
         }
     }
 }
 
-fn split_by_size(spans: Vec<Span>, max_bytes: usize) -> Vec<Vec<Span>> {
-    let mut out = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for span in spans {
-        let len = span.encoded_len();
-        if !current.is_empty() && size + len > max_bytes {
-            out.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += len;
-        current.push(span);
+/// The gzipped `ExportTraceServiceRequest` for one project's encoded spans: the resource and
+/// scope (prost-encoded), then the spans as they are.
+fn gzip_export(spans: &[u8]) -> std::io::Result<Bytes> {
+    let resource = Resource {
+        attributes: vec![kv_str("service.name", "llmgate"), kv_str("service.version", SDK_VERSION)],
+        ..Default::default()
     }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
-}
-
-/// The OTLP request for one project's spans.
-pub fn export_request(spans: Vec<Span>) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![kv_str("service.name", "llmgate"), kv_str("service.version", SDK_VERSION)],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "llmgate-langfuse".into(),
-                    version: SDK_VERSION.into(),
-                    attributes: Vec::<KeyValue>::new(),
-                    dropped_attributes_count: 0,
-                }),
-                spans,
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-    }
-}
-
-/// Encodes and gzips an export request.
-pub fn encode_gzip(request: &ExportTraceServiceRequest) -> std::io::Result<Bytes> {
-    let raw = request.encode_to_vec();
-    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 4 + 64), flate2::Compression::fast());
-    gz.write_all(&raw)?;
+    .encode_to_vec();
+    let scope =
+        InstrumentationScope { name: "llmgate-langfuse".into(), version: SDK_VERSION.into(), ..Default::default() }
+            .encode_to_vec();
+    // ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1,
+    // scope_spans = 2: ScopeSpans { scope = 1, spans = 2… } } }
+    let scope_spans = field_len(scope.len()) + spans.len();
+    let resource_spans = field_len(resource.len()) + field_len(scope_spans);
+    let mut head = Vec::with_capacity(resource.len() + scope.len() + 32);
+    len_field_head(&mut head, 1, resource_spans);
+    len_field(&mut head, 1, &resource);
+    len_field_head(&mut head, 2, scope_spans);
+    len_field(&mut head, 1, &scope);
+    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(spans.len() / 4 + 64), flate2::Compression::fast());
+    gz.write_all(&head)?;
+    gz.write_all(spans)?;
     Ok(Bytes::from(gz.finish()?))
 }
 
@@ -540,14 +558,13 @@ enum Attempt {
 }
 
 impl Export {
-    async fn run(self, spans: Vec<Span>) {
-        let n = spans.len();
+    async fn run(self, spans: Vec<u8>, n: usize) {
         let (Some(endpoint), Ok(auth)) = (self.endpoint.clone(), HeaderValue::from_maybe_shared(self.auth.clone()))
         else {
             Counters::add(&self.counters.failed, n);
             return;
         };
-        let body = match encode_gzip(&export_request(spans)) {
+        let body = match gzip_export(&spans) {
             Ok(body) => body,
             Err(error) => {
                 tracing::warn!(%error, "could not gzip a Langfuse export");
@@ -630,6 +647,7 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -642,10 +660,64 @@ mod tests {
         assert_eq!(retry_after(&h), None);
     }
 
+    fn span(name: &str) -> Span {
+        Span { trace_id: vec![1; 16], span_id: vec![2; 8], name: name.into(), ..Default::default() }
+    }
+
+    fn counts(batch: &Batch) -> Vec<usize> {
+        batch.full.iter().map(|(_, n)| *n).collect()
+    }
+
     #[test]
-    fn batches_are_split_by_size() {
-        let span = Span { name: "x".repeat(100), ..Default::default() };
-        let chunks = split_by_size(vec![span.clone(), span.clone(), span], 250);
-        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
+    fn batches_are_cut_by_size_and_count() {
+        let mut batch = Batch::new(512, 250);
+        for _ in 0..3 {
+            batch.span(|out| len_field(out, 2, &span(&"x".repeat(80)).encode_to_vec()));
+        }
+        batch.close();
+        assert_eq!(counts(&batch), vec![2, 1]);
+        let mut batch = Batch::new(2, 1 << 20);
+        for _ in 0..5 {
+            batch.span(|out| len_field(out, 2, &span("x").encode_to_vec()));
+        }
+        assert_eq!(counts(&batch), vec![2, 2], "a batch is sent once it is full");
+    }
+
+    /// The export is the request prost would have written for the same spans.
+    #[test]
+    fn exports_are_what_prost_writes() {
+        use opentelemetry_proto::tonic::{
+            collector::trace::v1::ExportTraceServiceRequest,
+            trace::v1::{ResourceSpans, ScopeSpans},
+        };
+        let spans = vec![span("a"), span(&"é".repeat(300))];
+        let mut encoded = Vec::new();
+        for s in &spans {
+            len_field(&mut encoded, 2, &s.encode_to_vec());
+        }
+        let mut raw = Vec::new();
+        let body = gzip_export(&encoded).unwrap();
+        let mut gz = flate2::read::GzDecoder::new(&body[..]);
+        std::io::Read::read_to_end(&mut gz, &mut raw).unwrap();
+        let expected = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv_str("service.name", "llmgate"), kv_str("service.version", SDK_VERSION)],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "llmgate-langfuse".into(),
+                        version: SDK_VERSION.into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        assert_eq!(ExportTraceServiceRequest::decode(raw.as_slice()).unwrap(), expected);
+        assert_eq!(raw, expected.encode_to_vec(), "byte for byte");
     }
 }

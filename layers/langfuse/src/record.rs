@@ -3,7 +3,7 @@
 //!
 //! The request path only copies what it must keep (bounded bodies, a few small strings) and
 //! shares the rest; the attributes, JSON strings, bounded texts and span ids are made here, on
-//! the exporter's task.
+//! the exporter's task, and written straight into the export's protobuf bytes.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -14,12 +14,12 @@ use llmgate_core::{
     ext::{FallbackEvent, ServedBy},
     usage::{Outcome, StreamEnd, Usage},
 };
-use opentelemetry_proto::tonic::{common::v1::KeyValue, trace::v1::Span};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use crate::{
-    span::{Level, SpanParts, bounded_text, iso_millis, kv_str, new_span_id},
+    exporter::Batch,
+    span::{Attributes, Level, SpanParts, bounded_text, iso_millis, new_span_id},
     trace::{TraceData, event_metadata},
 };
 
@@ -176,45 +176,45 @@ impl TraceRecord {
         usize::from(self.root.is_some()) + self.generations.len() + self.events.len()
     }
 
-    /// Builds the spans into `out`: generations, root, events (the order they finished in).
-    pub(crate) fn build_into(self, out: &mut Vec<Span>) {
+    /// Writes the spans into `batch`: generations, root, events (the order they finished in).
+    pub(crate) fn write(self, batch: &mut Batch) {
         let data = &self.data;
-        let attrs = data.attributes();
+        let shared = data.attributes();
+        let input = data.input.text(data.config.capture_limit);
         for generation in &self.generations {
-            out.push(generation.span(data, attrs.clone()));
+            batch.span(|out| generation.write(data, &shared, &input, out));
         }
         if let Some(root) = &self.root {
-            out.push(root.span(data, attrs.clone()));
+            batch.span(|out| root.write(data, &shared, &input, out));
         }
         for (event, at) in &self.events {
-            let mut attrs = attrs.clone();
-            attrs.push(kv_str("langfuse.observation.type", "event"));
-            attrs.push(kv_str("langfuse.observation.metadata", event_metadata(event).to_string()));
-            let span = SpanParts {
+            let mut own = Attributes::default();
+            own.str("langfuse.observation.type", "event");
+            own.str("langfuse.observation.metadata", &event_metadata(event).to_string());
+            let parts = SpanParts {
                 trace_id: &data.trace_id,
-                span_id: new_span_id(),
+                span_id: &new_span_id(),
                 parent: Some(data.root_span_id()),
-                name: event.name().to_owned(),
+                name: event.name(),
                 start: *at,
                 end: *at,
                 level: Level::Warning,
                 status_message: None,
-            }
-            .build(attrs);
-            out.push(span);
+            };
+            batch.span(|out| parts.write(&shared, own, out));
         }
     }
 }
 
 impl RootRecord {
-    fn span(&self, data: &TraceData, mut attrs: Vec<KeyValue>) -> Span {
-        let limit = data.config.capture_limit;
+    fn write(&self, data: &TraceData, shared: &Attributes, input: &str, out: &mut Vec<u8>) {
         let ended = &self.ended;
         let (level, status_message) = ended.judge(true);
-        attrs.push(kv_str("langfuse.observation.type", "span"));
-        attrs.push(kv_str("langfuse.observation.input", data.input.text(limit)));
+        let mut own = Attributes::default();
+        own.str("langfuse.observation.type", "span");
+        own.str("langfuse.observation.input", input);
         if let Some(o) = &ended.outcome {
-            attrs.push(kv_str("langfuse.observation.output", o.output(limit)));
+            own.str("langfuse.observation.output", &o.output(data.config.capture_limit));
         }
         let mut metadata = Map::new();
         if let Some(status) = ended.status {
@@ -226,50 +226,49 @@ impl RootRecord {
             metadata.insert("attempts".into(), served.attempts.into());
         }
         if !metadata.is_empty() {
-            attrs.push(kv_str("langfuse.observation.metadata", Value::Object(metadata).to_string()));
+            own.str("langfuse.observation.metadata", &Value::Object(metadata).to_string());
         }
-        SpanParts {
+        let parts = SpanParts {
             trace_id: &data.trace_id,
-            span_id: *data.root_span_id(),
+            span_id: data.root_span_id(),
             parent: None,
-            name: data.config.trace_name.to_string(),
+            name: &data.config.trace_name,
             start: data.started,
             end: data.wall(ended.at),
             level,
             status_message,
-        }
-        .build(attrs)
+        };
+        parts.write(shared, own, out);
     }
 }
 
 impl GenerationRecord {
-    fn span(&self, data: &TraceData, mut attrs: Vec<KeyValue>) -> Span {
-        let limit = data.config.capture_limit;
+    fn write(&self, data: &TraceData, shared: &Attributes, input: &str, out: &mut Vec<u8>) {
         let (start, ended) = (&self.start, &self.ended);
         let spec = start.catalog.as_deref().and_then(|c| c.get(&start.model));
-        let upstream_model = spec.and_then(|s| s.upstream_model.clone()).unwrap_or_else(|| start.model.to_string());
+        let upstream_model = spec.and_then(|s| s.upstream_model.as_deref()).unwrap_or(&start.model);
         let parameters: Map<String, Value> =
             start.parameters.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
         let (level, status_message) = ended.judge(false);
-        attrs.reserve(10);
-        attrs.push(kv_str("langfuse.observation.type", "generation"));
-        attrs.push(kv_str("langfuse.observation.model.name", upstream_model));
-        attrs.push(kv_str("langfuse.observation.model.parameters", Value::Object(parameters).to_string()));
-        attrs.push(kv_str("langfuse.observation.input", data.input.text(limit)));
+        let mut own = Attributes::default();
+        own.str("langfuse.observation.type", "generation");
+        own.str("langfuse.observation.model.name", upstream_model);
+        own.str("langfuse.observation.model.parameters", &Value::Object(parameters).to_string());
+        own.str("langfuse.observation.input", input);
         let mut metadata = Map::new();
         if let Some(o) = &ended.outcome {
-            attrs.push(kv_str("langfuse.observation.output", o.output(limit)));
+            own.str("langfuse.observation.output", &o.output(data.config.capture_limit));
             if let Some(u) = o.usage {
-                attrs.push(kv_str(
+                own.str(
                     "langfuse.observation.usage_details",
-                    json!({"input": u.input, "output": u.output, "total": u.total}).to_string(),
-                ));
+                    &json!({"input": u.input, "output": u.output, "total": u.total}).to_string(),
+                );
                 if let Some(pricing) = spec.and_then(|s| s.pricing) {
                     let cost = pricing.cost(u.input, u.output);
-                    attrs.push(kv_str(
+                    own.str(
                         "langfuse.observation.cost_details",
-                        json!({"input": cost.input, "output": cost.output, "total": cost.total}).to_string(),
-                    ));
+                        &json!({"input": cost.input, "output": cost.output, "total": cost.total}).to_string(),
+                    );
                     metadata.insert("cost_usd".into(), json!(cost.total));
                     metadata.insert("input_cost_usd".into(), json!(cost.input));
                     metadata.insert("output_cost_usd".into(), json!(cost.output));
@@ -279,7 +278,7 @@ impl GenerationRecord {
                 && let Some(first) = o.first_frame_at
             {
                 let first = start.started + first.saturating_duration_since(start.started_at);
-                attrs.push(kv_str("langfuse.observation.completion_start_time", iso_millis(first)));
+                own.str("langfuse.observation.completion_start_time", &iso_millis(first));
             }
         }
         metadata.insert("is_primary".into(), start.is_primary.into());
@@ -292,18 +291,18 @@ impl GenerationRecord {
         }
         metadata.insert("attempt".into(), start.attempt.into());
         metadata.insert("model".into(), start.model.as_ref().into());
-        attrs.push(kv_str("langfuse.observation.metadata", Value::Object(metadata).to_string()));
-        SpanParts {
+        own.str("langfuse.observation.metadata", &Value::Object(metadata).to_string());
+        let parts = SpanParts {
             trace_id: &data.trace_id,
-            span_id: new_span_id(),
+            span_id: &new_span_id(),
             parent: Some(data.root_span_id()),
-            name: format!("llm_call_{}", start.model.replace('/', "_")),
+            name: &format!("llm_call_{}", start.model.replace('/', "_")),
             start: start.started,
             end: start.started + ended.at.saturating_duration_since(start.started_at),
             level,
             status_message,
-        }
-        .build(attrs)
+        };
+        parts.write(shared, own, out);
     }
 }
 

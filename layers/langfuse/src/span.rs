@@ -1,30 +1,20 @@
-//! Building OTLP spans with Langfuse's attribute mapping (spec `langfuse.md` §4–§6).
+//! Writing OTLP spans with Langfuse's attribute mapping (spec `langfuse.md` §4–§6).
+//!
+//! Spans are written straight into the protobuf bytes of an export (the fields prost would
+//! write, in its order), not built as `Span` structs first: the attributes a request's spans
+//! share are encoded once and copied, and no per-attribute `String` is made or dropped.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry_proto::tonic::{
-    common::v1::{AnyValue, ArrayValue, KeyValue, any_value::Value},
-    trace::v1::{Span, Status, span::SpanKind, status::StatusCode},
-};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 
-/// A string attribute.
-pub fn kv_str(key: impl Into<String>, value: impl Into<String>) -> KeyValue {
-    kv(key, Value::StringValue(value.into()))
-}
-
-/// A bool attribute.
-pub fn kv_bool(key: impl Into<String>, value: bool) -> KeyValue {
-    kv(key, Value::BoolValue(value))
-}
-
-/// An array-of-strings attribute.
-pub fn kv_str_array(key: impl Into<String>, values: impl IntoIterator<Item = String>) -> KeyValue {
-    let values = values.into_iter().map(|s| AnyValue { value: Some(Value::StringValue(s)) }).collect();
-    kv(key, Value::ArrayValue(ArrayValue { values }))
-}
-
-fn kv(key: impl Into<String>, value: Value) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), key_strindex: 0 }
+/// A string attribute, for the prost-built parts of an export (resource, scope).
+pub(crate) fn kv_str(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(Value::StringValue(value.to_owned())) }),
+        key_strindex: 0,
+    }
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -82,6 +72,83 @@ pub(crate) fn new_span_id() -> [u8; 8] {
     id
 }
 
+// === protobuf ===
+
+const VARINT: u64 = 0;
+const FIXED64: u64 = 1;
+const LEN: u64 = 2;
+
+pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// A field's key. Every field written here has a number below 16: its key is one byte.
+fn key(out: &mut Vec<u8>, field: u64, wire: u64) {
+    out.push((field << 3 | wire) as u8);
+}
+
+/// Bytes a length-delimited field with `len` bytes of content takes, key and length included.
+pub(crate) fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// Writes a length-delimited field's key and length; its `len` bytes of content follow.
+pub(crate) fn len_field_head(out: &mut Vec<u8>, field: u64, len: usize) {
+    key(out, field, LEN);
+    varint(out, len as u64);
+}
+
+pub(crate) fn len_field(out: &mut Vec<u8>, field: u64, content: &[u8]) {
+    len_field_head(out, field, content.len());
+    out.extend_from_slice(content);
+}
+
+/// A span's attributes (`Span.attributes`, field 9), encoded as they are added.
+#[derive(Clone, Default)]
+pub(crate) struct Attributes(Vec<u8>);
+
+impl Attributes {
+    /// A string attribute.
+    pub(crate) fn str(&mut self, key: &str, value: &str) {
+        // KeyValue { key = 1, value = 2: AnyValue { string_value = 1 } }
+        let any = field_len(value.len());
+        self.key_value_head(key, any);
+        len_field(&mut self.0, 1, value.as_bytes());
+    }
+
+    /// An array-of-strings attribute.
+    pub(crate) fn str_array<'a>(&mut self, key: &str, values: impl IntoIterator<Item = &'a str, IntoIter: Clone>) {
+        // AnyValue { array_value = 5: ArrayValue { values = 1: AnyValue { string_value = 1 } } }
+        let values = values.into_iter();
+        let array: usize = values.clone().map(|v| field_len(field_len(v.len()))).sum();
+        self.key_value_head(key, field_len(array));
+        len_field_head(&mut self.0, 5, array);
+        for value in values {
+            len_field_head(&mut self.0, 1, field_len(value.len()));
+            len_field(&mut self.0, 1, value.as_bytes());
+        }
+    }
+
+    /// The `KeyValue` up to its `AnyValue`'s content, which is `any` bytes long.
+    fn key_value_head(&mut self, key: &str, any: usize) {
+        len_field_head(&mut self.0, 9, field_len(key.len()) + field_len(any));
+        len_field(&mut self.0, 1, key.as_bytes());
+        len_field_head(&mut self.0, 2, any);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Langfuse's level of an observation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Level {
@@ -90,56 +157,94 @@ pub(crate) enum Level {
     Error,
 }
 
-/// The parts every span shares.
+/// The parts every span has.
 pub(crate) struct SpanParts<'a> {
     pub trace_id: &'a [u8; 16],
-    pub span_id: [u8; 8],
+    pub span_id: &'a [u8; 8],
     pub parent: Option<&'a [u8; 8]>,
-    pub name: String,
+    pub name: &'a str,
     pub start: SystemTime,
     pub end: SystemTime,
     pub level: Level,
     pub status_message: Option<String>,
 }
 
+/// `Span.kind`: `SPAN_KIND_INTERNAL`.
+const KIND_INTERNAL: u64 = 1;
+/// `Status.code`: `STATUS_CODE_ERROR`.
+const STATUS_ERROR: u64 = 2;
+
 impl SpanParts<'_> {
-    /// The span with `attributes` (trace-level ones already included by the caller) plus level
-    /// and status.
-    pub(crate) fn build(self, mut attributes: Vec<KeyValue>) -> Span {
+    /// Appends the span as a `ScopeSpans.spans` entry (field 2): the request's `shared`
+    /// attributes, then its `own`, then level and status message.
+    pub(crate) fn write(self, shared: &Attributes, mut own: Attributes, out: &mut Vec<u8>) {
         let level = match self.level {
             Level::Default => None,
             Level::Warning => Some("WARNING"),
             Level::Error => Some("ERROR"),
         };
         if let Some(level) = level {
-            attributes.push(kv_str("langfuse.observation.level", level));
+            own.str("langfuse.observation.level", level);
         }
         if let Some(message) = &self.status_message {
-            attributes.push(kv_str("langfuse.observation.status_message", message.clone()));
+            own.str("langfuse.observation.status_message", message);
         }
-        let status = match self.level {
-            Level::Error => {
-                Some(Status { message: self.status_message.unwrap_or_default(), code: StatusCode::Error as i32 })
+        // An error's status: { message = 2 (when not empty), code = 3 }.
+        let message = self.status_message.as_deref().unwrap_or_default();
+        let status = (self.level == Level::Error)
+            .then(|| if message.is_empty() { 0 } else { field_len(message.len()) } + 1 + varint_len(STATUS_ERROR));
+        let (start, end) = (unix_nanos(self.start), unix_nanos(self.end.max(self.start)));
+        let len = field_len(16)
+            + field_len(8)
+            + self.parent.map_or(0, |_| field_len(8))
+            + if self.name.is_empty() { 0 } else { field_len(self.name.len()) }
+            + 1
+            + varint_len(KIND_INTERNAL)
+            + if start == 0 { 0 } else { 9 }
+            + if end == 0 { 0 } else { 9 }
+            + shared.len()
+            + own.len()
+            + status.map_or(0, field_len);
+        out.reserve(field_len(len));
+        len_field_head(out, 2, len);
+        len_field(out, 1, self.trace_id);
+        len_field(out, 2, self.span_id);
+        if let Some(parent) = self.parent {
+            len_field(out, 4, parent);
+        }
+        if !self.name.is_empty() {
+            len_field(out, 5, self.name.as_bytes());
+        }
+        key(out, 6, VARINT);
+        varint(out, KIND_INTERNAL);
+        for (field, nanos) in [(7, start), (8, end)] {
+            if nanos != 0 {
+                key(out, field, FIXED64);
+                out.extend_from_slice(&nanos.to_le_bytes());
             }
-            _ => None,
-        };
-        Span {
-            trace_id: self.trace_id.to_vec(),
-            span_id: self.span_id.to_vec(),
-            parent_span_id: self.parent.map(|p| p.to_vec()).unwrap_or_default(),
-            name: self.name,
-            kind: SpanKind::Internal as i32,
-            start_time_unix_nano: unix_nanos(self.start),
-            end_time_unix_nano: unix_nanos(self.end.max(self.start)),
-            attributes,
-            status,
-            ..Default::default()
+        }
+        out.extend_from_slice(&shared.0);
+        out.extend_from_slice(&own.0);
+        if let Some(status) = status {
+            len_field_head(out, 15, status);
+            if !message.is_empty() {
+                len_field(out, 2, message.as_bytes());
+            }
+            key(out, 3, VARINT);
+            varint(out, STATUS_ERROR);
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use opentelemetry_proto::tonic::{
+        common::v1::ArrayValue,
+        trace::v1::{ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
+    };
+    use prost::Message as _;
+
     use super::*;
 
     #[test]
@@ -154,5 +259,98 @@ mod tests {
         assert_eq!(bounded_text(b"hello", 10, 5, false), "hello");
         let s = bounded_text("héllo".as_bytes(), 2, 6, false);
         assert_eq!(s, "h…[truncated by llmgate: 1 of 6 bytes]");
+    }
+
+    #[test]
+    fn varint_lengths_match_the_encoding() {
+        for v in [0, 1, 127, 128, 16_383, 16_384, 1 << 35, u64::MAX] {
+            let mut out = Vec::new();
+            varint(&mut out, v);
+            assert_eq!(out.len(), varint_len(v), "{v}");
+        }
+    }
+
+    fn string(key: &str, value: &str) -> KeyValue {
+        kv_str(key, value)
+    }
+
+    /// The bytes written decode to the span prost would have sent, and are prost's bytes.
+    #[test]
+    fn spans_are_what_prost_writes() {
+        let long = "é".repeat(200);
+        let tags = ["a".to_owned(), String::new(), long.clone()];
+        let mut shared = Attributes::default();
+        shared.str("langfuse.trace.name", "chat-completion");
+        shared.str_array("langfuse.trace.tags", tags.iter().map(String::as_str));
+        let start = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        let cases = [
+            (None, Level::Default, None, start),
+            (Some([9u8; 8]), Level::Warning, Some("went away".to_owned()), start + Duration::from_millis(5)),
+            (Some([9u8; 8]), Level::Error, Some(long.clone()), start + Duration::from_secs(1)),
+            (None, Level::Error, Some(String::new()), UNIX_EPOCH),
+        ];
+        for (parent, level, status_message, end) in cases {
+            let mut own = Attributes::default();
+            own.str("langfuse.observation.input", &long);
+            own.str("langfuse.observation.output", "");
+            let mut out = Vec::new();
+            let parts = SpanParts {
+                trace_id: &[7; 16],
+                span_id: &[3; 8],
+                parent: parent.as_ref(),
+                name: "llm_call_x",
+                start: UNIX_EPOCH.max(end.min(start)),
+                end,
+                level,
+                status_message: status_message.clone(),
+            };
+            parts.write(&shared, own, &mut out);
+
+            let mut attributes = vec![
+                string("langfuse.trace.name", "chat-completion"),
+                KeyValue {
+                    key: "langfuse.trace.tags".into(),
+                    value: Some(AnyValue {
+                        value: Some(Value::ArrayValue(ArrayValue {
+                            values: tags
+                                .iter()
+                                .map(|t| AnyValue { value: Some(Value::StringValue(t.clone())) })
+                                .collect(),
+                        })),
+                    }),
+                    key_strindex: 0,
+                },
+                string("langfuse.observation.input", &long),
+                string("langfuse.observation.output", ""),
+            ];
+            match level {
+                Level::Default => {}
+                Level::Warning => attributes.push(string("langfuse.observation.level", "WARNING")),
+                Level::Error => attributes.push(string("langfuse.observation.level", "ERROR")),
+            }
+            if let Some(message) = &status_message {
+                attributes.push(string("langfuse.observation.status_message", message));
+            }
+            let span_start = UNIX_EPOCH.max(end.min(start));
+            let expected = Span {
+                trace_id: vec![7; 16],
+                span_id: vec![3; 8],
+                parent_span_id: parent.map(|p| p.to_vec()).unwrap_or_default(),
+                name: "llm_call_x".into(),
+                kind: SpanKind::Internal as i32,
+                start_time_unix_nano: unix_nanos(span_start),
+                end_time_unix_nano: unix_nanos(end.max(span_start)),
+                attributes,
+                status: (level == Level::Error).then(|| Status {
+                    message: status_message.clone().unwrap_or_default(),
+                    code: StatusCode::Error as i32,
+                }),
+                ..Default::default()
+            };
+            let decoded = ScopeSpans::decode(out.as_slice()).unwrap();
+            assert_eq!(decoded.spans, vec![expected.clone()]);
+            let prost = ScopeSpans { spans: vec![expected], ..Default::default() }.encode_to_vec();
+            assert_eq!(out, prost, "byte for byte");
+        }
     }
 }

@@ -8,7 +8,6 @@ use std::{
 };
 
 use llmgate_core::ext::{FallbackEvent, FallbackEventSink, InsertionId, LangfuseKeys, LlmRequest, RolloutTags};
-use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -16,7 +15,7 @@ use crate::{
     LangfuseExporter,
     layer::LayerConfig,
     record::{Captured, GenerationRecord, RootRecord, TraceRecord},
-    span::{kv_str, kv_str_array, new_span_id},
+    span::{Attributes, new_span_id},
 };
 
 /// Request extension written by [`LangfuseLayer`](crate::LangfuseLayer) and read by
@@ -187,33 +186,31 @@ impl TraceData {
         self.root_span_id.get_or_init(new_span_id)
     }
 
-    /// Attributes that go on every span (spec §5 rule 1).
-    pub(crate) fn attributes(&self) -> Vec<KeyValue> {
+    /// Attributes that go on every span (spec §5 rule 1), encoded once per record.
+    pub(crate) fn attributes(&self) -> Attributes {
         let config = &self.config;
-        let mut attrs = Vec::with_capacity(16);
-        attrs.push(kv_str("langfuse.trace.name", config.trace_name.to_string()));
-        let mut tags = self.client_tags.clone();
-        if let Some(rollout) = &self.rollout_tags {
-            for tag in rollout.0.iter() {
-                tags.push(tag.clone());
-                if let Some((key, value)) = tag.split_once(':') {
-                    attrs.push(kv_str(format!("langfuse.trace.metadata.{key}"), value.to_owned()));
-                }
-            }
+        let mut attrs = Attributes::default();
+        attrs.str("langfuse.trace.name", &config.trace_name);
+        let rollout: &[String] = self.rollout_tags.as_ref().map_or(&[], |r| &r.0);
+        let mut has_insertion_id = false;
+        for (key, value) in rollout.iter().filter_map(|tag| tag.split_once(':')) {
+            attrs.str(&format!("langfuse.trace.metadata.{key}"), value);
+            has_insertion_id |= key == "insertion_id";
         }
         if let Some(id) = self.insertion_id
-            && !attrs.iter().any(|kv| kv.key == "langfuse.trace.metadata.insertion_id")
+            && !has_insertion_id
         {
-            attrs.push(kv_str("langfuse.trace.metadata.insertion_id", id.0.to_string()));
+            attrs.str("langfuse.trace.metadata.insertion_id", &id.0.to_string());
         }
-        if !tags.is_empty() {
-            attrs.push(kv_str_array("langfuse.trace.tags", tags));
+        if !self.client_tags.is_empty() || !rollout.is_empty() {
+            let tags = self.client_tags.iter().chain(rollout).map(String::as_str);
+            attrs.str_array("langfuse.trace.tags", tags);
         }
         if let Some(user) = &self.user {
-            attrs.push(kv_str("user.id", user.clone()));
+            attrs.str("user.id", user);
         }
         if let Some(session) = &self.session {
-            attrs.push(kv_str("session.id", session.clone()));
+            attrs.str("session.id", session);
         }
         for (key, value) in [
             ("langfuse.environment", &config.environment),
@@ -221,7 +218,7 @@ impl TraceData {
             ("langfuse.version", &config.version),
         ] {
             if let Some(value) = value {
-                attrs.push(kv_str(key, value.to_string()));
+                attrs.str(key, value);
             }
         }
         attrs
