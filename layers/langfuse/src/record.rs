@@ -14,7 +14,8 @@ use llmgate_core::{
     ext::{FallbackEvent, ServedBy},
     usage::{Outcome, StreamEnd, Usage},
 };
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::{
@@ -25,6 +26,8 @@ use crate::{
 
 /// Bytes of an error body quoted in a status message.
 const STATUS_DETAIL: usize = 512;
+/// First guess of a span's own attributes besides the input: an output and the metadata.
+const OWN_ROOM: usize = 4096;
 
 /// The head of a body, kept as bytes: text is made from it on the exporter's task.
 #[derive(Default)]
@@ -210,23 +213,21 @@ impl RootRecord {
     fn write(&self, data: &TraceData, shared: &Attributes, input: &str, out: &mut Vec<u8>) {
         let ended = &self.ended;
         let (level, status_message) = ended.judge(true);
-        let mut own = Attributes::default();
+        let mut own = Attributes::with_capacity(OWN_ROOM + input.len());
         own.str("langfuse.observation.type", "span");
         own.str("langfuse.observation.input", input);
         if let Some(o) = &ended.outcome {
             own.str("langfuse.observation.output", &o.output(data.config.capture_limit));
         }
-        let mut metadata = Map::new();
-        if let Some(status) = ended.status {
-            metadata.insert("http_status".into(), status.as_u16().into());
-        }
-        if let Some(served) = &self.served {
-            metadata.insert("served_by_model".into(), served.model.as_ref().into());
-            metadata.insert("upstream".into(), served.upstream.as_ref().into());
-            metadata.insert("attempts".into(), served.attempts.into());
-        }
-        if !metadata.is_empty() {
-            own.str("langfuse.observation.metadata", &Value::Object(metadata).to_string());
+        if ended.status.is_some() || self.served.is_some() {
+            let served = self.served.as_ref();
+            let metadata = RootMetadata {
+                http_status: ended.status.map(|s| s.as_u16()),
+                served_by_model: served.map(|s| &*s.model),
+                upstream: served.map(|s| &*s.upstream),
+                attempts: served.map(|s| s.attempts),
+            };
+            own.str("langfuse.observation.metadata", &json_string(&metadata));
         }
         let parts = SpanParts {
             trace_id: &data.trace_id,
@@ -247,31 +248,23 @@ impl GenerationRecord {
         let (start, ended) = (&self.start, &self.ended);
         let spec = start.catalog.as_deref().and_then(|c| c.get(&start.model));
         let upstream_model = spec.and_then(|s| s.upstream_model.as_deref()).unwrap_or(&start.model);
-        let parameters: Map<String, Value> =
-            start.parameters.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
         let (level, status_message) = ended.judge(false);
-        let mut own = Attributes::default();
+        let mut own = Attributes::with_capacity(OWN_ROOM + input.len());
         own.str("langfuse.observation.type", "generation");
         own.str("langfuse.observation.model.name", upstream_model);
-        own.str("langfuse.observation.model.parameters", &Value::Object(parameters).to_string());
+        own.str("langfuse.observation.model.parameters", &json_string(&Parameters(&start.parameters)));
         own.str("langfuse.observation.input", input);
-        let mut metadata = Map::new();
+        let mut cost = None;
         if let Some(o) = &ended.outcome {
             own.str("langfuse.observation.output", &o.output(data.config.capture_limit));
             if let Some(u) = o.usage {
-                own.str(
-                    "langfuse.observation.usage_details",
-                    &json!({"input": u.input, "output": u.output, "total": u.total}).to_string(),
-                );
+                let usage = Details { input: u.input, output: u.output, total: u.total };
+                own.str("langfuse.observation.usage_details", &json_string(&usage));
                 if let Some(pricing) = spec.and_then(|s| s.pricing) {
-                    let cost = pricing.cost(u.input, u.output);
-                    own.str(
-                        "langfuse.observation.cost_details",
-                        &json!({"input": cost.input, "output": cost.output, "total": cost.total}).to_string(),
-                    );
-                    metadata.insert("cost_usd".into(), json!(cost.total));
-                    metadata.insert("input_cost_usd".into(), json!(cost.input));
-                    metadata.insert("output_cost_usd".into(), json!(cost.output));
+                    let c = pricing.cost(u.input, u.output);
+                    let details = Details { input: c.input, output: c.output, total: c.total };
+                    own.str("langfuse.observation.cost_details", &json_string(&details));
+                    cost = Some(details);
                 }
             }
             if o.sse
@@ -281,17 +274,17 @@ impl GenerationRecord {
                 own.str("langfuse.observation.completion_start_time", &iso_millis(first));
             }
         }
-        metadata.insert("is_primary".into(), start.is_primary.into());
-        metadata.insert(
-            "latency_seconds".into(),
-            json!(ended.at.saturating_duration_since(start.started_at).as_secs_f64()),
-        );
-        if let Some(status) = ended.status {
-            metadata.insert("http_status".into(), status.as_u16().into());
-        }
-        metadata.insert("attempt".into(), start.attempt.into());
-        metadata.insert("model".into(), start.model.as_ref().into());
-        own.str("langfuse.observation.metadata", &Value::Object(metadata).to_string());
+        let metadata = GenerationMetadata {
+            cost_usd: cost.as_ref().map(|c| c.total),
+            input_cost_usd: cost.as_ref().map(|c| c.input),
+            output_cost_usd: cost.as_ref().map(|c| c.output),
+            is_primary: start.is_primary,
+            latency_seconds: ended.at.saturating_duration_since(start.started_at).as_secs_f64(),
+            http_status: ended.status.map(|s| s.as_u16()),
+            attempt: start.attempt,
+            model: &start.model,
+        };
+        own.str("langfuse.observation.metadata", &json_string(&metadata));
         let parts = SpanParts {
             trace_id: &data.trace_id,
             span_id: &new_span_id(),
@@ -304,6 +297,60 @@ impl GenerationRecord {
         };
         parts.write(shared, own, out);
     }
+}
+
+// === JSON strings (spec §5 rule 5), written straight from these structs, keys in this order ===
+
+/// `usage_details` and `cost_details`.
+#[derive(Serialize)]
+struct Details<T> {
+    input: T,
+    output: T,
+    total: T,
+}
+
+/// The root span's `metadata`.
+#[derive(Serialize)]
+struct RootMetadata<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    served_by_model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+}
+
+/// A generation's `metadata`.
+#[derive(Serialize)]
+struct GenerationMetadata<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_cost_usd: Option<f64>,
+    is_primary: bool,
+    latency_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_status: Option<u16>,
+    attempt: u32,
+    model: &'a str,
+}
+
+/// `model.parameters`: an object in the order of the list.
+struct Parameters<'a>(&'a [(&'static str, Value)]);
+
+impl Serialize for Parameters<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// Serialising these types cannot fail (string keys, no user `Serialize` impl that errors).
+fn json_string(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// Joins the `choices[0].delta.content` of OpenAI chunks into one assistant message.
@@ -334,4 +381,49 @@ fn assemble_sse(captured: &[u8]) -> Option<Value> {
         }
     }
     seen.then(|| json!({"role": "assistant", "content": content, "finish_reason": finish_reason}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The structs write what the `json!` objects they replace wrote.
+    #[test]
+    fn json_strings_are_the_objects_they_replace() {
+        let (input, output, total) = (0.000_15, 1e-7, f64::NAN);
+        let cost = Details { input, output, total };
+        assert_eq!(json_string(&cost), json!({"input": input, "output": output, "total": total}).to_string());
+        let usage = Details { input: 1u64, output: 2, total: u64::MAX };
+        assert_eq!(json_string(&usage), json!({"input": 1, "output": 2, "total": u64::MAX}).to_string());
+        let metadata = GenerationMetadata {
+            cost_usd: Some(total),
+            input_cost_usd: Some(input),
+            output_cost_usd: Some(output),
+            is_primary: false,
+            latency_seconds: 1.5,
+            http_status: Some(429),
+            attempt: 2,
+            model: "a/\"b\"",
+        };
+        let expected = json!({"cost_usd": total, "input_cost_usd": input, "output_cost_usd": output,
+            "is_primary": false, "latency_seconds": 1.5, "http_status": 429, "attempt": 2, "model": "a/\"b\""});
+        assert_eq!(json_string(&metadata), expected.to_string());
+        let bare = GenerationMetadata {
+            cost_usd: None,
+            input_cost_usd: None,
+            output_cost_usd: None,
+            http_status: None,
+            ..metadata
+        };
+        let expected = json!({"is_primary": false, "latency_seconds": 1.5, "attempt": 2, "model": "a/\"b\""});
+        assert_eq!(json_string(&bare), expected.to_string());
+        let root =
+            RootMetadata { http_status: Some(200), served_by_model: Some("m"), upstream: Some("u"), attempts: Some(3) };
+        let expected = json!({"http_status": 200, "served_by_model": "m", "upstream": "u", "attempts": 3});
+        assert_eq!(json_string(&root), expected.to_string());
+        let params =
+            [("temperature", json!(0.2)), ("stop", json!(["a", "b"])), ("response_format", json!({"type": "x"}))];
+        let expected = json!({"temperature": 0.2, "stop": ["a", "b"], "response_format": {"type": "x"}});
+        assert_eq!(json_string(&Parameters(&params)), expected.to_string());
+    }
 }

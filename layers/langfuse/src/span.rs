@@ -116,6 +116,11 @@ pub(crate) fn len_field(out: &mut Vec<u8>, field: u64, content: &[u8]) {
 pub(crate) struct Attributes(Vec<u8>);
 
 impl Attributes {
+    /// Room for `bytes` of attributes (a span's own hold the bodies: growing would copy them).
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        Self(Vec::with_capacity(bytes))
+    }
+
     /// A string attribute.
     pub(crate) fn str(&mut self, key: &str, value: &str) {
         // KeyValue { key = 1, value = 2: AnyValue { string_value = 1 } }
