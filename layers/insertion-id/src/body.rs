@@ -22,13 +22,15 @@ pub(crate) type StartRecord = Box<dyn FnOnce() -> RecordFuture + Send>;
 
 pin_project! {
     /// The response body of [`InsertionId`](crate::InsertionId): the inner body, frame by frame.
-    pub struct RecordBody<B> {
+    pub struct RecordBody<B: Body> {
         #[pin]
         inner: B,
         state: State,
+        // A frame (or error) read ahead by the response future, given out first.
+        first: Option<Result<Frame<Bytes>, B::Error>>,
     }
 
-    impl<B> PinnedDrop for RecordBody<B> {
+    impl<B: Body> PinnedDrop for RecordBody<B> {
         fn drop(this: Pin<&mut Self>) {
             // A record under way belongs to a completion that finished upstream: a client that
             // leaves while its last frame waits must not make the record a coin toss.
@@ -52,14 +54,25 @@ enum State {
     Ended,
 }
 
-impl<B> RecordBody<B> {
+impl<B: Body<Data = Bytes>> RecordBody<B> {
     pub(crate) fn pass(inner: B) -> Self {
-        Self { inner, state: State::Pass }
+        Self { inner, state: State::Pass, first: None }
     }
 
     /// Records once `end` sees the response complete; a body that breaks first is not recorded.
     pub(crate) fn record_at_end(inner: B, end: EndWatch, start: StartRecord) -> Self {
-        Self { inner, state: State::Watch { end, start } }
+        Self { inner, state: State::Watch { end, start }, first: None }
+    }
+
+    /// Reads the first frame ahead (when it completes the body, after its record is written).
+    pub(crate) fn read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<()>
+    where
+        B: Unpin,
+    {
+        if self.first.is_none() {
+            self.first = ready!(Pin::new(&mut *self).poll_frame(cx));
+        }
+        Poll::Ready(())
     }
 }
 
@@ -97,6 +110,9 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.as_mut().project();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first));
+        }
         loop {
             match this.state {
                 State::Pass => return this.inner.poll_frame(cx),
@@ -132,6 +148,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.first.is_some() {
+            return false;
+        }
         match self.state {
             State::Pass => self.inner.is_end_stream(),
             State::Ended => true,
@@ -141,10 +160,21 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
+        let rest = match self.state {
             State::Ended => SizeHint::with_exact(0),
             _ => self.inner.size_hint(),
+        };
+        // The frame read ahead is no longer in the inner body's hint.
+        let first = match &self.first {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |data| data.len() as u64),
+            _ => return rest,
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(first));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(first));
         }
+        hint
     }
 }
 
@@ -154,7 +184,7 @@ fn start_record(state: &mut State, held: Option<Frame<Bytes>>) {
     }
 }
 
-impl<B> fmt::Debug for RecordBody<B> {
+impl<B: Body> fmt::Debug for RecordBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
             State::Pass => "pass",

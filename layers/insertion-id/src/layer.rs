@@ -139,11 +139,11 @@ impl<S: fmt::Debug> fmt::Debug for InsertionId<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for InsertionId<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Body<Data = Bytes>,
+    ResBody: Body<Data = Bytes> + Unpin,
 {
     type Response = Response<RecordBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -231,60 +231,84 @@ impl Record {
 
 pin_project! {
     /// The response future of [`InsertionId`].
-    pub struct ResponseFuture<F> {
+    pub struct ResponseFuture<F, B: Body> {
         #[pin]
         inner: F,
-        state: FutureState,
+        state: FutureState<B>,
     }
 }
 
-enum FutureState {
+enum FutureState<B: Body> {
     /// Not a rollout request, or done.
     Pass,
     /// Waiting for the inner response of a rollout request.
     Rollout { record: Option<Record> },
+    /// A 2xx that is not a stream: its head waits for the first frame of its body (and, when
+    /// that frame completes the body, for the record), so that head and body leave in one write.
+    ReadAhead { head: Option<http::response::Parts>, body: RecordBody<B> },
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
 {
     type Output = Result<Response<RecordBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx));
-        let record = match this.state {
-            FutureState::Pass => None,
-            FutureState::Rollout { record } => record.take(),
-        };
-        let mut response = response?;
-        let Some(record) = record else {
-            return Poll::Ready(Ok(response.map(RecordBody::pass)));
-        };
-        if let Ok(value) = HeaderValue::from_str(&record.insertion_id) {
-            response.headers_mut().insert(INSERTION_ID_HEADER, value);
+        let mut this = self.project();
+        loop {
+            if let FutureState::ReadAhead { head, body } = this.state {
+                ready!(body.read_ahead(cx));
+                let head = head.take();
+                let FutureState::ReadAhead { body, .. } = std::mem::replace(this.state, FutureState::Pass) else {
+                    unreachable!("matched above")
+                };
+                return match head {
+                    Some(head) => Poll::Ready(Ok(Response::from_parts(head, body))),
+                    None => Poll::Pending, // polled after completion
+                };
+            }
+            let response = ready!(this.inner.as_mut().poll(cx));
+            let record = match this.state {
+                FutureState::Rollout { record } => record.take(),
+                _ => None,
+            };
+            let mut response = response?;
+            let Some(record) = record else {
+                return Poll::Ready(Ok(response.map(RecordBody::pass)));
+            };
+            if let Ok(value) = HeaderValue::from_str(&record.insertion_id) {
+                response.headers_mut().insert(INSERTION_ID_HEADER, value);
+            }
+            if !response.status().is_success() {
+                return Poll::Ready(Ok(response.map(RecordBody::pass)));
+            }
+            // The frame that completes the body waits for the record, so a client never holds a
+            // whole completion whose id is not stored, and a body that breaks is never recorded.
+            let end = end_watch(&response);
+            let streamed = matches!(end, EndWatch::Sse(_));
+            let start: StartRecord = Box::new(move || record.future());
+            let response = response.map(|body| RecordBody::record_at_end(body, end, start));
+            if streamed {
+                // A stream's head goes out at once.
+                return Poll::Ready(Ok(response));
+            }
+            let (head, body) = response.into_parts();
+            *this.state = FutureState::ReadAhead { head: Some(head), body };
         }
-        if !response.status().is_success() {
-            return Poll::Ready(Ok(response.map(RecordBody::pass)));
-        }
-        // The head goes out now; the frame that completes the body waits for the record, so a
-        // client never holds a whole completion whose id is not stored, and a body that breaks
-        // is never recorded.
-        let end = end_watch(&response);
-        let start: StartRecord = Box::new(move || record.future());
-        Poll::Ready(Ok(response.map(|body| RecordBody::record_at_end(body, end, start))))
     }
 }
 
-fn end_watch<B>(response: &Response<B>) -> EndWatch {
+fn end_watch<B: Body>(response: &Response<B>) -> EndWatch {
     let headers = response.headers();
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if content_type.trim_start().get(..17).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream")) {
         return EndWatch::Sse(DoneScanner::default());
     }
-    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+    // Engines drop `content-length` and derive it from the body's exact size.
+    let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    match length.or_else(|| response.body().size_hint().exact()) {
         Some(length) => EndWatch::Length(length),
         None => EndWatch::EndOfStream,
     }
