@@ -9,6 +9,11 @@ use llmgate::{
     mock_upstream::{MockOptions, MockUpstream},
 };
 
+// The proxy allocates per request (headers, JSON, spans) on several threads at once: glibc
+// malloc cost a fifth of its CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "llmgate", version, about = "An LLM gateway built from composable Tower layers")]
 struct Cli {
@@ -104,32 +109,45 @@ fn load(config: Option<PathBuf>) -> Result<Config, llmgate::config::ConfigError>
     Config::load(config.as_deref(), &|name| std::env::var(name).ok())
 }
 
-/// The config for `serve` and `bare-proxy`, with the engine flag applied and logging started.
+/// The config for `serve` and `bare-proxy`, with the engine flag applied, and logging started
+/// (keep the guard until exit).
 fn load_for_serving(
     config: Option<PathBuf>,
     engine: Option<llmgate::config::Engine>,
-) -> Result<Config, llmgate::config::ConfigError> {
+) -> Result<(Config, tracing_appender::non_blocking::WorkerGuard), llmgate::config::ConfigError> {
     let mut config = load(config)?;
     if let Some(engine) = engine {
         config.engine = engine;
     }
-    init_logging(&config.log_filter);
-    Ok(config)
+    let guard = init_logging(&config.log_filter);
+    Ok((config, guard))
 }
 
 async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, String> {
     llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))
 }
 
-fn init_logging(filter: &str) {
+/// Starts logging to stdout through a writer thread, so a request never waits for stdout; the
+/// guard flushes what is queued when dropped (at exit). Lines are dropped, never waited for,
+/// when the writer falls 128 000 lines behind.
+fn init_logging(filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // pingora-core traces raw request heads, `authorization` included: when anything traces,
+    // its HTTP protocol module stops at debug.
+    let traces = filter.max_level_hint().is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE);
+    let filter = match "pingora_core::protocols::http=debug".parse() {
+        Ok(cap) if traces => filter.add_directive(cap),
+        _ => filter,
+    };
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }
 
 async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
@@ -144,7 +162,7 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             Ok(())
         }
         Command::Serve { config, engine } => {
-            let config = load_for_serving(config, engine)?;
+            let (config, _log) = load_for_serving(config, engine)?;
             // Load the tokenizers before the first request, off the runtime's workers.
             let _ = tokio::task::spawn_blocking(llmgate_context_routing::warm_up).await;
             let listen = config.listen;
@@ -155,7 +173,7 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             Ok(())
         }
         Command::BareProxy { config, engine } => {
-            let config = load_for_serving(config, engine)?;
+            let (config, _log) = load_for_serving(config, engine)?;
             let service = llmgate::stack::bare_service(&config)?;
             let listener = bind(config.listen).await?;
             tracing::info!(
@@ -167,7 +185,7 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             Ok(())
         }
         Command::MockUpstream { port, host, delay_ms, chunks, chunk_delay_ms, rate_limit_every } => {
-            init_logging("info");
+            let _log = init_logging("info");
             let options = MockOptions {
                 delay: Duration::from_millis(delay_ms),
                 chunks,
