@@ -163,8 +163,6 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
         }
         Command::Serve { config, engine } => {
             let (config, _log) = load_for_serving(config, engine)?;
-            // Load the tokenizers before the first request, off the runtime's workers.
-            let _ = tokio::task::spawn_blocking(llmgate_context_routing::warm_up).await;
             let listen = config.listen;
             let gateway = Gateway::from_config(config).await?;
             let listener = bind(listen).await?;

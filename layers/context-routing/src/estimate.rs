@@ -45,7 +45,7 @@
 //! could flip, is the request counted exactly. A 1 MiB prompt far over (or under) its window is
 //! decided in about a millisecond; exact counts near the window's edge are kept.
 
-use std::{io, sync::LazyLock};
+use std::{io, sync::OnceLock};
 
 use llmgate_core::{catalog::ModelSpec, ext::TokenEstimate};
 use serde_json::{Map, Value};
@@ -75,8 +75,9 @@ pub const SAMPLE_SLICE_BYTES: usize = 2 * 1024;
 /// redone exactly.
 pub const SAMPLE_MARGIN: u64 = 8;
 
-static O200K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| load("o200k_base", tiktoken_rs::o200k_base));
-static CL100K: LazyLock<Option<CoreBPE>> = LazyLock::new(|| load("cl100k_base", tiktoken_rs::cl100k_base));
+// Each tokenizer takes ~40 MB and a few hundred ms to load: loaded on first need only.
+static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
 
 fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Option<CoreBPE> {
     match f() {
@@ -88,11 +89,13 @@ fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Opti
     }
 }
 
-/// Loads both tokenizers now (a sizeable fraction of a second), so that the first large request
-/// does not pay for it. Call it once at start-up, off the async runtime's worker threads.
+/// Loads both tokenizers now (~80 MB, a sizeable fraction of a second), so that the first
+/// request that needs one does not pay for it. Call it off the async runtime's worker threads.
+/// Without it each loads when first needed, on tokio's blocking pool (see the crate docs).
 pub fn warm_up() {
-    LazyLock::force(&O200K);
-    LazyLock::force(&CL100K);
+    for tokenizer in [Tokenizer::O200k, Tokenizer::Cl100k] {
+        let _ = tokenizer.bpe();
+    }
 }
 
 // === Tokenizer ===
@@ -127,12 +130,18 @@ impl Tokenizer {
         Self::for_name(spec.upstream_model.as_deref().unwrap_or(&spec.name))
     }
 
+    /// The tokenizer's tables, loaded on first use (blocking).
     fn bpe(self) -> Option<&'static CoreBPE> {
         match self {
-            Self::O200k => O200K.as_ref(),
-            Self::Cl100k => CL100K.as_ref(),
+            Self::O200k => O200K.get_or_init(|| load("o200k_base", tiktoken_rs::o200k_base)).as_ref(),
+            Self::Cl100k => CL100K.get_or_init(|| load("cl100k_base", tiktoken_rs::cl100k_base)).as_ref(),
             Self::Bytes => None,
         }
+    }
+
+    /// Whether every tokenizer is loaded, so that counting never waits for a load.
+    pub fn all_loaded() -> bool {
+        O200K.get().is_some() && CL100K.get().is_some()
     }
 }
 

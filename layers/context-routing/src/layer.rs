@@ -22,7 +22,7 @@ use tower_service::Service;
 use crate::{
     body::read_capped,
     detect::is_context_length_error,
-    estimate::{Method, RequestEstimator},
+    estimate::{Method, RequestEstimator, Tokenizer},
     route::{Choice, any_larger, choose, largest_window},
 };
 
@@ -266,7 +266,10 @@ async fn plan(
     window: u64,
 ) -> Result<Plan, BoxError> {
     let mut estimator = RequestEstimator::new(request.json());
-    let big = estimator.bound() > window && estimator.text_bytes() > shared.offload_threshold;
+    // Tokenizing runs only past the window; a large text, or a tokenizer still to load, takes
+    // long enough to go to the blocking pool.
+    let big =
+        estimator.bound() > window && (estimator.text_bytes() > shared.offload_threshold || !Tokenizer::all_loaded());
     let handle = tokio::runtime::Handle::try_current().ok().filter(|_| big);
     let Some(handle) = handle else {
         return decide(shared, &mut estimator, spec, window).map_err(Into::into);
@@ -329,7 +332,7 @@ async fn reactive_choice(
             choice.map(|c| (c, failed_window))
         }
     };
-    let big = RequestEstimator::new(request.json()).text_bytes() > shared.offload_threshold;
+    let big = RequestEstimator::new(request.json()).text_bytes() > shared.offload_threshold || !Tokenizer::all_loaded();
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if big => handle
             .spawn_blocking(choose_larger)

@@ -24,7 +24,10 @@
 //! Each candidate is judged by its own tokenizer's estimate (each family tokenized at most once
 //! per request); the [`TokenEstimate`](llmgate_core::ext::TokenEstimate) written is the one of
 //! the model the request goes to, and the event's `estimated_tokens` is the estimate of the model
-//! that did not fit. Tokenizing more than 64 KiB of text runs on tokio's blocking pool.
+//! that did not fit. A request is tokenized only when its byte bound passes the window; texts
+//! over 64 KiB are then counted on a sample unless that lands near the window (see
+//! [`estimate`]). Tokenizing more than 64 KiB of text, or loading a tokenizer (each ~40 MB,
+//! loaded on first need unless [`warm_up`] ran), happens on tokio's blocking pool.
 //!
 //! **Requires** `LlmRequest` (else untouched). **Reads** `FallbackEvents`, `BodyEdits`, response
 //! `ServedBy`. **Provides** `TokenEstimate`, `ModelChoice`, `BodyEdits` (`model`).
