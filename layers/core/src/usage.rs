@@ -35,13 +35,14 @@
 use std::{
     fmt,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     task::{Context, Poll},
 };
 
 use bytes::{Buf, Bytes};
 use http::{Response, header};
 use http_body::{Body, Frame, SizeHint};
+use memchr::memmem;
 use pin_project_lite::pin_project;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -157,8 +158,9 @@ impl SseScanner {
 
     /// Scans complete lines. The cheap substring checks come before any JSON parse.
     fn scan(&mut self, lines: &[u8]) {
-        let has_usage = memchr::memmem::find(lines, b"\"usage\"").is_some();
-        let has_done = memchr::memmem::find(lines, b"[DONE]").is_some();
+        // `"usage":null` (in every chunk when usage is on) is ruled out here, before any split.
+        let has_usage = usage_object_follows(lines);
+        let has_done = DONE.find(lines).is_some();
         if !has_usage && !has_done {
             return;
         }
@@ -192,10 +194,14 @@ impl SseScanner {
     }
 }
 
+// Built once: a searcher per call cost more than the scan of a typical chunk.
+static USAGE: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static DONE: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"[DONE]"));
+
 /// Whether `"usage"` in this line is followed by an object (not `null`, as OpenAI sends in
 /// every chunk when usage is on).
 fn usage_object_follows(data: &[u8]) -> bool {
-    memchr::memmem::find_iter(data, b"\"usage\"").any(|at| {
+    USAGE.find_iter(data).any(|at| {
         let rest = data[at + 7..].trim_ascii_start();
         rest.strip_prefix(b":").is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
     })
@@ -314,7 +320,7 @@ pub fn tap(response: &mut Response<GatewayBody>, capture: usize) -> UsageOutcome
     let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes());
     let kind = match content_type {
         Some(ct) if ct.starts_with(b"text/event-stream") => Kind::Sse(SseScanner::default()),
-        Some(ct) if memchr::memmem::find(ct, b"json").is_some() => Kind::Json,
+        Some(ct) if memmem::find(ct, b"json").is_some() => Kind::Json,
         _ => Kind::Other,
     };
     let capture = if matches!(kind, Kind::Json) { capture.max(JSON_USAGE_LIMIT) } else { capture };
