@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use super::client;
+use super::{client, test_engine};
 
 /// A `llmgate serve` child with its own config file and a log of stdout and stderr; killed on drop.
 pub struct ChildGateway {
@@ -21,8 +21,9 @@ pub struct ChildGateway {
 }
 
 impl ChildGateway {
-    /// Writes `yaml` to a config file in a fresh directory and starts the binary with `env` as
-    /// its whole environment (plus `PORT`, `HOST`, `NO_COLOR`); waits until `/health` answers.
+    /// Writes `yaml` to a config file in a fresh directory and starts the binary on the suite's
+    /// engine with `env` as its whole environment (plus `PORT`, `HOST`, `NO_COLOR`); waits until
+    /// `/health` answers.
     pub async fn spawn(yaml: &str, env: &[(&str, &str)], files: &[(&str, &str)]) -> Self {
         for _attempt in 0..3 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -39,6 +40,9 @@ impl ChildGateway {
                 .arg("serve")
                 .arg("--config")
                 .arg(dir.join("llmgate.yaml"))
+                // The suite's engine, like `TestGateway` (`LLMGATE_TEST_ENGINE`).
+                .arg("--engine")
+                .arg(engine_name(test_engine()))
                 .env_clear()
                 .envs(env.iter().copied())
                 .env("PORT", port.to_string())
@@ -101,6 +105,14 @@ impl ChildGateway {
             assert!(tokio::time::Instant::now() < deadline, "llmgate did not exit: {}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// The `--engine` value of `engine`.
+fn engine_name(engine: llmgate::config::Engine) -> &'static str {
+    match engine {
+        llmgate::config::Engine::Hyper => "hyper",
+        llmgate::config::Engine::Pingora => "pingora",
     }
 }
 
