@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""The end-to-end load benchmark (issue 10). Run it through scripts/bench.sh, which installs
+what it needs and builds the release binaries first.
+
+On loopback it starts the mock upstream, a bare proxy hop per engine (`llmgate bare-proxy`: the
+same upstream and host, no layers), and the full reference proxy per engine (every layer on:
+metadata route, Redis stores, context routing, rate limits with generous budgets, Langfuse export
+to the stand-in), then drives each with oha at concurrency 1, 32 and 256, JSON and SSE, in
+interleaved rounds (medians are reported). It prints and writes RPS, p50/p99 latency, time to
+first byte, the latency added over the bare hyper hop, CPU ms per request and RSS, checks the
+budget, and holds 1,000 open streams against each full proxy for the memory figure.
+
+Environment: BENCH_DURATION (seconds per run, default 1.5), BENCH_ROUNDS (default 3),
+BENCH_ENGINES (default "hyper pingora"), BENCH_STREAMS (default 1000), BENCH_OUT (JSON path,
+default docs/bench-result.json), BENCH_DOC (markdown to update, default docs/performance.md;
+empty: do not write).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release"
+DURATION = float(os.environ.get("BENCH_DURATION", "1.5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ENGINES = os.environ.get("BENCH_ENGINES", "hyper pingora").split()
+STREAMS = int(os.environ.get("BENCH_STREAMS", "1000"))
+OUT = Path(os.environ.get("BENCH_OUT", ROOT / "docs" / "bench-result.json"))
+DOC = os.environ.get("BENCH_DOC", str(ROOT / "docs" / "performance.md"))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+METADATA_PATH = "/rollout_id/bench/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1/chat/completions"
+PLAIN_PATH = "/v1/chat/completions"
+MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+    {"role": "user", "content": "Summarise why a gateway in front of an LLM must add next to no latency."},
+]
+JSON_BODY = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 64})
+SSE_BODY = json.dumps(
+    {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 64, "stream": True,
+     "stream_options": {"include_usage": True}}
+)
+
+# (name, concurrency, body, path, whether the plain route is meant)
+SCENARIOS = [
+    ("json c=1 metadata", 1, JSON_BODY, METADATA_PATH),
+    ("json c=1 plain", 1, JSON_BODY, PLAIN_PATH),
+    ("json c=32", 32, JSON_BODY, METADATA_PATH),
+    ("json c=256", 256, JSON_BODY, METADATA_PATH),
+    ("sse c=1", 1, SSE_BODY, METADATA_PATH),
+    ("sse c=32", 32, SSE_BODY, METADATA_PATH),
+    ("sse c=256", 256, SSE_BODY, METADATA_PATH),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"bench: {what} exited with {proc.returncode} (see its log in {LOGS})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"bench: {what} did not listen on {port} within {timeout}s")
+
+
+LOGS = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
+PROCS = []
+
+
+def start(what, argv, port, env=None):
+    log = open(LOGS / f"{what}.log", "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    PROCS.append(proc)
+    wait_port(port, proc, what)
+    return proc
+
+
+def stop_all():
+    for proc in PROCS:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in PROCS:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def status_kib(pid, key):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss(pid):
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def oha(url, concurrency, body, seconds, extra_headers=()):
+    argv = ["oha", "-z", f"{seconds}s", "-c", str(concurrency), "--no-tui", "--output-format", "json",
+            "-m", "POST", "-H", "content-type: application/json", "-d", body]
+    for header in extra_headers:
+        argv += ["-H", header]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    statuses = {int(k): v for k, v in (data.get("statusCodeDistribution") or {}).items()}
+    # A run ends at its deadline: the requests in flight then are cut by oha itself, not failed.
+    errors = {k: v for k, v in (data.get("errorDistribution") or {}).items() if "deadline" not in k}
+    ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
+    return {
+        "rps": ok / data["summary"]["total"],
+        "p50_ms": data["latencyPercentiles"]["p50"] * 1e3,
+        "p99_ms": data["latencyPercentiles"]["p99"] * 1e3,
+        "ttfb_p50_ms": (data.get("firstBytePercentiles") or {}).get("p50", 0) * 1e3,
+        "ttfb_p99_ms": (data.get("firstBytePercentiles") or {}).get("p99", 0) * 1e3,
+        "ok": ok,
+        "failed": sum(v for k, v in statuses.items() if not 200 <= k < 300) + sum(errors.values()),
+        "errors": errors,
+        "statuses": statuses,
+    }
+
+
+def median_of(runs, key):
+    return statistics.median(run[key] for run in runs)
+
+
+def main():
+    ulimit_note = ""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard, 65536)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError) as error:
+        ulimit_note = f" (could not raise the open-file limit: {error})"
+
+    llmgate = str(BIN / "llmgate")
+    workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-run-"))
+    mock_port, redis_port, langfuse_port = free_port(), free_port(), free_port()
+    start("mock", [llmgate, "mock-upstream", "--port", str(mock_port)], mock_port)
+    start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(workdir)], redis_port)
+    langfuse = start("langfuse", [str(BIN / "langfuse-stand-in"), "--port", str(langfuse_port),
+                                  "--project", "bench:pk-lf-bench:sk-lf-bench"], langfuse_port)
+    secrets = workdir / "secrets.yaml"
+    secrets.write_text("langfuse_keys:\n  bench: {public_key: pk-lf-bench, secret_key: sk-lf-bench}\n"
+                       "default_project_id: bench\n")
+    generous = "{rpm: 1000000000, tpm: 1000000000000, rpd: null}"
+    models = "".join(
+        f"  - {{name: {name}, upstream: mock, context_window: 128000, max_output_tokens: 16384, "
+        f"limits: {generous}, pricing: {{input_per_1m: {price_in}, output_per_1m: {price_out}}}, "
+        f"fallbacks: [{fallback}]}}\n"
+        for name, price_in, price_out, fallback in [("gpt-4o-mini", 0.15, 0.6, "gpt-4o"), ("gpt-4o", 2.5, 10, "gpt-4o-mini")]
+    )
+    mock_url = f"http://127.0.0.1:{mock_port}/v1"
+
+    targets = {}  # name -> (port, proc)
+    for engine in ENGINES:
+        port = free_port()
+        proc = start(f"bare-{engine}", [llmgate, "bare-proxy", "--engine", engine], port,
+                     {"UPSTREAM_URL": mock_url, "PORT": str(port), "HOST": "127.0.0.1", "REQUEST_TIMEOUT": "30"})
+        targets[f"bare-{engine}"] = (port, proc)
+    for engine in ENGINES:
+        port = free_port()
+        config = workdir / f"full-{engine}.yaml"
+        config.write_text(
+            f'listen: "127.0.0.1:{port}"\nrequest_timeout_secs: 30\nengine: {engine}\n'
+            f'upstreams:\n  mock: {{url: "{mock_url}", mode: openai}}\ndefault_upstream: mock\n'
+            f"models:\n{models}"
+            f'redis: {{url: "redis://127.0.0.1:{redis_port}"}}\n'
+            f'langfuse:\n  host: "http://127.0.0.1:{langfuse_port}"\n  secrets_path: "{secrets}"\n  emit: all\n'
+            # A queue deep enough for ~20,000 spans/s between exports, so that none is dropped.
+            f"  export: {{batch_max_spans: 512, batch_delay_ms: 200, queue_max_spans: 16384, timeout_ms: 10000}}\n"
+            f"rate_limit: {{max_wait_seconds: 0}}\n"
+        )
+        proc = start(f"full-{engine}", [llmgate, "serve", "--config", str(config)], port)
+        targets[f"full-{engine}"] = (port, proc)
+
+    print(f"bench: {len(targets)} proxies, {len(SCENARIOS)} scenarios, {ROUNDS} rounds of {DURATION:g}s; "
+          f"logs in {LOGS}{ulimit_note}", flush=True)
+    for name, (port, _) in targets.items():  # warm up connections, tokenizers, Redis scripts
+        oha(f"http://127.0.0.1:{port}{METADATA_PATH}", 8, JSON_BODY, 0.5)
+
+    results = {}
+    # The mock alone, for reference: what the loopback and the load generator cost.
+    for scenario, concurrency, body, path in SCENARIOS[:1] + SCENARIOS[4:5]:
+        runs = [oha(f"http://127.0.0.1:{mock_port}{path}", concurrency, body, DURATION) for _ in range(ROUNDS)]
+        results.setdefault(scenario, {})["mock"] = summarise(runs, None)
+    for scenario, concurrency, body, path in SCENARIOS:
+        runs = {name: [] for name in targets}
+        cpu = {name: 0.0 for name in targets}
+        for _ in range(ROUNDS):
+            for name, (port, proc) in targets.items():
+                route = PLAIN_PATH if name.startswith("bare") else path
+                before = cpu_seconds(proc.pid)
+                run = oha(f"http://127.0.0.1:{port}{route}", concurrency, body, DURATION)
+                cpu[name] += cpu_seconds(proc.pid) - before
+                runs[name].append(run)
+        for name in targets:
+            ok = sum(run["ok"] for run in runs[name])
+            results.setdefault(scenario, {})[name] = summarise(runs[name], cpu[name] * 1e3 / ok if ok else None)
+            results[scenario][name]["rss_mib"] = status_kib(targets[name][1].pid, "VmRSS") / 1024
+        print_scenario(scenario, results[scenario])
+
+    streams = {}
+    for name, (port, proc) in targets.items():
+        if not name.startswith("full"):
+            continue
+        reset = reset_peak_rss(proc.pid)
+        run = oha(f"http://127.0.0.1:{port}{METADATA_PATH}", STREAMS, SSE_BODY, 8,
+                  ["x-mock-chunks: 20", "x-mock-chunk-delay-ms: 100"])
+        streams[name] = {
+            "concurrent_streams": STREAMS,
+            "completed": run["ok"],
+            "failed": run["failed"],
+            "errors": run["errors"],
+            "peak_rss_mib": status_kib(proc.pid, "VmHWM") / 1024 if reset else None,
+            "rss_after_mib": status_kib(proc.pid, "VmRSS") / 1024,
+        }
+        print(f"{STREAMS} open streams on {name}: {streams[name]}", flush=True)
+    peaks = {name: status_kib(proc.pid, "VmHWM") / 1024 for name, (_, proc) in targets.items()}
+    time.sleep(1.5)  # the exporters' last batch
+    langfuse_spans = last_spans(LOGS / "langfuse.log")
+    # What the background work kept up with: insertion records and Langfuse spans by outcome.
+    background = {name: counters(port) for name, (port, _) in targets.items() if name.startswith("full")}
+    for name, values in background.items():
+        print(f"{name}: {values}")
+    stop_all()
+
+    budget = check_budget(results, streams)
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "settings": {"duration_s": DURATION, "rounds": ROUNDS, "engines": ENGINES, "baseline": "bare-hyper"},
+        "results": results,
+        "open_streams": streams,
+        "peak_rss_mib": peaks,
+        "langfuse_spans_received": langfuse_spans,
+        "background": background,
+        "budget": budget,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {OUT}")
+    print("\nbudget:")
+    for line in budget:
+        print(f"  {'PASS' if line['pass'] else 'MISS'}  {line['what']}: {line['measured']} (budget {line['budget']})")
+    if DOC:
+        write_doc(Path(DOC), report)
+        print(f"updated {DOC}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summarise(runs, cpu_ms_per_request):
+    return {
+        "rps": median_of(runs, "rps"),
+        "p50_ms": median_of(runs, "p50_ms"),
+        "p99_ms": median_of(runs, "p99_ms"),
+        "ttfb_p50_ms": median_of(runs, "ttfb_p50_ms"),
+        "ttfb_p99_ms": median_of(runs, "ttfb_p99_ms"),
+        "requests": sum(run["ok"] for run in runs),
+        "failed": sum(run["failed"] for run in runs),
+        "cpu_ms_per_request": cpu_ms_per_request,
+    }
+
+
+def print_scenario(scenario, by_target):
+    print(f"\n{scenario}")
+    print(f"  {'target':<14}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'ttfb p50':>10}{'+p50 ms':>9}{'cpu ms/req':>12}{'failed':>8}")
+    base = by_target.get("bare-hyper")
+    for name, r in by_target.items():
+        added = f"{r['p50_ms'] - base['p50_ms']:+.3f}" if base and name != "mock" else ""
+        cpu = f"{r['cpu_ms_per_request']:.3f}" if r.get("cpu_ms_per_request") is not None else ""
+        print(f"  {name:<14}{r['rps']:>10.0f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['ttfb_p50_ms']:>10.3f}"
+              f"{added:>9}{cpu:>12}{r['failed']:>8}", flush=True)
+
+
+def check_budget(results, streams):
+    lines = []
+
+    def add(what, measured, budget, ok):
+        lines.append({"what": what, "measured": measured, "budget": budget, "pass": bool(ok)})
+
+    for engine in ENGINES:
+        full, bare = f"full-{engine}", "bare-hyper"
+        meta, plain = results["json c=1 metadata"], results["json c=1 plain"]
+        if bare not in meta or full not in meta:
+            continue
+        d50 = meta[full]["p50_ms"] - meta[bare]["p50_ms"]
+        d99 = meta[full]["p99_ms"] - meta[bare]["p99_ms"]
+        add(f"{engine}: c=1 JSON metadata route, added p50", f"{d50:+.3f} ms", "≤ 0.2 ms", d50 <= 0.2)
+        add(f"{engine}: c=1 JSON metadata route, added p99", f"{d99:+.3f} ms", "≤ 0.4 ms", d99 <= 0.4)
+        dp = plain[full]["p50_ms"] - plain[bare]["p50_ms"]
+        add(f"{engine}: c=1 JSON plain route, added p50", f"{dp:+.3f} ms", "≤ 0.1 ms", dp <= 0.1)
+        c32 = results["json c=32"]
+        ratio = c32[full]["rps"] / c32[bare]["rps"]
+        add(f"{engine}: c=32 JSON, RPS vs bare hop", f"{ratio:.2f}×", "≥ 0.7×", ratio >= 0.7)
+        sse = results["sse c=1"]
+        dt = sse[full]["ttfb_p50_ms"] - sse[bare]["ttfb_p50_ms"]
+        add(f"{engine}: SSE c=1, added time to first byte (p50)", f"{dt:+.3f} ms", "≤ 0.2 ms", dt <= 0.2)
+        s = streams.get(full)
+        if s:
+            rss = s["peak_rss_mib"] if s["peak_rss_mib"] is not None else s["rss_after_mib"]
+            add(f"{engine}: {s['concurrent_streams']} open streams, peak RSS and errors",
+                f"{rss:.0f} MiB, {s['failed']} failed", "≤ 150 MB, 0 errors", rss * 1.048576 <= 150 and s["failed"] == 0)
+    return lines
+
+
+def counters(port):
+    wanted = ("llmgate_insertion_records_total", "llmgate_langfuse_spans_total")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            name, value = line.rsplit(" ", 1)
+            values[name.replace("llmgate_", "").replace("_total", "")] = int(float(value))
+    return values
+
+
+def last_spans(log):
+    spans = 0
+    for line in log.read_text().splitlines():
+        if line.startswith("exports="):
+            spans = int(line.split("spans=")[1])
+    return spans
+
+
+def machine():
+    cpus = os.cpu_count()
+    load = os.getloadavg()
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cpus": cpus, "cpu": model, "load_avg_at_end": [round(x, 2) for x in load]}
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_doc(path, report):
+    rows = []
+    for scenario, by_target in report["results"].items():
+        base = by_target.get("bare-hyper")
+        for name, r in by_target.items():
+            added = f"{r['p50_ms'] - base['p50_ms']:+.3f} / {r['p99_ms'] - base['p99_ms']:+.3f}" if base and name != "mock" else ""
+            cpu = f"{r['cpu_ms_per_request']:.3f}" if r.get("cpu_ms_per_request") is not None else ""
+            rss = f"{r['rss_mib']:.0f}" if "rss_mib" in r else ""
+            rows.append(f"| {scenario} | {name} | {r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                        f"{r['ttfb_p50_ms']:.3f} | {added} | {cpu} | {rss} | {r['failed']} |")
+    budget = [f"| {'✓' if b['pass'] else '✗'} | {b['what']} | {b['measured']} | {b['budget']} |" for b in report["budget"]]
+    streams = [f"| {name} | {s['concurrent_streams']} | {s['completed']} | {s['failed']} | "
+               f"{s['peak_rss_mib'] if s['peak_rss_mib'] is None else round(s['peak_rss_mib'])} |"
+               for name, s in report["open_streams"].items()]
+    m = report["machine"]
+    block = "\n".join([
+        BEGIN,
+        f"Last run: {report['date']}, {m['cpus']} CPUs ({m['cpu']}), load average at the end "
+        f"{m['load_avg_at_end']}; {report['settings']['rounds']} interleaved rounds of "
+        f"{report['settings']['duration_s']:g} s per target and scenario, medians shown. Baseline: the bare "
+        f"hyper hop. Langfuse spans received by the stand-in: {report['langfuse_spans_received']:,}. "
+        f"Background work by outcome (from `/metrics`): "
+        + "; ".join(f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in values.items() if v)
+                    for name, values in report["background"].items()) + ". "
+        f"Machine-readable: `docs/bench-result.json`.",
+        "",
+        "| budget | what | measured | budget |",
+        "|---|---|---|---|",
+        *budget,
+        "",
+        "| scenario | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 / p99 ms | CPU ms/req | RSS MiB | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "| open streams | concurrent | completed | failed | peak RSS MiB |",
+        "|---|---|---|---|---|",
+        *streams,
+        END,
+    ])
+    text = path.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## End-to-end load benchmark (last run)\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        stop_all()
