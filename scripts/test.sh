@@ -3,16 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v cmake >/dev/null 2>&1 || missing+=(cmake)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  echo "installing ${missing[*]} (apt-get)"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+. scripts/lib.sh
+install_missing redis-server:redis-server cmake:cmake
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust first (https://rustup.rs)" >&2
   exit 1
