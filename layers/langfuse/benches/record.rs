@@ -5,11 +5,12 @@
 //!   task (trace context, attempt info, the body tap, the one queue push). Requests run in
 //!   chunks; between chunks, untimed, the exporter is flushed, so no request meets a full
 //!   queue (which would time the cheap drop instead).
-//! - `exporter_per_request` is the background side: draining a chunk's records, building the
-//!   spans, protobuf encoding and gzip, divided by the chunk's requests. The exporter points at
-//!   a closed port with no retries, so the send fails at once.
+//! - `recorded_and_exported` times the chunks and their flushes: the request path plus the
+//!   exporter's work (writing the spans, gzip; partly in parallel on the second core), per
+//!   request. The exporter points at a closed port with no retries, so the send fails at once.
 //!
-//! The exporter runs on its own runtime thread, as it would on a multi-threaded server.
+//! The exporter runs on its own runtime thread, as it would on a multi-threaded server, and
+//! memory comes from mimalloc, the gateway binary's allocator.
 
 use std::{
     hint::black_box,
@@ -29,6 +30,9 @@ use llmgate_core::{
 use llmgate_langfuse::{ExporterConfig, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer};
 use serde_json::{Value, json};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const MODEL: &str = "openai/gpt-4o-mini";
 
@@ -87,6 +91,25 @@ async fn one_request(svc: impl Service<Request<GatewayBody>, Response = Response
     tokio::task::yield_now().await;
 }
 
+/// Runs `iters` requests in chunks, flushing the exporter after each; times the requests, and
+/// the flushes too when `with_export`.
+async fn chunks<S>(svc: S, exporter: LangfuseExporter, iters: u64, with_export: bool) -> Duration
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError> + Clone,
+{
+    let mut timed = Duration::ZERO;
+    for chunk in (0..iters).step_by(CHUNK as usize) {
+        let start = Instant::now();
+        for _ in chunk..iters.min(chunk + CHUNK) {
+            one_request(svc.clone()).await;
+        }
+        let requests = start.elapsed();
+        assert!(exporter.flush(tokio::time::Instant::now() + Duration::from_secs(60)).await, "flushed");
+        timed += if with_export { start.elapsed() } else { requests };
+    }
+    timed
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let background = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -95,12 +118,10 @@ fn bench(c: &mut Criterion) {
         pricing: Some(Pricing { input_per_1m: 0.15, output_per_1m: 0.6 }),
         ..Default::default()
     }]));
-    // `batch_spans` also sets when the exporter wakes up by itself (a batch's worth queued).
-    let recording = |batch_spans: usize| {
+    let recording = || {
         let exporter = background.block_on(async {
             let config = ExporterConfig::new("http://127.0.0.1:1")
                 .max_queue_spans(8192)
-                .max_batch_spans(batch_spans)
                 .max_retries(0)
                 .schedule_delay(Duration::from_secs(3600));
             LangfuseExporter::spawn(config, LangfuseClient::http())
@@ -111,56 +132,19 @@ fn bench(c: &mut Criterion) {
             .service(upstream());
         (exporter, svc)
     };
-    let flush = |exporter: LangfuseExporter| async move {
-        assert!(exporter.flush(tokio::time::Instant::now() + Duration::from_secs(60)).await, "flushed");
-    };
     let mut group = c.benchmark_group("record");
     group.measurement_time(Duration::from_secs(4));
     group.bench_function("baseline_no_langfuse", |b| {
         let svc = upstream();
         b.to_async(&rt).iter(|| one_request(svc.clone()));
     });
-    group.bench_function("langfuse_root_and_generation", |b| {
-        let (exporter, svc) = recording(512);
-        b.to_async(&rt).iter_custom(|iters| {
-            let (exporter, svc) = (exporter.clone(), svc.clone());
-            async move {
-                let mut timed = Duration::ZERO;
-                for chunk in (0..iters).step_by(CHUNK as usize) {
-                    let start = Instant::now();
-                    for _ in chunk..iters.min(chunk + CHUNK) {
-                        one_request(svc.clone()).await;
-                    }
-                    timed += start.elapsed();
-                    flush(exporter.clone()).await;
-                }
-                timed
-            }
+    for (name, with_export) in [("langfuse_root_and_generation", false), ("recorded_and_exported", true)] {
+        group.bench_function(name, |b| {
+            let (exporter, svc) = recording();
+            b.to_async(&rt).iter_custom(|iters| chunks(svc.clone(), exporter.clone(), iters, with_export));
+            assert_eq!(exporter.snapshot().dropped, 0, "no request met a full queue");
         });
-        assert_eq!(exporter.snapshot().dropped, 0, "no request met a full queue");
-    });
-    group.bench_function("exporter_per_request", |b| {
-        // Batches as large as the queue: the exporter only works when flushed.
-        let (exporter, svc) = recording(8192);
-        b.to_async(&rt).iter_custom(|iters| {
-            let (exporter, svc) = (exporter.clone(), svc.clone());
-            async move {
-                let mut timed = Duration::ZERO;
-                for chunk in (0..iters).step_by(CHUNK as usize) {
-                    let n = iters.min(chunk + CHUNK) - chunk;
-                    for _ in 0..n {
-                        one_request(svc.clone()).await;
-                    }
-                    assert_eq!(exporter.snapshot().queue_depth, 2 * n, "nothing drained before the flush");
-                    let start = Instant::now();
-                    flush(exporter.clone()).await;
-                    timed += start.elapsed();
-                }
-                timed
-            }
-        });
-        assert_eq!(exporter.snapshot().dropped, 0, "no request met a full queue");
-    });
+    }
     group.finish();
 }
 
