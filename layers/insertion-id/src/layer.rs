@@ -238,6 +238,8 @@ pin_project! {
     }
 }
 
+// The future is allocated once with its largest state; boxing the head would add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum FutureState<B: Body> {
     /// Not a rollout request, or done.
     Pass,
