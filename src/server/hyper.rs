@@ -12,7 +12,7 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use llmgate_core::{GatewayBody, body};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tower::ServiceExt;
 
 use crate::stack::GatewayService;
@@ -68,7 +68,15 @@ fn call(service: &GatewayService, req: Request<Incoming>) -> ResponseFuture {
     Box::pin(service.clone().oneshot(req.map(body::boxed)))
 }
 
-/// Binds `addr` (port 0 picks a free port).
+/// The listen backlog: with the default (1,024) a burst of thousands of new connections overflows
+/// the accept queue and the dropped SYNs come back only after a 1 s retransmit.
+const BACKLOG: u32 = 8192;
+
+/// Binds `addr` (port 0 picks a free port), with `SO_REUSEADDR` (a restart does not wait for
+/// the old connections' TIME_WAIT) and a deep backlog.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
