@@ -7,9 +7,11 @@
 use std::time::Duration;
 
 use redis::{
+    IntoConnectionInfo,
     aio::{ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
+    io::tcp::TcpSettings,
 };
 
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -30,6 +32,7 @@ impl RedisConnection {
         let nodes = node_urls(url);
         if nodes.len() > 1 || url.contains("+cluster://") {
             let client = ClusterClientBuilder::new(nodes)
+                .tcp_settings(tcp_settings())
                 .connection_timeout(CONNECTION_TIMEOUT)
                 .response_timeout(RESPONSE_TIMEOUT)
                 .retries(2)
@@ -43,8 +46,15 @@ impl RedisConnection {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        Ok(Self::Single(redis::Client::open(url)?.get_connection_manager_lazy(config)?))
+        let info = url.into_connection_info()?.set_tcp_settings(tcp_settings());
+        Ok(Self::Single(redis::Client::open(info)?.get_connection_manager_lazy(config)?))
     }
+}
+
+/// TCP_NODELAY (the redis crate leaves Nagle on): a command written while an earlier one is
+/// unacknowledged must not wait for the ACK.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
 }
 
 /// The node URLs of a Redis URL: `redis+cluster://a:1,b:2` or `redis://a:1,redis://b:2`.
