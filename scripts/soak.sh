@@ -21,8 +21,8 @@
 # temporary directory; `llmgate mock-upstream` (each stream has 20 chunks 500 ms apart, so it
 # stays open ~10 s); `llmgate serve` (release build) with every layer on as in production:
 # API-key auth, Redis-backed insertion ids and rate limits, a model catalogue with limits and
-# fallbacks, context routing, Langfuse export (to the mock, which acknowledges every batch), and
-# metrics on a second port; two `oha` runs on rollout routes spread over 1,000 rollouts, one
+# fallbacks, context routing, Langfuse export (to `langfuse-stand-in`, which checks and counts
+# every batch), and metrics on a second port; two `oha` runs on rollout routes spread over 1,000 rollouts, one
 # paced over the keep-alive connections, one keeping the streams open back to back.
 #
 # Installs what it needs when missing (scripts/lib.sh): redis-server, jq, curl, iproute2 and
@@ -65,6 +65,7 @@ done
 install_missing redis-server:redis-server jq:jq curl:curl ss:iproute2 cmake:cmake
 install_oha
 cargo build --release -p llmgate --bin llmgate
+cargo build --release -p llmgate-test-support --bin langfuse-stand-in
 # What was built: the commit, marked when the sources differed from it.
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD -- src layers Cargo.toml Cargo.lock 2>/dev/null || commit+="+uncommitted"
@@ -128,6 +129,11 @@ free_port mock_port
 "$bin" mock-upstream --port "$mock_port" --chunks 20 --chunk-delay-ms 500 >"$work/mock.log" 2>&1 &
 pids+=($!)
 
+free_port langfuse_port
+"$root/target/release/langfuse-stand-in" --port "$langfuse_port" --project soak:pk-lf-soak:sk-lf-soak \
+    >"$work/langfuse.log" 2>&1 &
+pids+=($!)
+
 free_port port
 free_port metrics_port
 key="soak-$(date +%s)-$RANDOM"
@@ -157,7 +163,7 @@ models:
     pricing: {input_per_1m: 2.5, output_per_1m: 10}
 redis: {url: "redis://127.0.0.1:$redis_port"}
 langfuse:
-  host: "http://127.0.0.1:$mock_port"
+  host: "http://127.0.0.1:$langfuse_port"
   secrets_path: "$work/secrets.yaml"
   emit: all
   export: {batch_max_spans: 512, batch_delay_ms: 1000, queue_max_spans: 8192, timeout_ms: 10000}
@@ -166,6 +172,7 @@ rate_limit: {max_wait_seconds: 0, on_redis_outage: fail_open}
 metrics: {listen: "127.0.0.1:$metrics_port"}
 EOF
 wait_for "http://127.0.0.1:$mock_port/health"
+wait_for "http://127.0.0.1:$langfuse_port/"
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
 "$bin" check-config --config "$work/llmgate.yaml" >/dev/null
 LOG_LEVEL="$log_level" "$bin" serve --config "$work/llmgate.yaml" >"$work/llmgate.log" 2>&1 &
