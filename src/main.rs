@@ -24,25 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve {
-        /// The YAML config file (optional: embedded defaults otherwise).
-        #[arg(long, env = "LLMGATE_CONFIG")]
-        config: Option<PathBuf>,
-        /// The engine: hyper (default) or pingora; overrides the config's `engine`.
-        #[arg(long, value_enum)]
-        engine: Option<llmgate::config::Engine>,
-    },
+    Serve(ServeArgs),
     /// Run a bare proxy hop: the same upstream and host as `serve`, no layers. The baseline of
     /// the end-to-end benchmark (`scripts/bench.sh`); reads the same config (listen address,
     /// upstream URL, timeouts, engine).
-    BareProxy {
-        /// The YAML config file (optional: embedded defaults otherwise).
-        #[arg(long, env = "LLMGATE_CONFIG")]
-        config: Option<PathBuf>,
-        /// The engine: hyper (default) or pingora; overrides the config's `engine`.
-        #[arg(long, value_enum)]
-        engine: Option<llmgate::config::Engine>,
-    },
+    BareProxy(ServeArgs),
     /// Validate a config and print what `serve` would run.
     CheckConfig {
         /// The YAML config file.
@@ -87,6 +73,17 @@ enum Command {
     },
 }
 
+/// What `serve` and `bare-proxy` read.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The YAML config file (optional: embedded defaults otherwise).
+    #[arg(long, env = "LLMGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The engine: hyper (default) or pingora; overrides the config's `engine`.
+    #[arg(long, value_enum)]
+    engine: Option<llmgate::config::Engine>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -112,8 +109,7 @@ fn load(config: Option<PathBuf>) -> Result<Config, llmgate::config::ConfigError>
 /// The config for `serve` and `bare-proxy`, with the engine flag applied, and logging started
 /// (keep the guard until exit).
 fn load_for_serving(
-    config: Option<PathBuf>,
-    engine: Option<llmgate::config::Engine>,
+    ServeArgs { config, engine }: ServeArgs,
 ) -> Result<(Config, tracing_appender::non_blocking::WorkerGuard), llmgate::config::ConfigError> {
     let mut config = load(config)?;
     if let Some(engine) = engine {
@@ -161,8 +157,8 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             print!("configuration OK\n{description}");
             Ok(())
         }
-        Command::Serve { config, engine } => {
-            let (config, _log) = load_for_serving(config, engine)?;
+        Command::Serve(args) => {
+            let (config, _log) = load_for_serving(args)?;
             let listen = config.listen;
             let gateway = Gateway::from_config(config).await?;
             let listener = bind(listen).await?;
@@ -170,8 +166,8 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             gateway.serve(listener, shutdown_signal()).await;
             Ok(())
         }
-        Command::BareProxy { config, engine } => {
-            let (config, _log) = load_for_serving(config, engine)?;
+        Command::BareProxy(args) => {
+            let (config, _log) = load_for_serving(args)?;
             let service = llmgate::stack::bare_service(&config)?;
             let listener = bind(config.listen).await?;
             tracing::info!(

@@ -26,7 +26,8 @@
 //! Requests without rollout ids pass through untouched.
 //!
 //! **Requires:** `RouteMeta` (optional: without it nothing happens), `LlmRequest` (optional:
-//! without it no body edit is made). **Provides:** `InsertionId`, `RolloutTags`, `BodyEdits`
+//! without it no body edit is made), an `Unpin` response body (the head of a JSON response waits
+//! for its first frame, read ahead). **Provides:** `InsertionId`, `RolloutTags`, `BodyEdits`
 //! (`metadata`, scoped to `litellm`), the `x-insertion-id` response header.
 //!
 //! Stores: [`MemoryStore`] (sharded, in process) and [`RedisStore`] (single node or Redis
