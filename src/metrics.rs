@@ -111,6 +111,13 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// `place`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PanicLabels {
+    /// `handler` (a service's future) or `body` (a response body).
+    place: &'static str,
+}
+
 /// The layers' counters, read at scrape time.
 #[derive(Default)]
 pub struct Sources {
@@ -151,6 +158,7 @@ pub struct Metrics {
     cooldowns_active: Gauge,
     redis_errors: Counter,
     context_estimates: Family<OutcomeLabels, Counter>,
+    panics: Family<PanicLabels, Counter>,
     sources: Sources,
     catalog: Arc<Catalog>,
 }
@@ -178,6 +186,7 @@ impl Metrics {
             cooldowns_active: Gauge::default(),
             redis_errors: Counter::default(),
             context_estimates: Family::default(),
+            panics: Family::default(),
             sources,
             catalog,
             registry: Registry::default(),
@@ -216,7 +225,13 @@ impl Metrics {
         registry.register("cooldowns_active", "Models cooling down after a 429", m.cooldowns_active.clone());
         registry.register("redis_errors", "Rate-limit store errors", m.redis_errors.clone());
         registry.register("context_estimates", "Context estimates by path", m.context_estimates.clone());
+        registry.register("panics", "Panics caught, by place (handler or response body)", m.panics.clone());
         Self { registry, ..m }
+    }
+
+    /// Counts a panic caught in a request handler (`handler`) or a response body (`body`).
+    pub fn count_panic(&self, place: &'static str) {
+        self.panics.get_or_create(&PanicLabels { place }).inc();
     }
 
     /// A bounded model label: a catalogue name, else `other`.

@@ -3,7 +3,7 @@
 //! Outer → inner (the first layer listed sees the request first):
 //!
 //! ```text
-//! CatchPanic → Rescue → PathMetadata → Metrics → Router
+//! CatchPanic (handler and response bodies) → Rescue → PathMetadata → Metrics → Router
 //!   ├─ GET /health
 //!   └─ Auth → Dispatch on RouteMeta
 //!      ├─ chat:      DecodeJson → Project → InsertionId → [Langfuse] → ChatObserve
@@ -22,7 +22,9 @@ use http::{Request, Response};
 use http_body_util::Full;
 use llmgate_context_routing::ContextRoutingLayer;
 use llmgate_core::{
-    BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer, catalog::Catalog,
+    BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer,
+    catalog::Catalog,
+    rescue::{CatchPanicBody, PanicHook},
 };
 use llmgate_credentials::{
     AuthLayer, AuthProvider, BaseUrlAllowlist, NoAuth, ProjectLayer, Projects, Secrets, StaticApiKeys,
@@ -270,9 +272,20 @@ impl Gateway {
             })
             .service(Dispatch { chat, traces, catch_all, stats: Some(stats), metrics: Some(prometheus.clone()) });
 
+        let body_panics: PanicHook = {
+            let prometheus = prometheus.clone();
+            Arc::new(move || prometheus.count_panic("body"))
+        };
+        let handler_panics = prometheus.clone();
         let service = ServiceBuilder::new()
-            .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+            .map_response(move |r: Response<_>| {
+                r.map(|body| llmgate_core::body::boxed(CatchPanicBody::new(body, body_panics.clone())))
+            })
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(move |_panic| {
+                tracing::error!("a request handler panicked");
+                handler_panics.count_panic("handler");
+                GatewayError::Internal("Internal error".into()).to_response()
+            }))
             .layer(RescueLayer::new())
             .layer(PathMetadataLayer::new())
             .layer(MetricsLayer::new(prometheus.clone()))
@@ -362,9 +375,4 @@ pub async fn serve_on(
         #[cfg(not(feature = "pingora"))]
         Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
     }
-}
-
-fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<GatewayBody> {
-    tracing::error!("a request handler panicked");
-    GatewayError::Internal("Internal error".into()).to_response()
 }

@@ -102,12 +102,8 @@ impl Body for Replayed {
 
     fn size_hint(&self) -> SizeHint {
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let mut hint = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-        hint.set_lower(hint.lower() + prefix);
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + prefix);
-        }
-        hint
+        let rest = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        llmgate_core::body::size_hint_after(prefix, rest)
     }
 }
 
@@ -190,5 +186,22 @@ mod tests {
         let (data, _, failed) = replay(captured).await;
         assert_eq!(data.concat(), b"a");
         assert!(failed);
+    }
+
+    proptest::proptest! {
+        /// Whatever the frames, the cap, an early end or an error: the replayed body's size hint
+        /// stays consistent, and it gives back exactly what the upstream sent.
+        #[test]
+        fn replayed_size_hint_is_consistent(
+            script in llmgate_test_support::body::scripts(200),
+            cap in 0usize..220,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let captured = runtime.block_on(read_capped(llmgate_core::body::boxed(script.body()), cap));
+            let played = llmgate_test_support::body::check_size_hints(captured.into_body(), &script);
+            if script.ends_cleanly() {
+                proptest::prop_assert_eq!(played.data, script.data());
+            }
+        }
     }
 }

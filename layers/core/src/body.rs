@@ -5,7 +5,7 @@
 //! standardise on.
 
 use bytes::Bytes;
-use http_body::Body;
+use http_body::{Body, SizeHint};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 use crate::BoxError;
@@ -30,6 +30,19 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed_unsync()
+}
+
+/// The hint of a body that gives out `held` bytes it already holds before the rest (`rest`).
+///
+/// Built from scratch with saturating sums: adding to a hint's lower bound in place
+/// (`SizeHint::set_lower`) panics when the rest has an exact size.
+pub fn size_hint_after(held: u64, rest: SizeHint) -> SizeHint {
+    let mut hint = SizeHint::new();
+    if let Some(upper) = rest.upper() {
+        hint.set_upper(upper.saturating_add(held));
+    }
+    hint.set_lower(rest.lower().saturating_add(held));
+    hint
 }
 
 /// A JSON response with the given status.

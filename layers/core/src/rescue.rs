@@ -1,8 +1,13 @@
-//! Turns errors into OpenAI-style JSON responses.
+//! Turns errors into OpenAI-style JSON responses, and panics in response bodies into errors.
 //!
 //! [`RescueLayer`] sits above everything that can fail. It walks the error's source chain for a
 //! [`GatewayError`]; a body that outgrew its limit becomes 413, a timer that elapsed 504, and
 //! anything else a 500 whose details are logged, not shown. The stack above it is infallible.
+//!
+//! A panic inside a response body happens on the host's connection task, after the service
+//! returned, where no layer's future can catch it: [`CatchPanicBody`] ends such a body with an
+//! error instead (the client sees a broken response, as for an upstream that broke), logs the
+//! panic and runs a hook (the proxy counts it).
 //!
 //! ```
 //! use http::{Request, StatusCode};
@@ -21,13 +26,21 @@
 //! ```
 
 use std::{
+    any::Any,
     convert::Infallible,
     future::Future,
+    panic::{AssertUnwindSafe, catch_unwind},
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -162,6 +175,112 @@ where
                 Some(response) => Poll::Ready(Ok(response)),
                 None => panic!("RescueFuture polled after completion"),
             },
+        }
+    }
+}
+
+// === CatchPanicBody ===
+
+/// Called once per panic a [`CatchPanicBody`] caught.
+pub type PanicHook = Arc<dyn Fn() + Send + Sync>;
+
+pin_project! {
+    /// A response body whose panics (in `poll_frame`, `size_hint` or `is_end_stream`) end it with
+    /// an error instead of tearing down the connection task unannounced. The panic is logged
+    /// and the hook runs; the inner body is never polled again.
+    ///
+    /// ```
+    /// use std::sync::{Arc, atomic::{AtomicU32, Ordering}};
+    /// use http_body_util::BodyExt;
+    /// use llmgate_core::{body, rescue::CatchPanicBody};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let panics = Arc::new(AtomicU32::new(0));
+    /// let counted = panics.clone();
+    /// let exploding = body::full("x").map_frame(|_| -> http_body::Frame<bytes::Bytes> { panic!("boom") });
+    /// let body = CatchPanicBody::new(exploding, Arc::new(move || { counted.fetch_add(1, Ordering::SeqCst); }));
+    /// assert!(body.collect().await.is_err());
+    /// assert_eq!(panics.load(Ordering::SeqCst), 1);
+    /// # }
+    /// ```
+    pub struct CatchPanicBody<B> {
+        #[pin]
+        inner: B,
+        hook: PanicHook,
+        // Set by a panic in `size_hint`/`is_end_stream` (which take `&self`) or `poll_frame`.
+        panicked: AtomicBool,
+        // Whether the error frame for the panic was given out.
+        reported: bool,
+    }
+}
+
+impl<B> CatchPanicBody<B> {
+    /// Wraps `inner`; `hook` runs once per caught panic.
+    pub fn new(inner: B, hook: PanicHook) -> Self {
+        Self { inner, hook, panicked: AtomicBool::new(false), reported: false }
+    }
+
+    fn caught(&self, payload: Box<dyn Any + Send>, place: &str) {
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(panic = message, "a response body panicked in {place}; the response ends with an error");
+        self.panicked.store(true, Ordering::Relaxed);
+        (self.hook)();
+    }
+}
+
+impl<B> Body for CatchPanicBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.panicked.load(Ordering::Relaxed) {
+            let this = self.project();
+            if std::mem::replace(this.reported, true) {
+                return Poll::Ready(None);
+            }
+            return Poll::Ready(Some(Err("the response body failed (a panic, logged)".into())));
+        }
+        let mut this = self.as_mut().project();
+        match catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll_frame(cx))) {
+            Ok(polled) => polled.map(|frame| frame.map(|r| r.map_err(Into::into))),
+            Err(payload) => {
+                self.caught(payload, "poll_frame");
+                self.poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.panicked.load(Ordering::Relaxed) {
+            return self.reported;
+        }
+        match catch_unwind(AssertUnwindSafe(|| self.inner.is_end_stream())) {
+            Ok(end) => end,
+            Err(payload) => {
+                self.caught(payload, "is_end_stream");
+                false
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.panicked.load(Ordering::Relaxed) {
+            return SizeHint::new();
+        }
+        match catch_unwind(AssertUnwindSafe(|| self.inner.size_hint())) {
+            Ok(hint) => hint,
+            Err(payload) => {
+                self.caught(payload, "size_hint");
+                SizeHint::new()
+            }
         }
     }
 }

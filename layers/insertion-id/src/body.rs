@@ -13,6 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use llmgate_core::body::size_hint_after;
 use pin_project_lite::pin_project;
 
 /// The record of a response, started when its end is in sight.
@@ -160,21 +161,17 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = match self.state {
+        let held = |frame: &Frame<Bytes>| frame.data_ref().map_or(0, |data| data.len() as u64);
+        let rest = match &self.state {
             State::Ended => SizeHint::with_exact(0),
+            // The frame held back for the record is no longer in the inner body's hint.
+            State::Record { held: Some(frame), .. } => size_hint_after(held(frame), self.inner.size_hint()),
             _ => self.inner.size_hint(),
         };
-        // The frame read ahead is no longer in the inner body's hint.
-        let first = match &self.first {
-            Some(Ok(frame)) => frame.data_ref().map_or(0, |data| data.len() as u64),
-            _ => return rest,
-        };
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(first));
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(first));
+        match &self.first {
+            Some(Ok(frame)) => size_hint_after(held(frame), rest),
+            _ => rest,
         }
-        hint
     }
 }
 
@@ -287,7 +284,94 @@ impl Progress {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::DoneScanner;
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        task::Waker,
+    };
+
+    use llmgate_test_support::body::{Script, check_size_hints, scripts, scripts_of};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A `RecordBody` over `script` that watches for its end as the layer would (by length when
+    /// declared, else by `[DONE]` for SSE, else the end of the stream), optionally with the first
+    /// frame read ahead; the flag says whether the record ran.
+    fn record_body(
+        script: &Script,
+        sse: bool,
+        read_ahead: bool,
+    ) -> (RecordBody<llmgate_test_support::body::Scripted>, Arc<AtomicBool>) {
+        let recorded = Arc::new(AtomicBool::new(false));
+        let flag = recorded.clone();
+        let start: StartRecord = Box::new(move || {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                flag.store(true, Ordering::SeqCst);
+            })
+        });
+        let end = match (sse, script.declares_length) {
+            (true, _) => EndWatch::Sse(DoneScanner::default()),
+            (false, true) => EndWatch::Length(script.declared.unwrap_or_else(|| script.data_len())),
+            (false, false) => EndWatch::EndOfStream,
+        };
+        let mut body = RecordBody::record_at_end(script.body(), end, start);
+        if read_ahead {
+            let mut cx = Context::from_waker(Waker::noop());
+            while body.read_ahead(&mut cx).is_pending() {}
+        }
+        (body, recorded)
+    }
+
+    fn sse_stream() -> impl Strategy<Value = Script> {
+        proptest::collection::vec("[a-z ]{0,12}", 0..6).prop_flat_map(|contents| {
+            let mut text = String::new();
+            for content in contents {
+                text.push_str(&format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n"));
+            }
+            text.push_str("data: [DONE]\n\n");
+            scripts_of(text.into_bytes())
+        })
+    }
+
+    proptest! {
+        /// Every frame split, early end and error, read ahead or not: the size hint stays
+        /// consistent and the body gives out what the upstream sent.
+        #[test]
+        fn size_hint_is_consistent(script in scripts(160), read_ahead in any::<bool>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _entered = runtime.enter();
+            let (body, _) = record_body(&script, false, read_ahead);
+            let played = check_size_hints(body, &script);
+            if script.ends_cleanly() {
+                prop_assert_eq!(played.data, script.data());
+            }
+        }
+
+        /// The same for SSE streams watched for `[DONE]`: recorded before `[DONE]` (or the end of
+        /// the stream) is given out, never when the stream breaks before it.
+        #[test]
+        fn sse_size_hint_is_consistent(script in sse_stream(), read_ahead in any::<bool>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _entered = runtime.enter();
+            let (body, recorded) = record_body(&script, true, read_ahead);
+            let played = check_size_hints(body, &script);
+            let done_given_out = memchr::memmem::find(&played.data, b"data: [DONE]").is_some();
+            let recorded = recorded.load(Ordering::SeqCst);
+            if done_given_out || !played.errored {
+                // The `[DONE]` frame (or the end of the stream) waits for its record.
+                prop_assert!(recorded);
+            } else {
+                prop_assert!(!recorded, "a stream that broke before [DONE] was recorded");
+            }
+            if script.ends_cleanly() {
+                prop_assert_eq!(played.data, script.data());
+            }
+        }
+    }
 
     fn feed_all(chunks: &[&str]) -> Option<usize> {
         let mut scanner = DoneScanner::default();
