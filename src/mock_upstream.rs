@@ -16,6 +16,7 @@
 //! | `x-mock-fail` | `model=status[:code],…`: fail only for these models |
 //! | `x-mock-hang` | never answer |
 //! | `x-mock-cut-after` | end an SSE stream abruptly (connection reset) after this many chunks |
+//! | `x-mock-tool-call` | answer a JSON completion with a call of this tool instead of text |
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -212,6 +213,14 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Ga
     }
     let content = "This is a mock completion.";
     let completion_tokens = content.split_whitespace().count() as u64;
+    let (message, finish_reason) = match header(headers, "x-mock-tool-call") {
+        Some(tool) => (
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_mock_{n}"), "type": "function",
+                "function": {"name": tool, "arguments": "{\"city\":\"Paris\"}"}}]}),
+            "tool_calls",
+        ),
+        None => (json!({"role": "assistant", "content": content}), "stop"),
+    };
     Ok(json(
         StatusCode::OK,
         &json!({
@@ -219,7 +228,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Ga
             "object": "chat.completion",
             "created": 1_700_000_000,
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
         }),
     ))

@@ -172,3 +172,62 @@ async fn graceful_shutdown_flushes_queued_spans() {
     let obs = observations(&s.standin, "p1");
     assert!(obs.iter().any(|o| o.kind == "GENERATION") && obs.iter().any(|o| o.is_root()), "{obs:?}");
 }
+
+/// Issue 15 (defects 3 and 4): in `litellm` mode LiteLLM writes the generation. Every attempt
+/// carries a `traceparent` naming the insertion id's trace and llmgate's root span, so LiteLLM's
+/// spans join the one trace; llmgate adds its root (messages in, the assistant message out,
+/// assembled when streamed: never empty) and no generation of its own.
+#[tokio::test]
+async fn litellm_mode_joins_one_trace_and_records_the_assistant_message() {
+    for stream in [false, true] {
+        let (standin, _dir, secrets) = langfuse_with_two_projects().await;
+        let mock = mock().await;
+        let yaml = format!(
+            "upstreams:\n  lite: {{url: \"{}\", mode: litellm}}\nlangfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: 50, timeout_ms: 1000}}}}\n",
+            mock.url(),
+            standin.url(),
+            secrets.display()
+        );
+        let gw = TestGateway::start(&yaml, &[]).await;
+        let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}],
+            "stream": stream});
+        let reply = post_json(&gw.url(ROLLOUT), &[], &body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let insertion_id = reply.headers["x-insertion-id"].to_str().unwrap().to_string();
+        let trace_id = insertion_id.replace('-', "");
+
+        within(standin.wait_for(|st| st.observations("p1").iter().any(|o| o.is_root()))).await;
+        let obs = observations(&standin, "p1");
+        assert_eq!(obs.len(), 1, "the root only: LiteLLM records the generation ({obs:?})");
+        let root = &obs[0];
+        assert_eq!(root.trace_id, trace_id);
+        let input: Value = serde_json::from_str(root.input.as_deref().unwrap()).unwrap();
+        assert_eq!(input, json!([{"role": "user", "content": "hello there"}]));
+        let output: Value = serde_json::from_str(root.output.as_deref().unwrap()).unwrap();
+        assert_eq!(output["role"], "assistant", "stream {stream}: {output}");
+        assert!(!output["content"].as_str().unwrap().is_empty(), "stream {stream}: {output}");
+
+        let sent = mock.requests().into_iter().find(|r| r.uri.ends_with("/chat/completions")).unwrap();
+        let traceparent = sent.headers["traceparent"].to_str().unwrap().to_string();
+        assert_eq!(traceparent, format!("00-{trace_id}-{}-01", root.id), "LiteLLM's parent is llmgate's root");
+    }
+}
+
+/// Issue 15 (defect 5): in `openai` mode a JSON completion's trace output is the assistant
+/// message, tool calls included, not the whole `chat.completion` body.
+#[tokio::test]
+async fn openai_mode_output_is_the_assistant_message_with_its_tool_calls() {
+    let s = setup("", 50).await;
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]});
+    let reply = post_json(&s.gw.url(ROLLOUT), &[("x-mock-tool-call", "weather")], &body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    within(s.standin.wait_for(|st| st.observations("p1").iter().any(|o| o.is_root()))).await;
+    let obs = observations(&s.standin, "p1");
+    let root = obs.iter().find(|o| o.is_root()).unwrap();
+    let output: Value = serde_json::from_str(root.output.as_deref().unwrap()).unwrap();
+    let sent: Value = reply.json();
+    assert_eq!(output["role"], "assistant");
+    assert_eq!(output["tool_calls"], sent["choices"][0]["message"]["tool_calls"], "{output}");
+    assert!(output.get("choices").is_none() && output.get("id").is_none(), "not the whole body: {output}");
+}

@@ -6,13 +6,18 @@
 //! - scans SSE (`text/event-stream`) lines for a `usage` object (OpenAI's final chunk, or
 //!   Anthropic-style `message_start`/`message_delta` usage, last value winning), and
 //! - keeps a bounded copy of a JSON body to read its `usage` at the end, and of any body when a
-//!   consumer asked for one (Langfuse's output).
+//!   consumer asked for one (Langfuse's output), and
+//! - when a copy was asked for, assembles an SSE stream's deltas into one assistant message
+//!   ([`AssembledMessage`]: role, content, tool calls), bounded by the copy's size. Each `data:`
+//!   line is then parsed once, into borrowed fields; without a copy nothing is parsed but the
+//!   usage chunk.
 //!
 //! The [`Outcome`] fires exactly once, on whichever comes first: end of stream (also when
 //! `is_end_stream()` turns true after a frame), an error, or drop (the client went away).
 //!
 //! The first layer that wants the outcome installs the tap with [`tap`]; layers further out
-//! find the [`UsageOutcome`] in the response extensions and subscribe to the same one.
+//! find the [`UsageOutcome`] in the response extensions and subscribe to the same one (and may
+//! raise the size of the copy, as long as the body has not started to flow).
 //!
 //! ```
 //! use http::Response;
@@ -33,9 +38,13 @@
 //! ```
 
 use std::{
+    borrow::Cow,
     fmt,
     pin::Pin,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -91,16 +100,28 @@ impl Usage {
 
 // === SseScanner ===
 
-/// Finds `usage` in SSE `data:` lines as the frames pass, carrying unfinished lines over.
+/// Finds `usage` in SSE `data:` lines as the frames pass, carrying unfinished lines over, and
+/// (when [`SseScanner::assemble`] was called) assembles the deltas into one message.
 #[derive(Debug, Default)]
 pub struct SseScanner {
     partial: Vec<u8>,
     skipping_long_line: bool,
     usage: Option<Usage>,
     done: bool,
+    assembler: Option<AssembledMessage>,
 }
 
 impl SseScanner {
+    /// Assembles the stream's message from here on, keeping at most `limit` bytes of its texts.
+    pub fn assemble(&mut self, limit: usize) {
+        self.assembler.get_or_insert_with(|| AssembledMessage::bounded(limit));
+    }
+
+    /// The message assembled so far (`None` unless asked for, or before the first delta).
+    pub fn assembled(&self) -> Option<&AssembledMessage> {
+        self.assembler.as_ref().filter(|a| a.seen)
+    }
+
     /// Feeds one frame.
     pub fn feed(&mut self, chunk: &[u8]) {
         let Some(last_newline) = memchr::memrchr(b'\n', chunk) else {
@@ -161,7 +182,7 @@ impl SseScanner {
         // `"usage":null` (in every chunk when usage is on) is ruled out here, before any split.
         let has_usage = usage_object_follows(lines);
         let has_done = DONE.find(lines).is_some();
-        if !has_usage && !has_done {
+        if !has_usage && !has_done && self.assembler.is_none() {
             return;
         }
         for line in lines.split(|b| *b == b'\n') {
@@ -171,7 +192,12 @@ impl SseScanner {
             let data = data.trim_ascii();
             if data == b"[DONE]" {
                 self.done = true;
-            } else if has_usage && usage_object_follows(data) {
+                continue;
+            }
+            if let Some(assembler) = self.assembler.as_mut() {
+                assembler.feed(data);
+            }
+            if has_usage && usage_object_follows(data) {
                 self.read_usage(data);
             }
         }
@@ -207,6 +233,192 @@ fn usage_object_follows(data: &[u8]) -> bool {
     })
 }
 
+// === AssembledMessage ===
+
+/// The assistant message of a stream: `choices[0]`'s deltas joined, texts bounded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AssembledMessage {
+    /// `delta.role` (OpenAI sends it in the first chunk).
+    pub role: Option<String>,
+    /// `delta.content` joined; `None` when no chunk carried content.
+    pub content: Option<String>,
+    /// `delta.tool_calls` merged by their `index`.
+    pub tool_calls: Vec<AssembledToolCall>,
+    /// The last non-null `finish_reason`.
+    pub finish_reason: Option<String>,
+    /// Bytes of text (content and tool-call arguments) the stream carried.
+    pub text_bytes: u64,
+    /// Bytes of text kept (at most the limit).
+    pub kept_bytes: u64,
+    limit: usize,
+    seen: bool,
+}
+
+/// One tool call of an [`AssembledMessage`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AssembledToolCall {
+    /// `id`.
+    pub id: Option<String>,
+    /// `type` (`function`).
+    pub kind: Option<String>,
+    /// `function.name`.
+    pub name: Option<String>,
+    /// `function.arguments` joined.
+    pub arguments: String,
+}
+
+impl AssembledMessage {
+    fn bounded(limit: usize) -> Self {
+        Self { limit, ..Self::default() }
+    }
+
+    /// Whether texts were cut to the limit.
+    pub fn truncated(&self) -> bool {
+        self.kept_bytes < self.text_bytes
+    }
+
+    /// Feeds the JSON of one `data:` line; lines that are not chunks are skipped.
+    fn feed(&mut self, data: &[u8]) {
+        // Borrowed: a chunk's strings are copied only into the message.
+        #[derive(serde::Deserialize)]
+        struct Chunk<'a> {
+            #[serde(borrow, default)]
+            choices: Vec<Choice<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Choice<'a> {
+            #[serde(default)]
+            index: u64,
+            #[serde(borrow, default)]
+            delta: Option<Delta<'a>>,
+            #[serde(borrow, default)]
+            finish_reason: Option<Cow<'a, str>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Delta<'a> {
+            #[serde(borrow, default)]
+            role: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            content: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ToolCallDelta<'a> {
+            #[serde(default)]
+            index: usize,
+            #[serde(borrow, default)]
+            id: Option<Cow<'a, str>>,
+            #[serde(borrow, default, rename = "type")]
+            kind: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            function: Option<FunctionDelta<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct FunctionDelta<'a> {
+            #[serde(borrow, default)]
+            name: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            arguments: Option<Cow<'a, str>>,
+        }
+
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
+            return;
+        };
+        let Some(choice) = chunk.choices.into_iter().find(|c| c.index == 0) else {
+            return;
+        };
+        self.seen = true;
+        if let Some(reason) = choice.finish_reason {
+            self.finish_reason = Some(reason.into_owned());
+        }
+        let Some(delta) = choice.delta else { return };
+        if let Some(role) = delta.role {
+            self.role = Some(role.into_owned());
+        }
+        if let Some(text) = delta.content {
+            let mut content = self.content.take().unwrap_or_default();
+            self.push(&mut content, &text);
+            self.content = Some(content);
+        }
+        // A tool call index far past the calls seen is not a real stream: ignored.
+        for call in delta.tool_calls.into_iter().flatten() {
+            if call.index > self.tool_calls.len() {
+                continue;
+            }
+            if call.index == self.tool_calls.len() {
+                self.tool_calls.push(AssembledToolCall::default());
+            }
+            let mut entry = std::mem::take(&mut self.tool_calls[call.index]);
+            if let Some(id) = call.id {
+                entry.id = Some(id.into_owned());
+            }
+            if let Some(kind) = call.kind {
+                entry.kind = Some(kind.into_owned());
+            }
+            if let Some(function) = call.function {
+                if let Some(name) = function.name {
+                    entry.name = Some(name.into_owned());
+                }
+                if let Some(arguments) = function.arguments {
+                    self.push(&mut entry.arguments, &arguments);
+                }
+            }
+            self.tool_calls[call.index] = entry;
+        }
+    }
+
+    /// The message of a non-streamed completion's `choices[0].message`, texts bounded by
+    /// `limit`; `None` when there is none.
+    pub fn from_completion(choices: &Value, limit: usize) -> Option<Self> {
+        let choice = choices.as_array()?.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)?;
+        let message = choice.get("message")?;
+        fn text(v: &Value) -> Cow<'_, str> {
+            match v {
+                Value::String(s) => Cow::Borrowed(s.as_str()),
+                other => Cow::Owned(other.to_string()),
+            }
+        }
+        let mut assembled = Self::bounded(limit);
+        assembled.seen = true;
+        assembled.role = message.get("role").and_then(Value::as_str).map(str::to_owned);
+        assembled.finish_reason = choice.get("finish_reason").and_then(Value::as_str).map(str::to_owned);
+        if let Some(content) = message.get("content").filter(|c| !c.is_null()) {
+            let mut kept = String::new();
+            assembled.push(&mut kept, &text(content));
+            assembled.content = Some(kept);
+        }
+        for call in message.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+            let function = call.get("function");
+            let field =
+                |v: Option<&Value>, key: &str| v.and_then(|v| v.get(key)).and_then(Value::as_str).map(str::to_owned);
+            let mut entry = AssembledToolCall {
+                id: field(Some(call), "id"),
+                kind: field(Some(call), "type"),
+                name: field(function, "name"),
+                arguments: String::new(),
+            };
+            if let Some(arguments) = function.and_then(|f| f.get("arguments")) {
+                assembled.push(&mut entry.arguments, &text(arguments));
+            }
+            assembled.tool_calls.push(entry);
+        }
+        Some(assembled)
+    }
+
+    /// Appends what fits of `text` within the limit (cut at a character boundary).
+    fn push(&mut self, target: &mut String, text: &str) {
+        self.text_bytes += text.len() as u64;
+        let room = self.limit.saturating_sub(self.kept_bytes as usize);
+        let mut end = text.len().min(room);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        target.push_str(&text[..end]);
+        self.kept_bytes += end as u64;
+    }
+}
+
 // === Outcome ===
 
 /// How a response body ended.
@@ -239,6 +451,8 @@ pub struct Outcome {
     pub captured: Bytes,
     /// Whether `captured` is cut short.
     pub truncated: bool,
+    /// An SSE stream's assembled message, when a copy was asked for.
+    pub assembled: Option<AssembledMessage>,
 }
 
 type Callback = Box<dyn FnOnce(&Arc<Outcome>) + Send>;
@@ -251,7 +465,13 @@ enum State {
 /// Response extension: a subscription to the tap's [`Outcome`].
 #[derive(Clone)]
 pub struct UsageOutcome {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The largest copy any subscriber asked for, read by the tap as frames pass.
+    capture: AtomicUsize,
 }
 
 impl fmt::Debug for UsageOutcome {
@@ -261,14 +481,23 @@ impl fmt::Debug for UsageOutcome {
 }
 
 impl UsageOutcome {
-    fn new() -> Self {
-        Self { state: Arc::new(Mutex::new(State::Pending(Vec::new()))) }
+    fn new(capture: usize) -> Self {
+        Self { shared: Arc::new(Shared { state: Mutex::new(State::Pending(Vec::new())), capture: capture.into() }) }
+    }
+
+    /// Asks for a copy of at least `bytes` (for the frames that have not passed yet).
+    pub fn capture_at_least(&self, bytes: usize) {
+        self.shared.capture.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    fn capture(&self) -> usize {
+        self.shared.capture.load(Ordering::Relaxed)
     }
 
     /// Calls `f` once with the outcome: now if it is known, else when it fires. `f` runs on the
     /// task that polls or drops the body, so it must not block (hand work off with `try_send`).
     pub fn subscribe(&self, f: impl FnOnce(&Arc<Outcome>) + Send + 'static) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *state {
             State::Pending(callbacks) => callbacks.push(Box::new(f)),
             State::Done(outcome) => {
@@ -295,7 +524,7 @@ impl UsageOutcome {
     fn fire(&self, outcome: Outcome) {
         let outcome = Arc::new(outcome);
         let callbacks = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
             match std::mem::replace(&mut *state, State::Done(outcome.clone())) {
                 State::Pending(callbacks) => callbacks,
                 State::Done(first) => {
@@ -315,6 +544,7 @@ impl UsageOutcome {
 /// always kept up to [`JSON_USAGE_LIMIT`] to read its usage.
 pub fn tap(response: &mut Response<GatewayBody>, capture: usize) -> UsageOutcome {
     if let Some(existing) = response.extensions().get::<UsageOutcome>() {
+        existing.capture_at_least(capture);
         return existing.clone();
     }
     let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes());
@@ -323,10 +553,9 @@ pub fn tap(response: &mut Response<GatewayBody>, capture: usize) -> UsageOutcome
         Some(ct) if memmem::find(ct, b"json").is_some() => Kind::Json,
         _ => Kind::Other,
     };
-    let capture = if matches!(kind, Kind::Json) { capture.max(JSON_USAGE_LIMIT) } else { capture };
-    let outcome = UsageOutcome::new();
+    let outcome = UsageOutcome::new(capture);
     let body = std::mem::replace(response.body_mut(), crate::body::empty());
-    let tapped = UsageTap::new(body, kind, capture, outcome.clone());
+    let tapped = UsageTap::new(body, kind, outcome.clone());
     *response.body_mut() = tapped.boxed();
     response.extensions_mut().insert(outcome.clone());
     outcome
@@ -346,7 +575,6 @@ pin_project! {
         #[pin]
         inner: B,
         kind: Kind,
-        capture_limit: usize,
         captured: Vec<u8>,
         truncated: bool,
         bytes: u64,
@@ -358,7 +586,8 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(outcome) = this.outcome.take() {
-                let report = report(this.kind, this.captured, *this.truncated, *this.bytes, *this.first_frame_at, StreamEnd::Cancelled);
+                let capture = outcome.capture();
+                let report = report(this.kind, capture, this.captured, *this.truncated, *this.bytes, *this.first_frame_at, StreamEnd::Cancelled);
                 outcome.fire(report);
             }
         }
@@ -366,12 +595,11 @@ pin_project! {
 }
 
 impl<B: Body<Data = Bytes>> UsageTap<B> {
-    fn new(inner: B, kind: Kind, capture_limit: usize, outcome: UsageOutcome) -> Self {
+    fn new(inner: B, kind: Kind, outcome: UsageOutcome) -> Self {
         let empty = inner.is_end_stream();
         let mut tap = Self {
             inner,
             kind,
-            capture_limit,
             captured: Vec::new(),
             truncated: false,
             bytes: 0,
@@ -379,7 +607,8 @@ impl<B: Body<Data = Bytes>> UsageTap<B> {
             outcome: Some(outcome),
         };
         if empty && let Some(outcome) = tap.outcome.take() {
-            outcome.fire(report(&mut tap.kind, &mut tap.captured, false, 0, None, StreamEnd::Complete));
+            let capture = outcome.capture();
+            outcome.fire(report(&mut tap.kind, capture, &mut tap.captured, false, 0, None, StreamEnd::Complete));
         }
         tap
     }
@@ -395,19 +624,23 @@ impl<B: Body<Data = Bytes>> UsageTap<B> {
 
 fn report(
     kind: &mut Kind,
+    capture: usize,
     captured: &mut Vec<u8>,
     truncated: bool,
     bytes: u64,
     first_frame_at: Option<Instant>,
     end: StreamEnd,
 ) -> Outcome {
-    let (usage, sse) = match kind {
+    let (usage, sse, assembled) = match kind {
         Kind::Sse(scanner) => {
             scanner.finish();
-            (scanner.usage(), true)
+            (scanner.usage(), true, scanner.assembled().cloned())
         }
-        Kind::Json if !truncated && end == StreamEnd::Complete => (json_usage(captured), false),
-        _ => (None, false),
+        Kind::Json if !truncated && end == StreamEnd::Complete => {
+            let (usage, message) = json_summary(captured, capture);
+            (usage, false, message)
+        }
+        _ => (None, false, None),
     };
     Outcome {
         usage,
@@ -418,16 +651,31 @@ fn report(
         ended_at: Instant::now(),
         captured: Bytes::from(std::mem::take(captured)),
         truncated,
+        assembled,
     }
 }
 
-fn json_usage(body: &[u8]) -> Option<Usage> {
+/// A JSON body's usage and, when a copy was asked for (`capture` > 0), its assistant message:
+/// one parse for both.
+fn json_summary(body: &[u8], capture: usize) -> (Option<Usage>, Option<AssembledMessage>) {
     #[derive(serde::Deserialize)]
     struct UsageOnly {
         usage: Option<Value>,
     }
-    let parsed: UsageOnly = serde_json::from_slice(body).ok()?;
-    Usage::from_json(&parsed.usage?)
+    #[derive(serde::Deserialize)]
+    struct Completion {
+        usage: Option<Value>,
+        choices: Option<Value>,
+    }
+    if capture == 0 {
+        let parsed: Option<UsageOnly> = serde_json::from_slice(body).ok();
+        return (parsed.and_then(|p| Usage::from_json(&p.usage?)), None);
+    }
+    let Ok(parsed) = serde_json::from_slice::<Completion>(body) else {
+        return (None, None);
+    };
+    let usage = parsed.usage.as_ref().and_then(Usage::from_json);
+    (usage, parsed.choices.as_ref().and_then(|c| AssembledMessage::from_completion(c, capture)))
 }
 
 impl<B> Body for UsageTap<B>
@@ -451,10 +699,19 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.first_frame_at.get_or_insert_with(Instant::now);
                     *this.bytes += data.remaining() as u64;
-                    if let Kind::Sse(scanner) = this.kind {
-                        scanner.feed(data);
-                    }
-                    let room = this.capture_limit.saturating_sub(this.captured.len());
+                    let capture = this.outcome.as_ref().map_or(0, UsageOutcome::capture);
+                    let limit = match this.kind {
+                        Kind::Sse(scanner) => {
+                            if capture > 0 {
+                                scanner.assemble(capture);
+                            }
+                            scanner.feed(data);
+                            capture
+                        }
+                        Kind::Json => capture.max(JSON_USAGE_LIMIT),
+                        Kind::Other => capture,
+                    };
+                    let room = limit.saturating_sub(this.captured.len());
                     if data.len() > room {
                         *this.truncated = true;
                     }
@@ -466,7 +723,16 @@ where
         if let Some(end) = end
             && let Some(outcome) = this.outcome.take()
         {
-            outcome.fire(report(this.kind, this.captured, *this.truncated, *this.bytes, *this.first_frame_at, end));
+            let capture = outcome.capture();
+            outcome.fire(report(
+                this.kind,
+                capture,
+                this.captured,
+                *this.truncated,
+                *this.bytes,
+                *this.first_frame_at,
+                end,
+            ));
         }
         Poll::Ready(polled)
     }

@@ -296,11 +296,30 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        join_upstream_trace(&mut req);
         let info = attempt_info(&req, self.catalog.as_ref());
         AttemptFuture { inner: self.inner.call(req), info }
     }
 }
+
+/// A `litellm`-mode upstream records the call itself (its `langfuse_otel` callback): the W3C
+/// `traceparent` of this request's trace makes LiteLLM's spans children of its root span, so a
+/// completion has one trace, whose id is the insertion id, with llmgate's root and events and
+/// LiteLLM's generation in it (LiteLLM's proxy takes the header as the parent of its spans).
+/// A client's own `traceparent` is replaced: the trace must be the one `/traces` looks for.
+fn join_upstream_trace<B>(req: &mut Request<B>) {
+    let ext = req.extensions();
+    let litellm = ext.get::<UpstreamTarget>().is_some_and(|t| t.mode == UpstreamMode::LiteLlm);
+    let Some(ctx) = ext.get::<TraceContext>().filter(|_| litellm) else {
+        return;
+    };
+    if let Ok(value) = http::HeaderValue::from_str(&ctx.traceparent()) {
+        req.headers_mut().insert(TRACEPARENT, value);
+    }
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 fn attempt_info<B>(req: &Request<B>, catalog: Option<&Arc<Catalog>>) -> Option<AttemptInfo> {
     let ext = req.extensions();

@@ -55,6 +55,7 @@
 
 mod client;
 pub mod exporter;
+pub(crate) mod io;
 mod layer;
 pub mod reader;
 mod record;

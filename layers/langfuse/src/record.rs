@@ -12,14 +12,15 @@ use http::StatusCode;
 use llmgate_core::{
     catalog::Catalog,
     ext::{FallbackEvent, ServedBy},
-    usage::{Outcome, StreamEnd, Usage},
+    usage::{AssembledMessage, Outcome, StreamEnd, Usage},
 };
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
     exporter::Batch,
+    io,
     span::{Attributes, Level, SpanParts, bounded_text, iso_millis, new_span_id},
     trace::{TraceData, event_metadata},
 };
@@ -61,33 +62,31 @@ pub(crate) struct OutcomeRecord {
     end: StreamEnd,
     sse: bool,
     first_frame_at: Option<Instant>,
+    /// The head of the body (error details; the output when no message was found).
     body: Captured,
+    /// The assistant message (JSON or assembled from the stream), bounded by the tap.
+    message: Option<AssembledMessage>,
 }
 
 impl OutcomeRecord {
     fn new(o: &Outcome, limit: usize) -> Self {
-        // A stream is assembled from all of it (the tap bounds it); of any other body only the
-        // head is read.
-        let keep = if o.sse { usize::MAX } else { limit.max(STATUS_DETAIL) };
         Self {
             usage: o.usage,
             end: o.end.clone(),
             sse: o.sse,
             first_frame_at: o.first_frame_at,
-            body: Captured::head(&o.captured, keep, o.bytes, o.truncated),
+            body: Captured::head(&o.captured, limit.max(STATUS_DETAIL), o.bytes, o.truncated),
+            message: o.assembled.clone(),
         }
     }
 
-    /// The recorded output: the JSON body, or for SSE the assembled message, bounded.
+    /// The recorded output: the assistant message, else the body's head (an error body, or a
+    /// body that is no chat completion), bounded.
     fn output(&self, limit: usize) -> String {
-        if self.sse
-            && let Some(assembled) = assemble_sse(&self.body.bytes)
-        {
-            let text = assembled.to_string();
-            let cut = text.len() > limit || self.body.truncated;
-            return if cut { bounded_text(text.as_bytes(), limit, text.len() as u64, true) } else { text };
+        match &self.message {
+            Some(message) => io::message_text(message),
+            None => self.body.text(limit),
         }
-        self.body.text(limit)
     }
 }
 
@@ -353,38 +352,10 @@ fn json_string(value: &impl Serialize) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-/// Joins the `choices[0].delta.content` of OpenAI chunks into one assistant message.
-fn assemble_sse(captured: &[u8]) -> Option<Value> {
-    let mut content = String::new();
-    let mut finish_reason = Value::Null;
-    let mut seen = false;
-    for line in captured.split(|b| *b == b'\n') {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let data = data.trim_ascii();
-        if data == b"[DONE]" {
-            continue;
-        }
-        let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
-            continue;
-        };
-        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else {
-            continue;
-        };
-        seen = true;
-        if let Some(text) = choice.get("delta").and_then(|d| d.get("content")).and_then(Value::as_str) {
-            content.push_str(text);
-        }
-        if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
-            finish_reason = reason.clone();
-        }
-    }
-    seen.then(|| json!({"role": "assistant", "content": content, "finish_reason": finish_reason}))
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     /// The structs write what the `json!` objects they replace wrote.

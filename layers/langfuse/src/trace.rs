@@ -13,8 +13,9 @@ use tokio::time::Instant;
 
 use crate::{
     LangfuseExporter,
+    io::Input,
     layer::LayerConfig,
-    record::{Captured, GenerationRecord, RootRecord, TraceRecord},
+    record::{GenerationRecord, RootRecord, TraceRecord},
     span::{Attributes, new_span_id},
 };
 
@@ -22,7 +23,7 @@ use crate::{
 /// [`LangfuseAttemptLayer`](crate::LangfuseAttemptLayer): the request's trace.
 ///
 /// Kept in this crate (not in `llmgate-core`) because only these two layers use it; other code
-/// may read [`TraceContext::trace_id_hex`], e.g. to pass it to LiteLLM as `metadata.trace_id`.
+/// may read [`TraceContext::trace_id_hex`] and [`TraceContext::traceparent`].
 #[derive(Clone)]
 pub struct TraceContext(pub(crate) Arc<TraceInner>);
 
@@ -49,7 +50,8 @@ struct Collected {
 /// Holds only bounded copies, so a full queue pins no request body.
 pub(crate) struct TraceData {
     pub trace_id: [u8; 16],
-    /// Drawn by the exporter task when the first span is built: a random id costs a system call.
+    /// Drawn when first needed: by the exporter task when the first span is built, or on the
+    /// request path for a `traceparent` (`litellm` mode).
     root_span_id: OnceLock<[u8; 8]>,
     pub config: Arc<LayerConfig>,
     insertion_id: Option<InsertionId>,
@@ -57,8 +59,8 @@ pub(crate) struct TraceData {
     client_tags: Vec<String>,
     user: Option<String>,
     session: Option<String>,
-    /// The bounded request body.
-    pub input: Captured,
+    /// The request's messages, bounded when written.
+    pub input: Input,
     pub started: SystemTime,
     pub started_at: Instant,
 }
@@ -73,6 +75,12 @@ impl TraceContext {
     /// The trace id as Langfuse shows it: 32 lowercase hex characters.
     pub fn trace_id_hex(&self) -> String {
         hex(&self.0.data.trace_id)
+    }
+
+    /// A W3C `traceparent` naming this trace and its root span (sampled): an upstream that
+    /// traces (LiteLLM's OpenTelemetry callbacks) puts its spans under the root, in this trace.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-01", hex(&self.0.data.trace_id), hex(self.0.data.root_span_id()))
     }
 
     pub(crate) fn new(
@@ -102,9 +110,7 @@ impl TraceContext {
             }),
             user: short(json.and_then(|j| j.get("user"))),
             session: short(json.and_then(|j| j.get("metadata")).and_then(|m| m.get("session_id"))),
-            input: request.map_or_else(Captured::default, |r| {
-                Captured::head(r.raw(), config.capture_limit, r.raw().len() as u64, false)
-            }),
+            input: Input::capture(request, config.capture_limit),
             started: SystemTime::now(),
             started_at: Instant::now(),
         };
