@@ -124,6 +124,21 @@ where
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Every frame split, early end and error: the size hint stays the inner body's, and
+        /// consistent.
+        #[test]
+        fn idle_timeout_size_hint_is_consistent(script in llmgate_test_support::body::scripts(200)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            let _entered = runtime.enter();
+            let body = IdleTimeout::new(script.body(), Duration::from_secs(60));
+            let played = llmgate_test_support::body::check_size_hints(body, &script);
+            if script.ends_cleanly() {
+                proptest::prop_assert_eq!(played.data, script.data());
+            }
+        }
+    }
+
     #[test]
     fn joins_without_doubling_the_shared_prefix() {
         assert_eq!(join_url("http://h/v1", "/v1/models"), "http://h/v1/models");

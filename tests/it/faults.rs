@@ -794,3 +794,27 @@ async fn sigterm_under_load_lets_every_in_flight_request_finish_then_exits() {
     // Every 2xx finished before the exit was recorded.
     assert_eq!(smembers(&redis, "term"), Some(ids), "{}", gw.log());
 }
+
+/// Issue 15 (defect 1): a small upstream error with a `content-length`, for a model in the
+/// catalogue (whose error bodies context routing reads and replays), reaches the client whole on
+/// a rollout route (insertion ids watch its end) — it used to panic in a size hint and drop the
+/// connection. No panic is counted.
+#[tokio::test]
+async fn a_small_upstream_error_for_a_catalogued_model_reaches_the_client() {
+    let mock = mock().await;
+    let gw = TestGateway::start(&format!("upstreams:\n  mock: {{url: \"{}\", mode: openai}}\n", mock.url()), &[]).await;
+    for stream in [false, true] {
+        for (status, code) in [("400", "invalid_request_error"), ("401", "invalid_api_key"), ("500", "server_error")] {
+            let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": stream});
+            let reply = post_json(
+                &gw.url(&format!("{}{CHAT}", rollout("r-small-error"))),
+                &[("x-mock-status", status), ("x-mock-error-code", code)],
+                &body,
+            )
+            .await;
+            assert_eq!(reply.status.as_str(), status, "{}", reply.text());
+            assert_eq!(reply.json()["error"]["code"], code, "the provider's error body: {}", reply.text());
+        }
+    }
+    assert_eq!(metric(&gw, "llmgate_panics_total").await, 0.0);
+}
