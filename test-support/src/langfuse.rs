@@ -86,12 +86,15 @@ pub struct StoredObservation {
     pub version: Option<String>,
     /// The raw span attributes as JSON (arrays stay arrays), to check the wire shape.
     pub attributes: Map<String, Value>,
+    /// `langfuse.internal.as_root="true"`: a root for the trace's fields although it has a parent.
+    pub as_root: bool,
     pub visible_at: Instant,
 }
 
 impl StoredObservation {
+    /// A span with no parent, or one marked `langfuse.internal.as_root="true"` (spec §4).
     pub fn is_root(&self) -> bool {
-        self.parent_observation_id.is_none()
+        self.parent_observation_id.is_none() || self.as_root
     }
 }
 
@@ -521,7 +524,193 @@ fn normalise_environment(env: &str) -> String {
     }
 }
 
-/// Langfuse's attribute mapping (spec §4), for the attributes llmgate and common SDKs use.
+/// Langfuse's `hasMeaningfulValue`: not null, not "", not an empty array or object.
+fn meaningful(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// Langfuse's `ObservationTypeMapperRegistry`, in priority order: `langfuse.observation.type`,
+/// OpenInference `openinference.span.kind`, `gen_ai.operation.name`, GenAI tool attributes,
+/// then any model attribute (→ generation); otherwise a span.
+fn observation_type(a: &Map<String, Value>) -> String {
+    let mapped = |key: &str, table: &[(&str, &str)]| {
+        let value = a.get(key).and_then(Value::as_str)?;
+        table.iter().find(|(seen, _)| *seen == value).map(|(_, ty)| (*ty).to_owned())
+    };
+    const LANGFUSE: &[(&str, &str)] = &[
+        ("span", "SPAN"),
+        ("generation", "GENERATION"),
+        ("event", "EVENT"),
+        ("embedding", "EMBEDDING"),
+        ("agent", "AGENT"),
+        ("tool", "TOOL"),
+        ("chain", "CHAIN"),
+        ("retriever", "RETRIEVER"),
+        ("guardrail", "GUARDRAIL"),
+        ("evaluator", "EVALUATOR"),
+    ];
+    const OPENINFERENCE: &[(&str, &str)] = &[
+        ("CHAIN", "CHAIN"),
+        ("RETRIEVER", "RETRIEVER"),
+        ("LLM", "GENERATION"),
+        ("EMBEDDING", "EMBEDDING"),
+        ("AGENT", "AGENT"),
+        ("TOOL", "TOOL"),
+        ("GUARDRAIL", "GUARDRAIL"),
+        ("EVALUATOR", "EVALUATOR"),
+    ];
+    const GEN_AI_OPERATION: &[(&str, &str)] = &[
+        ("chat", "GENERATION"),
+        ("completion", "GENERATION"),
+        ("text_completion", "GENERATION"),
+        ("generate_content", "GENERATION"),
+        ("generate", "GENERATION"),
+        ("embeddings", "EMBEDDING"),
+        ("invoke_agent", "AGENT"),
+        ("create_agent", "AGENT"),
+        ("execute_tool", "TOOL"),
+    ];
+    if let Some(ty) = mapped("langfuse.observation.type", LANGFUSE)
+        .or_else(|| mapped("openinference.span.kind", OPENINFERENCE))
+        .or_else(|| mapped("gen_ai.operation.name", GEN_AI_OPERATION))
+    {
+        return ty;
+    }
+    if meaningful(a.get("gen_ai.tool.name")) || meaningful(a.get("gen_ai.tool.call.id")) {
+        return "TOOL".into();
+    }
+    const MODEL_KEYS: &[&str] = &[
+        "langfuse.observation.model.name",
+        "gen_ai.request.model",
+        "gen_ai.response.model",
+        "llm.model_name",
+        "model",
+    ];
+    if MODEL_KEYS.iter().any(|k| meaningful(a.get(*k))) {
+        return "GENERATION".into();
+    }
+    "SPAN".into()
+}
+
+/// A value as Langfuse reads it into a string field: strings as they are, others as JSON.
+fn as_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+/// The first of `keys` whose value is meaningful, as text.
+fn first_text(a: &Map<String, Value>, keys: &[&str]) -> Option<String> {
+    keys.iter().find_map(|k| a.get(*k).filter(|v| meaningful(Some(v))).map(as_text))
+}
+
+/// Input/output: `langfuse.observation.*` (or `langfuse.trace.*` on a root), then the
+/// OpenInference `input.value`/`output.value`, then OTel GenAI `gen_ai.input.messages` /
+/// `gen_ai.output.messages`. The pair comes from the first source that has either.
+fn input_output(a: &Map<String, Value>, root: bool) -> (Option<String>, Option<String>) {
+    let get = |k: &str| a.get(k).filter(|v| meaningful(Some(v))).map(as_text);
+    let mut sources: Vec<(&str, &str)> = Vec::new();
+    if root {
+        let input = get("langfuse.trace.input").or_else(|| get("langfuse.observation.input"));
+        let output = get("langfuse.trace.output").or_else(|| get("langfuse.observation.output"));
+        if input.is_some() || output.is_some() {
+            return (input, output);
+        }
+    } else {
+        sources.push(("langfuse.observation.input", "langfuse.observation.output"));
+    }
+    sources.push(("input.value", "output.value"));
+    sources.push(("gen_ai.input.messages", "gen_ai.output.messages"));
+    for (i, o) in sources {
+        let (input, output) = (get(i), get(o));
+        if input.is_some() || output.is_some() {
+            return (input, output);
+        }
+    }
+    (None, None)
+}
+
+/// `langfuse.observation.usage_details` (a JSON object string), else `gen_ai.usage.*` (not
+/// `.cost`) and `llm.token_count.*`, with `prompt_tokens`/`input_tokens`/`prompt` → `input`,
+/// `completion_tokens`/`output_tokens`/`completion` → `output`, `total_tokens` → `total`.
+fn usage_details(a: &Map<String, Value>) -> Map<String, Value> {
+    if let Some(Value::Object(m)) =
+        a.get("langfuse.observation.usage_details").and_then(Value::as_str).and_then(|j| serde_json::from_str(j).ok())
+    {
+        return m;
+    }
+    let mut out = Map::new();
+    for (k, v) in a {
+        let Some(key) = k
+            .strip_prefix("gen_ai.usage.")
+            .filter(|rest| *rest != "cost")
+            .or_else(|| k.strip_prefix("llm.token_count."))
+        else {
+            continue;
+        };
+        let key = match key {
+            "prompt_tokens" | "input_tokens" | "prompt" => "input",
+            "completion_tokens" | "output_tokens" | "completion" => "output",
+            "total_tokens" => "total",
+            other => other,
+        };
+        let number = match v {
+            Value::Number(n) => Some(n.clone()),
+            Value::String(s) => s.trim().parse::<f64>().ok().and_then(serde_json::Number::from_f64),
+            _ => None,
+        };
+        if let Some(n) = number {
+            let n = match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => json!(f as i64),
+                _ => Value::Number(n),
+            };
+            out.insert(key.into(), n);
+        }
+    }
+    out
+}
+
+/// `langfuse.observation.model.parameters`, else OpenInference's `llm.invocation_parameters`
+/// (both JSON object strings), else `gen_ai.request.*` (not `.model`); values other than
+/// strings and numbers become JSON strings, as Langfuse keeps them.
+fn model_parameters(a: &Map<String, Value>) -> Option<Value> {
+    let sanitise = |m: Map<String, Value>| {
+        Value::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let v = if v.is_string() || v.is_number() { v } else { Value::String(v.to_string()) };
+                    (k, v)
+                })
+                .collect(),
+        )
+    };
+    for key in ["langfuse.observation.model.parameters", "llm.invocation_parameters"] {
+        if let Some(Value::Object(m)) = a.get(key).and_then(Value::as_str).and_then(|j| serde_json::from_str(j).ok()) {
+            return Some(sanitise(m));
+        }
+    }
+    let from_request: Map<String, Value> = a
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("gen_ai.request.").filter(|p| *p != "model").map(|p| (p.into(), v.clone())))
+        .collect();
+    (!from_request.is_empty()).then(|| sanitise(from_request))
+}
+
+/// Attribute keys that Langfuse consumes as input/output and so leaves out of
+/// `metadata.attributes`.
+fn is_io_attribute(k: &str) -> bool {
+    matches!(k, "input.value" | "output.value" | "gen_ai.input.messages" | "gen_ai.output.messages")
+        || ["gen_ai.prompt", "gen_ai.completion", "llm.input_messages", "llm.output_messages"]
+            .iter()
+            .any(|p| k.starts_with(p))
+}
+
+/// Langfuse's attribute mapping (spec §4), for the attributes llmgate and common SDKs use,
+/// LiteLLM's `langfuse_otel` (OpenInference `llm.*` attributes) included.
 fn map_request(
     project: &str,
     request: &ExportTraceServiceRequest,
@@ -542,12 +731,9 @@ fn map_request(
                 let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
                 let first = |keys: &[&str]| keys.iter().find_map(|k| s(k));
                 let parent = (!span.parent_span_id.is_empty()).then(|| hex(&span.parent_span_id));
-                let is_root = parent.is_none();
-                let kind = match s("langfuse.observation.type") {
-                    Some(t) => t.to_uppercase(),
-                    None if a.keys().any(|k| k.contains("model")) => "GENERATION".into(),
-                    None => "SPAN".into(),
-                };
+                let as_root = a.get("langfuse.internal.as_root").is_some_and(|v| as_text(v) == "true");
+                let is_root = parent.is_none() || as_root;
+                let kind = observation_type(&a);
                 let mut metadata = Map::new();
                 if let Some(Value::Object(m)) =
                     s("langfuse.observation.metadata").and_then(|j| serde_json::from_str(&j).ok())
@@ -555,19 +741,29 @@ fn map_request(
                     metadata.extend(m);
                 }
                 let mut trace_metadata = Map::new();
-                if let Some(Value::Object(m)) = s("langfuse.trace.metadata").and_then(|j| serde_json::from_str(&j).ok())
-                {
-                    trace_metadata.extend(m);
+                for key in ["langfuse.trace.metadata", "langfuse.metadata"] {
+                    if let Some(Value::Object(m)) = s(key).and_then(|j| serde_json::from_str(&j).ok()) {
+                        trace_metadata.extend(m);
+                        break;
+                    }
                 }
                 let mut unmapped = Map::new();
                 for (k, v) in &a {
                     if let Some(key) = k.strip_prefix("langfuse.observation.metadata.") {
                         metadata.insert(key.into(), v.clone());
-                    } else if let Some(key) =
-                        k.strip_prefix("langfuse.trace.metadata.").or_else(|| k.strip_prefix("langfuse.metadata."))
+                    } else if let Some(key) = k
+                        .strip_prefix("langfuse.trace.metadata.")
+                        .or_else(|| k.strip_prefix("langfuse.metadata."))
+                        .or_else(|| {
+                            k.strip_prefix("ai.telemetry.metadata.")
+                                .filter(|key| !matches!(*key, "userId" | "sessionId" | "tags" | "langfusePrompt"))
+                        })
                     {
                         trace_metadata.insert(key.into(), v.clone());
-                    } else if !k.starts_with("langfuse.") && !matches!(k.as_str(), "user.id" | "session.id") {
+                    } else if !k.starts_with("langfuse.")
+                        && !matches!(k.as_str(), "user.id" | "session.id")
+                        && !is_io_attribute(k)
+                    {
                         unmapped.insert(k.clone(), v.clone());
                     }
                 }
@@ -577,11 +773,19 @@ fn map_request(
                 if !resource.is_empty() {
                     metadata.insert("resourceAttributes".into(), Value::Object(resource.clone()));
                 }
-                let tags = ["langfuse.trace.tags", "langfuse.tags", "tag.tags"]
-                    .iter()
-                    .find_map(|k| a.get(*k))
-                    .map(tags_of)
-                    .unwrap_or_default();
+                let tags = [
+                    "langfuse.trace.tags",
+                    "langfuse.tags",
+                    "langfuse.observation.metadata.langfuse_tags",
+                    "langfuse.trace.metadata.langfuse_tags",
+                    "ai.telemetry.metadata.tags",
+                    "tag.tags",
+                ]
+                .iter()
+                .find_map(|k| a.get(*k).filter(|v| meaningful(Some(v))))
+                .map(tags_of)
+                .unwrap_or_default();
+                let (input, output) = input_output(&a, is_root);
                 let json_obj = |k: &str| match s(k).and_then(|j| serde_json::from_str::<Value>(&j).ok()) {
                     Some(Value::Object(m)) => m,
                     _ => Map::new(),
@@ -626,28 +830,53 @@ fn map_request(
                     completion_start_time: s("langfuse.observation.completion_start_time"),
                     level,
                     status_message,
-                    input: first(&["langfuse.observation.input", "input.value"]),
-                    output: first(&["langfuse.observation.output", "output.value"]),
-                    model: first(&[
-                        "langfuse.observation.model.name",
-                        "gen_ai.response.model",
-                        "gen_ai.request.model",
-                        "model",
-                    ]),
-                    model_parameters: s("langfuse.observation.model.parameters")
-                        .and_then(|j| serde_json::from_str(&j).ok()),
-                    usage_details: json_obj("langfuse.observation.usage_details"),
+                    input,
+                    output,
+                    model: first_text(
+                        &a,
+                        &[
+                            "langfuse.observation.model.name",
+                            "gen_ai.response.model",
+                            "ai.model.id",
+                            "gen_ai.request.model",
+                            "llm.response.model",
+                            "llm.model_name",
+                            "model",
+                        ],
+                    ),
+                    model_parameters: model_parameters(&a),
+                    usage_details: usage_details(&a),
                     cost_details,
                     metadata,
                     trace_name: s("langfuse.trace.name").or_else(|| is_root.then(|| span.name.clone())),
                     tags,
                     trace_metadata,
-                    user_id: first(&["langfuse.user.id", "user.id"]),
-                    session_id: first(&["langfuse.session.id", "session.id", "gen_ai.conversation.id"]),
+                    user_id: first_text(
+                        &a,
+                        &[
+                            "langfuse.user.id",
+                            "user.id",
+                            "langfuse.observation.metadata.langfuse_user_id",
+                            "langfuse.trace.metadata.langfuse_user_id",
+                            "ai.telemetry.metadata.userId",
+                        ],
+                    ),
+                    session_id: first_text(
+                        &a,
+                        &[
+                            "langfuse.session.id",
+                            "session.id",
+                            "gen_ai.conversation.id",
+                            "langfuse.observation.metadata.langfuse_session_id",
+                            "langfuse.trace.metadata.langfuse_session_id",
+                            "ai.telemetry.metadata.sessionId",
+                        ],
+                    ),
                     environment,
                     release: s("langfuse.release").or_else(|| resource_str("langfuse.release")),
                     version: s("langfuse.version").or_else(|| resource_str("service.version")),
                     attributes: a,
+                    as_root,
                     visible_at,
                 });
             }
