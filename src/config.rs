@@ -424,14 +424,15 @@ impl Config {
         };
 
         let langfuse = file.langfuse.as_ref();
+        // `try_from_secs_f64` refuses NaN, negative and out-of-range values (a plain
+        // `from_secs_f64` panics on them).
         let max_wait = match file.rate_limit.as_ref().and_then(|r| r.max_wait_seconds) {
-            Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
-            Some(s) => {
-                return Err(ConfigError(format!(
-                    "{}rate_limit.max_wait_seconds must be ≥ 0, not {s}",
+            Some(s) => Duration::try_from_secs_f64(s).map_err(|_| {
+                ConfigError(format!(
+                    "{}rate_limit.max_wait_seconds must be a number of seconds ≥ 0, not {s}",
                     at("max_wait_seconds", &s.to_string())
-                )));
-            }
+                ))
+            })?,
             None => Duration::ZERO,
         };
         let insertion = file.insertion_id.as_ref();
@@ -537,7 +538,12 @@ fn bracket(host: &str) -> String {
 
 fn seconds(name: &str, value: &str) -> Result<Duration, ConfigError> {
     match value.trim().parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        Ok(s)
+            if s > 0.0
+                && let Ok(duration) = Duration::try_from_secs_f64(s) =>
+        {
+            Ok(duration)
+        }
         _ => Err(ConfigError(format!("{name} must be a positive number of seconds, not {value:?}"))),
     }
 }
@@ -550,7 +556,12 @@ fn positive_secs(
 ) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(Duration::from_secs_f64(default)),
-        Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s)
+            if s > 0.0
+                && let Ok(duration) = Duration::try_from_secs_f64(s) =>
+        {
+            Ok(duration)
+        }
         Some(s) => {
             Err(ConfigError(format!("{}{key} must be a positive number of seconds, not {s}", at(key, &s.to_string()))))
         }

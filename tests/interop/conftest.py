@@ -97,6 +97,17 @@ def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("interop-logs")
 
 
+def _ready(proc, port, wait):
+    """Waits for a started process to be ready (stopping it when it is not) and notes its port."""
+    try:
+        wait()
+    except StartError:
+        proc.stop()
+        raise
+    proc.port = port  # type: ignore[attr-defined]
+    return proc
+
+
 def _start_on_free_port(start, attempts: int = 3):
     """Starts a server that needs its port chosen up front, retrying when the port was taken."""
     last: Optional[Exception] = None
@@ -141,13 +152,7 @@ def redis_server(log_dir) -> RedisServer:
             [exe, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "1024"],
             log_dir,
         )
-        try:
-            proc.wait_for_line(r"Ready to accept connections", timeout=15)
-        except StartError:
-            proc.stop()
-            raise
-        proc.port = port  # type: ignore[attr-defined]
-        return proc
+        return _ready(proc, port, lambda: proc.wait_for_line(r"Ready to accept connections", timeout=15))
 
     proc = _start_on_free_port(start)
     server = RedisServer(url=f"redis://127.0.0.1:{proc.port}", proc=proc)  # type: ignore[attr-defined]
@@ -274,13 +279,7 @@ def litellm(mock_upstream, langfuse, log_dir, tmp_path_factory) -> LiteLLM:
             env=env,
             cwd=workdir,
         )
-        try:
-            proc.wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120)
-        except StartError:
-            proc.stop()
-            raise
-        proc.port = port  # type: ignore[attr-defined]
-        return proc
+        return _ready(proc, port, lambda: proc.wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120))
 
     proc = _start_on_free_port(start)
     yield LiteLLM(

@@ -119,3 +119,20 @@ proptest! {
         }
     }
 }
+
+/// Found by the property test: durations too large for `Duration` are refused with an error
+/// naming the key, never a panic.
+#[test]
+fn durations_out_of_range_are_refused() {
+    for text in [
+        "rate_limit: {max_wait_seconds: 18446744073709551616}\n",
+        "request_timeout_secs: 1e300\n",
+        "drain_timeout_secs: 1e300\n",
+    ] {
+        let error = Config::from_yaml(text, Path::new("big.yaml"), &env).err().expect("refused");
+        let key = text.split([':', '{']).find(|k| k.ends_with("seconds") || k.ends_with("secs")).unwrap_or_default();
+        assert!(error.to_string().contains(key.trim()), "{text}: {error}");
+    }
+    let env_timeout = |name: &str| (name == "REQUEST_TIMEOUT").then(|| "1e300".to_string());
+    assert!(Config::from_yaml("", Path::new("env.yaml"), &env_timeout).is_err());
+}

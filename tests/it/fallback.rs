@@ -827,6 +827,12 @@ models:
         let reply = chat(&gw.url(CHAT), "alpha", &[]).await;
         assert_eq!(reply.status, StatusCode::OK, "fail_open serves: {}", reply.text());
     }
+    within(async {
+        while unreachable(&gw.log()) < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let log = gw.log();
     assert_eq!(unreachable(&log), 1, "{log}");
     assert!(log.lines().any(|l| l.contains("WARN") && l.contains("Redis unreachable")), "{log}");
@@ -844,6 +850,13 @@ models:
     assert!(gw.log().contains("Redis reachable again"), "{}", gw.log());
     redis.kill();
     assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
+    // The log goes through a writer thread: the line can trail the response.
+    within(async {
+        while unreachable(&gw.log()) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(unreachable(&gw.log()), 2, "{}", gw.log());
     assert_eq!(stats(&gw.url("")).await["store_outages"], 2);
 }
