@@ -1,9 +1,10 @@
 //! llmgate: an LLM gateway built from composable Tower layers, and its reference proxy.
 //!
 //! The layers live in their own crates (`llmgate-*`) and speak only through the typed
-//! extensions of [`llmgate_core`]. This crate composes them: [`stack`] builds the canonical
-//! stack from a [`config::Config`], [`upstream`] forwards to the providers, [`server`] hosts a
-//! stack, and [`mock_upstream`] is the OpenAI-compatible fake the tests and benchmarks use.
+//! extensions of [`llmgate_core`]; the engines (`llmgate-hyper`, `llmgate-pingora`) forward to
+//! the providers and host a stack. This crate composes them: [`stack`] builds the canonical
+//! stack from a [`config::Config`] and serves it on the configured engine, and [`mock_upstream`]
+//! is the OpenAI-compatible fake the tests and benchmarks use.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
@@ -13,10 +14,8 @@ pub mod observe;
 pub mod redis;
 pub mod report;
 pub mod routes;
-pub mod server;
 pub mod stack;
 pub mod target;
-pub mod upstream;
 
 pub use llmgate_core as core;
 pub use stack::Gateway;

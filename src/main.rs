@@ -120,7 +120,7 @@ fn load_for_serving(
 }
 
 async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, String> {
-    llmgate::server::hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))
+    llmgate_hyper::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))
 }
 
 /// Starts logging to stdout through a writer thread, so a request never waits for stdout; the

@@ -409,7 +409,7 @@ pub async fn collect(config: &Config, project: Option<&str>, since: Duration) ->
         config.secrets_path.as_deref().ok_or("no secrets file configured (langfuse.secrets_path or SECRETS_PATH)")?;
     let projects = Projects::load(secrets).map_err(|e| format!("secrets file {}: {e}", secrets.display()))?;
     let project = projects.resolve(project)?.ok_or("no project: name one with --project")?;
-    let client = LangfuseClient::new(crate::upstream::hyper::http_client::<Full<Bytes>>(config.request_timeout));
+    let client = LangfuseClient::new(llmgate_hyper::http_client::<Full<Bytes>>(config.request_timeout));
     let reader: Arc<dyn LangfuseReader> = match config.langfuse_api {
         LangfuseApi::V3 => Arc::new(V3Reader::new(client, host)),
         LangfuseApi::V4 => Arc::new(V4Reader::new(client, host)),

@@ -45,10 +45,9 @@ use crate::{
     observe::{ChatObserveLayer, GatewayMetrics},
     redis::RedisConnection,
     routes::{BoxStack, Dispatch, Router},
-    server,
     target::{ResolveTargetLayer, Targets},
-    upstream::{HyperUpstream, hyper::http_client},
 };
+use llmgate_hyper::{HyperUpstream, http_client};
 
 /// The whole gateway as one infallible service.
 pub type GatewayService = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, Infallible>;
@@ -94,9 +93,7 @@ fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
             config.request_timeout,
         )),
         #[cfg(feature = "pingora")]
-        Engine::Pingora => {
-            BoxCloneService::new(crate::upstream::pingora::PingoraUpstream::new(target, config.request_timeout))
-        }
+        Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, config.request_timeout)),
         #[cfg(not(feature = "pingora"))]
         Engine::Pingora => return Err("engine pingora needs a build with the `pingora` feature".into()),
     })
@@ -326,8 +323,8 @@ impl Gateway {
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         let Gateway { service, background, config, prometheus, .. } = self;
         let metrics_server = match config.metrics_listen {
-            Some(addr) => match server::hyper::bind(addr).await {
-                Ok(listener) => Some(tokio::spawn(server::hyper::serve(
+            Some(addr) => match llmgate_hyper::bind(addr).await {
+                Ok(listener) => Some(tokio::spawn(llmgate_hyper::serve(
                     listener,
                     crate::routes::metrics_only(prometheus),
                     std::future::pending(),
@@ -365,10 +362,10 @@ pub async fn serve_on(
     drain: Duration,
 ) {
     match engine {
-        Engine::Hyper => server::hyper::serve(listener, service, shutdown, drain).await,
+        Engine::Hyper => llmgate_hyper::serve(listener, service, shutdown, drain).await,
         #[cfg(feature = "pingora")]
         Engine::Pingora => {
-            if let Err(error) = server::pingora::serve_pingora(listener, service, shutdown, drain).await {
+            if let Err(error) = llmgate_pingora::serve_pingora(listener, service, shutdown, drain).await {
                 tracing::error!(%error, "the Pingora host failed");
             }
         }

@@ -26,13 +26,20 @@ impl RedisServer {
     }
 
     /// Starts a server with extra `redis-server` arguments (e.g. `--cluster-enabled yes`).
+    ///
+    /// A free port can be taken by another process before the server binds it (test binaries
+    /// run side by side): a server that exits at start is tried again on another port.
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("llmgate-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create redis dir");
-        let mut server = Self { port, child: None, dir, extra: extra.iter().map(|s| s.to_string()).collect() };
-        server.restart();
-        server
+        for _attempt in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("llmgate-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create redis dir");
+            let mut server = Self { port, child: None, dir, extra: extra.iter().map(|s| s.to_string()).collect() };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     /// The port.
@@ -56,6 +63,13 @@ impl RedisServer {
     /// Starts the server again on the same port and waits for `PING`.
     pub fn restart(&mut self) {
         self.kill();
+        assert!(self.spawn(), "redis-server could not listen on port {} again", self.port);
+    }
+
+    /// Spawns the server and waits until it answers `PING`; `false` when it exited first (its
+    /// port was taken). The answer must come from this child: another server on the port would
+    /// answer too.
+    fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
         let child = Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -65,9 +79,17 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (the README's test command installs it)");
-        self.child = Some(child);
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command(&["PING"]).as_deref() != Some("+PONG") {
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                self.child = None;
+                return false;
+            }
+            if command(self.port, &["PING"]).as_deref() == Some("+PONG") {
+                // Still ours after the answer: it bound the port.
+                return child.try_wait().ok().flatten().is_none();
+            }
             assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -21,10 +21,10 @@ use llmgate::{
         BoxError, GatewayBody, RescueLayer,
         ext::{UpstreamMode, UpstreamTarget},
     },
-    server,
     stack::GatewayService,
-    upstream::{HyperUpstream, pingora::PingoraUpstream},
 };
+use llmgate_hyper::HyperUpstream;
+use llmgate_pingora::PingoraUpstream;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -68,9 +68,9 @@ impl EngineProxy {
             let _ = rx.await;
         };
         let task = match engine {
-            Engine::Hyper => tokio::spawn(server::hyper::serve(listener, service, shutdown, drain)),
+            Engine::Hyper => tokio::spawn(llmgate_hyper::serve(listener, service, shutdown, drain)),
             Engine::Pingora => tokio::spawn(async move {
-                server::pingora::serve_pingora(listener, service, shutdown, drain)
+                llmgate_pingora::serve_pingora(listener, service, shutdown, drain)
                     .await
                     .expect("the Pingora host runs");
             }),

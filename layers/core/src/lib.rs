@@ -14,7 +14,8 @@
 //! - [`json`]: read the request body once behind a limit, parse it once ([`DecodeJsonLayer`]),
 //!   and write it back once per upstream attempt ([`EncodeJsonLayer`]);
 //! - [`usage`]: the SSE-aware pass-through response body that reports usage exactly once;
-//! - [`catalog`]: the model catalogue shared by the routing layers and the cost calculation.
+//! - [`catalog`]: the model catalogue shared by the routing layers and the cost calculation;
+//! - [`forward`]: URL joining and header hygiene for the upstream engines.
 //!
 //! # Example
 //!
@@ -52,6 +53,7 @@ pub mod body;
 pub mod catalog;
 pub mod error;
 pub mod ext;
+pub mod forward;
 pub mod future;
 pub mod json;
 pub mod rescue;

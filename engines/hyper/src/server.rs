@@ -13,19 +13,18 @@ use hyper_util::{
 };
 use llmgate_core::{GatewayBody, body};
 use tokio::net::{TcpListener, TcpSocket};
-use tower::ServiceExt;
-
-use crate::stack::GatewayService;
+use tower::{Service, ServiceExt};
 
 /// Serves `service` on `listener` until `shutdown` resolves, then drains for up to `drain`.
 ///
+/// Any clonable Tower service over [`GatewayBody`] that never fails can be served (errors are
+/// the stack's to render, e.g. with `llmgate_core::RescueLayer`); each connection gets a clone.
 /// Returns once every connection has finished or the drain timeout passed.
-pub async fn serve(
-    listener: TcpListener,
-    service: GatewayService,
-    shutdown: impl Future<Output = ()>,
-    drain: Duration,
-) {
+pub async fn serve<S>(listener: TcpListener, service: S, shutdown: impl Future<Output = ()>, drain: Duration)
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
@@ -64,7 +63,11 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, 
 
 /// Calls the stack with the body boxed. The boxed future erases the body's error type before
 /// `tokio::spawn` checks `Send` (which otherwise trips over the `dyn Error` lifetime).
-fn call(service: &GatewayService, req: Request<Incoming>) -> ResponseFuture {
+fn call<S>(service: &S, req: Request<Incoming>) -> ResponseFuture
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     Box::pin(service.clone().oneshot(req.map(body::boxed)))
 }
 

@@ -1,4 +1,5 @@
-//! The Pingora host: a pingora-core server (HTTP/1.1 and h2c) in front of a [`GatewayService`].
+//! The Pingora host: a pingora-core server (HTTP/1.1 and h2c) in front of any Tower service over
+//! `GatewayBody` that never fails.
 //!
 //! It implements pingora's [`HttpServerApp`] directly, not `ServeHttp` (which must build the
 //! whole response before returning, so it cannot stream): for each request it reads the head,
@@ -19,9 +20,14 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use llmgate::{server::pingora::serve_pingora, stack::GatewayService};
+//! use llmgate_core::{GatewayBody, RescueLayer};
+//! use llmgate_pingora::serve_pingora;
+//! use tower::{Layer, service_fn};
 //!
-//! async fn run(service: GatewayService) -> std::io::Result<()> {
+//! async fn run() -> std::io::Result<()> {
+//!     let service = RescueLayer::new().layer(service_fn(|_req: http::Request<GatewayBody>| async {
+//!         Ok::<_, llmgate_core::BoxError>(http::Response::new(llmgate_core::body::full("hello")))
+//!     }));
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
 //!     serve_pingora(listener, service, shutdown, Duration::from_secs(30)).await
@@ -43,7 +49,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llmgate_core::{BoxError, GatewayBody, body};
@@ -62,19 +68,24 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-use crate::{stack::GatewayService, upstream::strip_hop_by_hop};
+use llmgate_core::forward::strip_hop_by_hop;
+use tower::Service;
 
 /// Serves `service` on `listener` with a Pingora server until `shutdown` resolves, then drains
 /// in-flight requests and streams for up to `drain`.
 ///
-/// The same shape as [`crate::server::hyper::serve`]; see [`PingoraHost`] for the knobs.
+/// The same shape as the hyper engine's `serve`; see [`PingoraHost`] for the knobs.
 /// Returns once the Pingora server has stopped.
-pub async fn serve_pingora(
+pub async fn serve_pingora<S>(
     listener: TcpListener,
-    service: GatewayService,
+    service: S,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     PingoraHost::new().serve(listener, service, shutdown, drain).await
 }
 
@@ -113,13 +124,17 @@ impl PingoraHost {
     }
 
     /// Serves `service` on `listener`; see [`serve_pingora`].
-    pub async fn serve(
+    pub async fn serve<S>(
         self,
         listener: TcpListener,
-        service: GatewayService,
+        service: S,
         shutdown: impl Future<Output = ()>,
         drain: Duration,
-    ) -> io::Result<()> {
+    ) -> io::Result<()>
+    where
+        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
         // Pingora binds its own listeners; hand it ours through its fd table (the mechanism of
         // its zero-downtime upgrades), so an ephemeral port works and nothing is bound twice.
         let listener = listener.into_std()?;
@@ -155,8 +170,8 @@ impl PingoraHost {
             let _ = done_tx.send(());
         })?;
 
-        // Owns the service: a `&GatewayService` held across an await would make this future
-        // `!Send` (the service is not `Sync`).
+        // Owns the service: a `&S` held across an await would make this future `!Send` (a
+        // service need not be `Sync`).
         let dispatch = async move {
             while let Some(job) = jobs_rx.recv().await {
                 tokio::spawn(job.run(service.clone()));
@@ -309,7 +324,11 @@ enum Msg {
 
 impl Job {
     /// Calls the stack and pumps the response body to the Pingora side (on the caller's runtime).
-    async fn run(self, service: GatewayService) {
+    async fn run<S>(self, service: S)
+    where
+        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let Job { request, mut head, frames } = self;
         // Boxed so that `tokio::spawn`'s `Send` check sees no `dyn Error` lifetimes (as in the
         // hyper host).

@@ -7,7 +7,7 @@
 //! calls itself three times and exits.
 //!
 //! ```sh
-//! cargo run --example embed_in_axum
+//! cargo run -p llmgate-hyper --example embed_in_axum
 //! ```
 
 use std::sync::Arc;

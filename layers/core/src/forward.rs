@@ -1,12 +1,7 @@
-//! Upstreams: the innermost service of a stack, forwarding to an OpenAI-compatible base URL.
-//!
-//! Both engines share the URL joining and the header hygiene here: hop-by-hop headers are
-//! dropped in both directions, framing headers are recomputed rather than forwarded stale, and
-//! the query string is kept.
-
-pub mod hyper;
-#[cfg(feature = "pingora")]
-pub mod pingora;
+//! Forwarding helpers every upstream engine shares: joining a base URL and a request path, the
+//! header hygiene of a proxy hop (hop-by-hop headers dropped in both directions, framing
+//! headers recomputed by the engine rather than forwarded stale; the query string is kept), and
+//! the idle timeout of a streamed response body ([`IdleTimeout`]).
 
 use std::{
     future::Future as _,
@@ -18,11 +13,10 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, header};
 use http_body::{Body, Frame, SizeHint};
-use llmgate_core::{BoxError, GatewayError};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-pub use self::hyper::HyperUpstream;
+use crate::{BoxError, GatewayError};
 
 /// Joins a base URL and a request path (with its query) without doubling a shared prefix:
 /// `http://h/v1` + `/v1/models` → `http://h/v1/models`; `http://h/v1` + `/chat/completions` →
@@ -74,6 +68,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pin_project! {
     /// A response body that fails when the upstream sends nothing for `idle`, so a stalled
     /// stream ends with an error instead of hanging the client.
+    ///
+    /// Hand-made rather than tower-http's `TimeoutBody`, which does the same but does not pass
+    /// `size_hint` and `is_end_stream` on: a body of known length would lose its
+    /// `content-length` (and the insertion-id layer its end-by-length watch).
     pub struct IdleTimeout<B> {
         #[pin]
         inner: B,

@@ -4,18 +4,18 @@
 //! each response when its body ends, and renders errors as OpenAI JSON.
 //!
 //! ```sh
-//! cargo run --example minimal_stack -- http://127.0.0.1:4010/v1
+//! cargo run -p llmgate-hyper --example minimal_stack -- http://127.0.0.1:4010/v1
 //! ```
 
 use std::time::Duration;
 
 use http::{Request, Response};
-use llmgate::upstream::HyperUpstream;
 use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, RescueLayer,
     ext::{BodyEdits, EditScope, UpstreamMode, UpstreamTarget},
     usage,
 };
+use llmgate_hyper::HyperUpstream;
 use tower::{ServiceBuilder, ServiceExt, util::BoxCloneService};
 
 #[tokio::main]
@@ -44,9 +44,9 @@ async fn main() -> Result<(), BoxError> {
         .service(upstream);
     let service = BoxCloneService::new(stack.map_request(|req: Request<GatewayBody>| req));
 
-    let listener = llmgate::server::hyper::bind("127.0.0.1:4001".parse()?).await?;
+    let listener = llmgate_hyper::bind("127.0.0.1:4001".parse()?).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    llmgate::server::hyper::serve(
+    llmgate_hyper::serve(
         listener,
         service,
         async {

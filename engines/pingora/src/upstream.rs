@@ -1,5 +1,5 @@
 //! The Pingora upstream: pingora-core's pooled HTTP connector (HTTP/1.1, or h2 with prior
-//! knowledge) behind the same `tower::Service` shape as [`HyperUpstream`](super::HyperUpstream).
+//! knowledge) behind the same `tower::Service` shape as the hyper engine's `HyperUpstream`.
 //!
 //! It forwards to the [`UpstreamTarget`] in the request's extensions (or the default one), joins
 //! URLs with [`join_url`], strips hop-by-hop headers both ways, answers `502`
@@ -23,7 +23,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use llmgate::upstream::pingora::PingoraUpstream;
+//! use llmgate_pingora::PingoraUpstream;
 //! use llmgate_core::ext::{UpstreamMode, UpstreamTarget};
 //!
 //! let target = UpstreamTarget {
@@ -51,7 +51,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llmgate_core::{BoxError, GatewayBody, GatewayError, body, ext::UpstreamTarget};
+use llmgate_core::{
+    BoxError, GatewayBody, GatewayError, body,
+    ext::UpstreamTarget,
+    forward::{IdleTimeout, join_url, strip_hop_by_hop},
+};
 use pingora_core::{
     ErrorType,
     connectors::{ConnectorOptions, http::Connector},
@@ -60,8 +64,6 @@ use pingora_core::{
 };
 use tokio::time::Instant;
 use tower::Service;
-
-use super::{IdleTimeout, join_url, strip_hop_by_hop};
 
 /// Request bodies with a known size up to this are held until the response head arrives, so a
 /// request that hit a pooled connection the upstream had just closed can be sent once more.

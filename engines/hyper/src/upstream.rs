@@ -15,10 +15,12 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use llmgate_core::{BoxError, GatewayBody, GatewayError, body, ext::UpstreamTarget};
+use llmgate_core::{
+    BoxError, GatewayBody, GatewayError, body,
+    ext::UpstreamTarget,
+    forward::{IdleTimeout, join_url, strip_hop_by_hop},
+};
 use tower::Service;
-
-use super::{IdleTimeout, join_url, strip_hop_by_hop};
 
 /// The client type of the hyper upstream (also used for Langfuse and other outbound calls).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, GatewayBody>;

@@ -4,18 +4,18 @@
 //! logs usage when a body ends, and renders errors as OpenAI JSON. SSE streams pass unbuffered.
 //!
 //! ```sh
-//! cargo run --example pingora_proxy -- http://127.0.0.1:4010/v1
+//! cargo run -p llmgate-pingora --example pingora_proxy -- http://127.0.0.1:4010/v1
 //! ```
 
 use std::time::Duration;
 
 use http::{HeaderValue, Response};
-use llmgate::{server::pingora::serve_pingora, upstream::pingora::PingoraUpstream};
 use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, RescueLayer,
     ext::{UpstreamMode, UpstreamTarget},
     usage,
 };
+use llmgate_pingora::{PingoraUpstream, serve_pingora};
 use tower::{ServiceBuilder, util::BoxCloneService};
 
 #[tokio::main]

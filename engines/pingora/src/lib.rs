@@ -1,0 +1,15 @@
+//! The Pingora engine of llmgate: the same two halves as the hyper engine, on pingora-core.
+//!
+//! - [`PingoraUpstream`]: forwards a stack's requests over pingora-core's pooled connector.
+//! - [`serve_pingora`] / [`PingoraHost`]: hosts any clonable Tower service over `GatewayBody`
+//!   that never fails, with the same drain semantics as the hyper host.
+//!
+//! It depends on `llmgate-core` only. Building pingora-core needs `cmake`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![warn(missing_docs)]
+
+pub mod server;
+pub mod upstream;
+
+pub use server::{PingoraHost, serve_pingora};
+pub use upstream::{PingoraUpstream, PingoraUpstreamBuilder};

@@ -1,5 +1,0 @@
-//! Hosts: serve a stack on a socket.
-
-pub mod hyper;
-#[cfg(feature = "pingora")]
-pub mod pingora;
