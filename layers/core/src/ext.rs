@@ -12,12 +12,14 @@
 //! | [`BodyEdits`] | credentials, insertion-id, routing layers | `EncodeJson` |
 //! | [`Project`] | credentials | langfuse |
 //! | [`BaseUrlOverride`] | credentials | target resolution |
+//! | [`ClientScope`] | credentials | credentials (upstream key), rate-limit-fallback |
 //! | [`InsertionId`], [`RolloutTags`] | insertion-id | langfuse |
 //! | [`ModelChoice`] | routing layers | target resolution, langfuse, metrics |
 //! | [`UpstreamTarget`] | target resolution | credentials (upstream key), `EncodeJson`, upstream |
 //! | [`FallbackEvents`] | langfuse | routing layers |
 //! | [`TokenEstimate`] | context-routing | rate-limit-fallback, langfuse |
 //! | response: [`ServedBy`] | rate-limit-fallback | langfuse, metrics, logging |
+//! | response: [`CredentialScope`] | credentials (upstream key) | rate-limit-fallback |
 //! | response: [`UsageOutcome`](crate::usage::UsageOutcome) | whichever layer taps first | insertion-id, langfuse, rate limits, metrics |
 
 use std::{fmt, sync::Arc};
@@ -273,6 +275,64 @@ pub struct LangfuseKeys {
 /// A per-request upstream base URL taken from an allowed `encoded_base_url`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseUrlOverride(pub Arc<str>);
+
+// === ScopeId, ClientScope, CredentialScope ===
+
+/// A digest that names credentials or an endpoint without revealing them (the credentials
+/// layer writes 32 hex digits of a SHA-256), safe to put in store keys and logs.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeId(Arc<str>);
+
+impl ScopeId {
+    /// Wraps an already computed digest. Never pass a secret: the id ends up in store keys.
+    pub fn new(digest: impl Into<Arc<str>>) -> Self {
+        Self(digest.into())
+    }
+
+    /// The digest.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ScopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScopeId({})", self.0)
+    }
+}
+
+impl fmt::Display for ScopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a client brought that can reach a provider: its own `Authorization` (when the gateway
+/// does not consume it as its own key) and the `encoded_base_url` it chose, as one digest.
+/// Absent when the client brought neither.
+///
+/// Written on the request before the routing layers, so that they can tell, before an
+/// attempt, which cooldowns apply to this client (see [`CredentialScope`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientScope {
+    /// The digest of the client's credentials and endpoint.
+    pub id: ScopeId,
+    /// Whether the client chose the endpoint (`encoded_base_url`): every attempt then goes to
+    /// it, never to a configured upstream's host.
+    pub endpoint: bool,
+}
+
+/// Response extension: whose credentials and endpoint an upstream attempt used, so that a
+/// provider's 429 cools down only what earned it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialScope {
+    /// A configured upstream's host with the gateway's own credentials (its server-side key, or
+    /// none at all): shared by every client, and by every replica.
+    Gateway,
+    /// Something the client chose: its own key was sent (header, or `api_key` in the body), or
+    /// the attempt went to its `encoded_base_url`. The id is the request's [`ClientScope`] id.
+    Client(ScopeId),
+}
 
 // === InsertionId, RolloutTags ===
 
