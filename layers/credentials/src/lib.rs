@@ -7,7 +7,13 @@
 //!   [`StaticApiKeys`] for `auth.api_keys`).
 //! - [`UpstreamAuthLayer`]: per upstream attempt, the `Authorization` header (the client's, or
 //!   the upstream's server-side key) and, in `litellm` mode for `fireworks_ai*` models, the
-//!   `api_key` body field.
+//!   `api_key` body field; the response says whose credentials the attempt used
+//!   ([`CredentialScope`](llmgate_core::ext::CredentialScope)).
+//! - [`client_scope`]: the digest of a client's own credentials and chosen endpoint
+//!   ([`ClientScope`](llmgate_core::ext::ClientScope)), written by [`ProjectLayer`]. A provider
+//!   429 earned with them cools down only them (the rate-limit layer keys its cooldown by this
+//!   digest, never by the key); one earned with the gateway's own credentials at a configured
+//!   upstream cools the model down for everyone.
 //!
 //! Body additions (`langfuse_*`, `base_url`, `api_key`) are [`BodyEdits`] scoped to `litellm`
 //! mode, applied per attempt by `EncodeJson`; in `openai` mode nothing reaches the body. Keys
@@ -16,8 +22,8 @@
 //! | Layer | Requires | Provides |
 //! |---|---|---|
 //! | `AuthLayer` | — | `AccountInfo` |
-//! | `ProjectLayer` | (`RouteMeta`) | `Project`, `BaseUrlOverride`, `BodyEdits` |
-//! | `UpstreamAuthLayer` | (`UpstreamTarget`, `LlmRequest`, `BodyEdits`) | `Authorization`, `BodyEdits` |
+//! | `ProjectLayer` | (`RouteMeta`) | `Project`, `BaseUrlOverride`, `ClientScope`, `BodyEdits` |
+//! | `UpstreamAuthLayer` | (`UpstreamTarget`, `LlmRequest`, `BodyEdits`, `ClientScope`, `BaseUrlOverride`) | `Authorization`, `BodyEdits`, response `CredentialScope` |
 //!
 //! # Example
 //!
@@ -63,6 +69,7 @@
 mod auth;
 mod base_url;
 mod project;
+mod scope;
 mod secrets;
 mod upstream_auth;
 
@@ -70,8 +77,9 @@ pub use auth::{Auth, AuthFuture, AuthLayer, AuthProvider, NoAuth, StaticApiKeys,
 pub use base_url::{AllowlistError, BaseUrlAllowlist, decode_base_url};
 pub use llmgate_core::future::ResponseFuture;
 pub use project::{DEFAULT_LANGFUSE_HOST, ProjectLayer, ProjectService};
+pub use scope::client_scope;
 pub use secrets::{Projects, Secrets, SecretsError};
-pub use upstream_auth::{API_KEY_MODEL_PREFIX, UpstreamAuth, UpstreamAuthLayer};
+pub use upstream_auth::{API_KEY_MODEL_PREFIX, UpstreamAuth, UpstreamAuthFuture, UpstreamAuthLayer};
 
 #[doc(no_inline)]
 pub use llmgate_core::ext::BodyEdits;

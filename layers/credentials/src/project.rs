@@ -6,7 +6,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{Extensions, Request};
+use http::{Extensions, HeaderMap, Request};
 use llmgate_core::{
     BoxError, GatewayError,
     ext::{BaseUrlOverride, BodyEdits, EditScope, Project, RouteMeta, UpstreamMode},
@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use llmgate_core::future::ResponseFuture;
 
-use crate::{base_url::BaseUrlAllowlist, secrets::Projects};
+use crate::{base_url::BaseUrlAllowlist, scope::client_scope, secrets::Projects};
 
 /// `LANGFUSE_HOST`'s default.
 pub const DEFAULT_LANGFUSE_HOST: &str = "https://cloud.langfuse.com";
@@ -116,14 +116,17 @@ impl<S> Layer<S> for ProjectLayer {
 ///
 /// **Requires:** nothing (reads [`RouteMeta`] when present; without it the request is taken to
 /// name no project and no base URL). **Provides:** [`Project`], [`BaseUrlOverride`],
-/// [`BodyEdits`] (`langfuse_public_key`, `langfuse_secret_key`, `langfuse_host`, `base_url`,
-/// all scoped to `litellm` mode).
+/// [`ClientScope`](llmgate_core::ext::ClientScope), [`BodyEdits`] (`langfuse_public_key`, `langfuse_secret_key`,
+/// `langfuse_host`, `base_url`, all scoped to `litellm` mode).
 ///
 /// 1. Project: the path's `project_id`, or the default. A named project that is not
 ///    configured is `NotFound("Project 'x' not found")` (404). No project named and no secrets
 ///    configured: no `Project`, the request goes on.
 /// 2. `encoded_base_url`: decoded and checked against the allowlist (400 / 403, see
 ///    [`BaseUrlAllowlist::check`]).
+/// 3. [`ClientScope`](llmgate_core::ext::ClientScope): the digest of the client's `Authorization` and chosen base URL
+///    ([`client_scope`](crate::client_scope)), when it sent either, so that the routing layers
+///    know which cooldowns concern this client.
 #[derive(Clone)]
 pub struct ProjectService<S> {
     inner: S,
@@ -162,22 +165,26 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match self.config.prepare(req.extensions_mut()) {
-            Ok(()) => ResponseFuture::future(self.inner.call(req)),
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        match self.config.prepare(&parts.headers, &mut parts.extensions) {
+            Ok(()) => ResponseFuture::future(self.inner.call(Request::from_parts(parts, body))),
             Err(error) => ResponseFuture::refused(error),
         }
     }
 }
 
 impl Config {
-    fn prepare(&self, extensions: &mut Extensions) -> Result<(), GatewayError> {
+    fn prepare(&self, headers: &HeaderMap, extensions: &mut Extensions) -> Result<(), GatewayError> {
         let meta = extensions.get::<RouteMeta>();
         let project = self.projects.resolve(meta.and_then(|m| m.project.as_deref()))?;
         let base_url = meta
             .and_then(|m| m.encoded_base_url.as_deref())
             .map(|encoded| self.allowlist.check(encoded))
             .transpose()?;
+        if let Some(scope) = client_scope(headers, base_url.clone().map(BaseUrlOverride).as_ref()) {
+            extensions.insert(scope);
+        }
         if project.is_none() && base_url.is_none() {
             return Ok(());
         }
@@ -211,7 +218,7 @@ mod tests {
     use http::{Response, StatusCode};
     use llmgate_core::{
         body,
-        ext::{LlmRequest, RolloutIds, RouteKind},
+        ext::{ClientScope, LlmRequest, RolloutIds, RouteKind},
         json::encode,
     };
     use tower::{ServiceExt, service_fn};
@@ -321,6 +328,33 @@ mod tests {
         let error =
             run(open, Some(meta(None, Some(URL_SAFE.encode("http://169.254.169.254/latest"))))).await.unwrap_err();
         assert_eq!(GatewayError::find(&*error).unwrap().status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn the_clients_credentials_and_endpoint_become_its_scope() {
+        let layer = ProjectLayer::new(Arc::new(Projects::empty()))
+            .base_url_allowlist(vec!["https://api.fireworks.ai/inference".into()]);
+        let svc = layer.layer(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.extensions().get::<ClientScope>().cloned()))
+        }));
+        let scope = |auth: Option<&str>, encoded: Option<String>| {
+            let svc = svc.clone();
+            let mut req = Request::post("/chat/completions").body(()).unwrap();
+            if let Some(auth) = auth {
+                req.headers_mut().insert(http::header::AUTHORIZATION, auth.parse().unwrap());
+            }
+            req.extensions_mut().insert(meta(None, encoded));
+            async move { svc.oneshot(req).await.unwrap().into_body() }
+        };
+        assert_eq!(scope(None, None).await, None);
+        let key = scope(Some("Bearer sk-a"), None).await.unwrap();
+        assert!(!key.endpoint);
+        assert_eq!(scope(Some("Bearer sk-a"), None).await.unwrap(), key);
+        let url = URL_SAFE.encode("https://api.fireworks.ai/inference/v1");
+        let endpoint = scope(None, Some(url.clone())).await.unwrap();
+        assert!(endpoint.endpoint);
+        let both = scope(Some("Bearer sk-a"), Some(url)).await.unwrap();
+        assert!(both.endpoint && both.id != key.id && both.id != endpoint.id);
     }
 
     #[tokio::test]

@@ -1,19 +1,26 @@
 //! [`UpstreamAuthLayer`]: the upstream credentials of one attempt.
 
-use std::task::{Context, Poll};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
-use http::{HeaderValue, Request, header};
+use http::{HeaderValue, Request, Response, header};
 use llmgate_core::{
     BoxError, GatewayError,
-    ext::{BodyEdits, EditScope, LlmRequest, UpstreamMode, UpstreamTarget},
+    ext::{
+        BaseUrlOverride, BodyEdits, ClientScope, CredentialScope, EditScope, LlmRequest, UpstreamMode, UpstreamTarget,
+    },
 };
+use pin_project_lite::pin_project;
 use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use llmgate_core::future::ResponseFuture;
 
-use crate::auth::bearer_token;
+use crate::{auth::bearer_token, scope::client_scope};
 
 const LITELLM: EditScope = EditScope::Mode(UpstreamMode::LiteLlm);
 
@@ -84,10 +91,18 @@ impl<S> Layer<S> for UpstreamAuthLayer {
 ///   the client's bearer token, scoped to `litellm` mode. For any other model no `api_key`
 ///   edit of this layer remains (an earlier one is undone, restoring the client's own value).
 ///   Nothing is added for an attempt whose [`UpstreamTarget`] is in `openai` mode.
+/// - **Scope.** The response carries [`CredentialScope`]: `Client` (with the request's
+///   [`ClientScope`] id) when the attempt sent anything the client chose: its own
+///   `Authorization` (no server-side key applies), its token as the body's `api_key`, or its
+///   `encoded_base_url` ([`BaseUrlOverride`]) as endpoint; else `Gateway` (a configured
+///   upstream with the server-side key, or with no key at all). A provider's 429 then cools down
+///   only what earned it.
 ///
 /// **Requires:** nothing (without [`UpstreamTarget`] the client's header is forwarded and the
-/// `litellm`-scoped edit is still decided, for `EncodeJson`'s default mode).
-/// **Provides:** the `Authorization` header, [`BodyEdits`] `api_key`.
+/// `litellm`-scoped edit is still decided, for `EncodeJson`'s default mode; without
+/// [`ClientScope`] the scope is computed here).
+/// **Provides:** the `Authorization` header, [`BodyEdits`] `api_key`, response
+/// [`CredentialScope`].
 #[derive(Clone, Debug)]
 pub struct UpstreamAuth<S> {
     inner: S,
@@ -110,14 +125,14 @@ impl<S> UpstreamAuth<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for UpstreamAuth<S>
+impl<S, B, RB> Service<Request<B>> for UpstreamAuth<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
 {
-    type Response = S::Response;
+    type Response = Response<RB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = UpstreamAuthFuture<S::Future>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
@@ -126,24 +141,63 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         match prepare(&mut req) {
-            Ok(()) => ResponseFuture::future(self.inner.call(req)),
-            Err(error) => ResponseFuture::refused(error),
+            Ok(scope) => UpstreamAuthFuture { inner: ResponseFuture::future(self.inner.call(req)), scope: Some(scope) },
+            Err(error) => UpstreamAuthFuture { inner: ResponseFuture::refused(error), scope: None },
         }
     }
 }
 
-fn prepare<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
+pin_project! {
+    /// The response future of [`UpstreamAuth`]: the inner response with its [`CredentialScope`].
+    pub struct UpstreamAuthFuture<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+        scope: Option<CredentialScope>,
+    }
+}
+
+impl<F, RB, E> Future for UpstreamAuthFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut result = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(response), Some(scope)) = (&mut result, this.scope.take()) {
+            response.extensions_mut().insert(scope);
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// Sets the attempt's credentials; returns whose they are.
+fn prepare<B>(req: &mut Request<B>) -> Result<CredentialScope, GatewayError> {
     let target = req.extensions().get::<UpstreamTarget>();
     let server_key = target.and_then(|t| t.api_key.as_ref()).map(|key| authorization(key.expose())).transpose()?;
     let openai = target.is_some_and(|t| t.mode == UpstreamMode::OpenAi);
+    let mut client_key_in_body = false;
     if !openai {
         let client_token = bearer_token(req.headers()).map(str::to_owned);
-        body_api_key(req.extensions_mut(), client_token);
+        client_key_in_body = body_api_key(req.extensions_mut(), client_token);
     }
+    let client_header = server_key.is_none() && req.headers().contains_key(header::AUTHORIZATION);
+    let client_endpoint = req.extensions().get::<BaseUrlOverride>().is_some();
+    let scope = if client_header || client_key_in_body || client_endpoint {
+        let id = match req.extensions().get::<ClientScope>() {
+            Some(scope) => Some(scope.id.clone()),
+            None => client_scope(req.headers(), req.extensions().get::<BaseUrlOverride>()).map(|s| s.id),
+        };
+        id.map_or(CredentialScope::Gateway, CredentialScope::Client)
+    } else {
+        CredentialScope::Gateway
+    };
     if let Some(value) = server_key {
         req.headers_mut().insert(header::AUTHORIZATION, value);
     }
-    Ok(())
+    Ok(scope)
 }
 
 fn authorization(key: &str) -> Result<HeaderValue, GatewayError> {
@@ -153,8 +207,9 @@ fn authorization(key: &str) -> Result<HeaderValue, GatewayError> {
     Ok(value)
 }
 
-/// Decides the `litellm`-scoped `api_key` edit of this attempt.
-fn body_api_key(extensions: &mut http::Extensions, client_token: Option<String>) {
+/// Decides the `litellm`-scoped `api_key` edit of this attempt; `true` when it carries the
+/// client's token.
+fn body_api_key(extensions: &mut http::Extensions, client_token: Option<String>) -> bool {
     let edits = extensions.get::<BodyEdits>();
     let edited_model = edits.and_then(|e| {
         e.for_mode(UpstreamMode::LiteLlm).filter(|(key, _)| *key == "model").last().map(|(_, value)| value)
@@ -168,6 +223,7 @@ fn body_api_key(extensions: &mut http::Extensions, client_token: Option<String>)
     match (wants_key, client_token) {
         (true, Some(token)) => {
             extensions.get_or_insert_default::<BodyEdits>().set("api_key", Value::String(token), LITELLM);
+            return true;
         }
         _ if has_edit => {
             // Undo an edit left by an earlier attempt: back to what the client sent.
@@ -180,6 +236,7 @@ fn body_api_key(extensions: &mut http::Extensions, client_token: Option<String>)
         }
         _ => {}
     }
+    false
 }
 
 #[cfg(test)]
@@ -310,6 +367,66 @@ mod tests {
         )
         .await;
         assert_eq!(body, r#"{"model":"gpt-4o"}"#);
+    }
+
+    /// Runs the layer; returns the response's `CredentialScope`.
+    async fn scope_of(
+        target: Option<UpstreamTarget>,
+        client_auth: Option<&str>,
+        body: &'static str,
+        base_url: Option<&str>,
+    ) -> Option<CredentialScope> {
+        let svc = UpstreamAuthLayer::new()
+            .layer(service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
+        let mut builder = Request::post("/chat/completions");
+        if let Some(value) = client_auth {
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        let mut req = builder.body(()).unwrap();
+        req.extensions_mut().insert(llm(body));
+        if let Some(target) = target {
+            req.extensions_mut().insert(target);
+        }
+        if let Some(url) = base_url {
+            let url = BaseUrlOverride(url.into());
+            let scope = client_scope(req.headers(), Some(&url)).unwrap();
+            req.extensions_mut().insert(scope);
+            req.extensions_mut().insert(url);
+        }
+        svc.oneshot(req).await.unwrap().extensions().get::<CredentialScope>().cloned()
+    }
+
+    #[tokio::test]
+    async fn the_response_says_whose_credentials_the_attempt_used() {
+        let gpt = r#"{"model":"gpt-4o"}"#;
+        let id = |auth: &str, url: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, auth.parse().unwrap());
+            let url = url.map(|u| BaseUrlOverride(u.into()));
+            CredentialScope::Client(client_scope(&headers, url.as_ref()).unwrap().id)
+        };
+        let openai = |key| Some(target(UpstreamMode::OpenAi, key));
+        // The client's own key goes upstream: its scope.
+        assert_eq!(scope_of(openai(None), Some("Bearer sk-a"), gpt, None).await, Some(id("Bearer sk-a", None)));
+        // The server-side key replaces it, or nobody sends any: the gateway's.
+        assert_eq!(
+            scope_of(openai(Some("sk-s")), Some("Bearer sk-a"), gpt, None).await,
+            Some(CredentialScope::Gateway)
+        );
+        assert_eq!(scope_of(openai(None), None, gpt, None).await, Some(CredentialScope::Gateway));
+        // An endpoint the client chose is the client's, with or without a key.
+        let url = "https://api.example.com/v1";
+        let endpoint_only = scope_of(openai(None), None, gpt, Some(url)).await.unwrap();
+        assert!(matches!(endpoint_only, CredentialScope::Client(_)));
+        assert_eq!(
+            scope_of(openai(None), Some("Bearer sk-a"), gpt, Some(url)).await,
+            Some(id("Bearer sk-a", Some(url)))
+        );
+        // litellm: the client's token as the body's `api_key` is the client's key.
+        let fw = r#"{"model":"fireworks_ai/x"}"#;
+        let litellm = Some(target(UpstreamMode::LiteLlm, Some("sk-s")));
+        assert_eq!(scope_of(litellm.clone(), Some("Bearer sk-a"), fw, None).await, Some(id("Bearer sk-a", None)));
+        assert_eq!(scope_of(litellm, Some("Bearer sk-a"), gpt, None).await, Some(CredentialScope::Gateway));
     }
 
     #[tokio::test]
