@@ -15,7 +15,7 @@ use std::{
 };
 
 use llmgate_core::{
-    catalog::ModelSpec,
+    catalog::{Catalog, Limits, ModelSpec},
     ext::{Secret, UpstreamMode, UpstreamTarget},
 };
 use serde::Deserialize;
@@ -209,6 +209,28 @@ pub enum Emit {
 
 // === The resolved configuration ===
 
+/// Where an entry of the effective catalogue comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelOrigin {
+    /// Built into llmgate (`llmgate-context-routing`'s default catalogue): window, output cap
+    /// and price only; never a fallback chain or a limit.
+    BuiltIn,
+    /// The config's `models` list, a name the built-in catalogue does not have.
+    Config,
+    /// The config's `models` list, replacing the built-in entry of the same name whole.
+    ConfigOverridesBuiltIn,
+}
+
+impl fmt::Display for ModelOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BuiltIn => "built-in",
+            Self::Config => "config",
+            Self::ConfigOverridesBuiltIn => "config, overrides built-in",
+        })
+    }
+}
+
 /// The configuration the gateway runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -228,7 +250,7 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamTarget>,
     /// The upstream used for unknown models and the catch-all.
     pub default_upstream: String,
-    /// Models configured in the file (extending the default catalogue).
+    /// Models configured in the file (extending the built-in catalogue; see [`Config::catalog`]).
     pub models: Vec<ModelSpec>,
     /// The Redis URL, if any (else in-memory stores).
     pub redis_url: Option<Secret>,
@@ -492,6 +514,38 @@ impl Config {
         })
     }
 
+    /// The effective catalogue, each entry with its origin: the built-in entries (in their
+    /// order; a config entry of the same name replaces one whole), then the config's other
+    /// entries in file order.
+    ///
+    /// Built-in entries carry facts only (window, output cap, price): their `fallbacks` and
+    /// `limits` are always empty, so no built-in entry reroutes, refuses or limits a request by
+    /// itself. Only a configured `fallbacks` list moves a request to another model.
+    pub fn catalog_entries(&self) -> Vec<(ModelSpec, ModelOrigin)> {
+        let configured = |name: &str| self.models.iter().find(|m| m.name == name);
+        let mut entries: Vec<(ModelSpec, ModelOrigin)> = llmgate_context_routing::default_catalog()
+            .into_iter()
+            .map(|builtin| match configured(&builtin.name) {
+                Some(model) => (model.clone(), ModelOrigin::ConfigOverridesBuiltIn),
+                None => {
+                    (ModelSpec { fallbacks: Vec::new(), limits: Limits::default(), ..builtin }, ModelOrigin::BuiltIn)
+                }
+            })
+            .collect();
+        for model in &self.models {
+            if !entries.iter().any(|(m, _)| m.name == model.name) {
+                entries.push((model.clone(), ModelOrigin::Config));
+            }
+        }
+        entries
+    }
+
+    /// The catalogue the routing layers, the cost calculation and the metrics use
+    /// ([`catalog_entries`](Self::catalog_entries) without the origins).
+    pub fn catalog(&self) -> Catalog {
+        Catalog::new(self.catalog_entries().into_iter().map(|(model, _)| model))
+    }
+
     /// What `check-config` prints: the effective settings, secrets redacted.
     pub fn describe(&self) -> String {
         let mut out = String::new();
@@ -510,7 +564,7 @@ impl Config {
                 if target.api_key.is_some() { ", server-side API key" } else { ", client's Authorization forwarded" };
             line(format!("upstream {name}{default}: {} mode {:?}{key}", target.base_url, target.mode));
         }
-        line(format!("models configured: {}", self.models.len()));
+        self.describe_catalog(&mut line);
         line(format!("stores: {}", if self.redis_url.is_some() { "Redis" } else { "in-memory (no Redis configured)" }));
         line(match &self.langfuse_host {
             Some(host) => {
@@ -529,6 +583,71 @@ impl Config {
         line(format!("encoded_base_url allowlist: {:?}", self.encoded_base_url_allow));
         line(format!("rate_limit.max_wait_seconds: {}", self.max_wait.as_secs_f64()));
         out
+    }
+
+    /// The catalogue part of [`describe`](Self::describe): one line per entry with its origin,
+    /// then the fallbacks that are active.
+    fn describe_catalog(&self, line: &mut impl FnMut(String)) {
+        let entries = self.catalog_entries();
+        let builtin = entries.iter().filter(|(_, o)| *o == ModelOrigin::BuiltIn).count();
+        line(format!(
+            "models: {} entries, {} from the config, {builtin} built-in (built-in entries set windows and prices \
+             only: they never move a request to another model and never limit it)",
+            entries.len(),
+            entries.len() - builtin
+        ));
+        let limit = |name: &str, value: Option<u64>| value.map(|n| format!(" {name} {n}"));
+        for (model, origin) in &entries {
+            let mut text = format!(
+                "  {} [{origin}] upstream {}",
+                model.name,
+                model.upstream.as_deref().unwrap_or(&self.default_upstream)
+            );
+            if let Some(sent) = model.upstream_model.as_deref().filter(|u| *u != model.name) {
+                text.push_str(&format!(" (sent as {sent})"));
+            }
+            if let Some(window) = model.context_window {
+                text.push_str(&format!(", window {window}"));
+            }
+            if let Some(output) = model.max_output_tokens {
+                text.push_str(&format!(", max output {output}"));
+            }
+            let limits: String =
+                [limit("rpm", model.limits.rpm), limit("tpm", model.limits.tpm), limit("rpd", model.limits.rpd)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            if !limits.is_empty() {
+                text.push_str(&format!(", limits{limits}"));
+            }
+            if let Some(price) = model.pricing {
+                text.push_str(&format!(", ${}/${} per 1M in/out", price.input_per_1m, price.output_per_1m));
+            }
+            if !model.fallbacks.is_empty() {
+                text.push_str(&format!(", fallbacks: {}", model.fallbacks.join(", ")));
+            }
+            line(text);
+        }
+        let known = |name: &str| entries.iter().any(|(m, _)| m.name == name);
+        let active: Vec<String> = entries
+            .iter()
+            .filter(|(m, _)| !m.fallbacks.is_empty())
+            .map(|(m, _)| {
+                let chain: Vec<String> =
+                    m.fallbacks
+                        .iter()
+                        .map(|f| {
+                            if known(f) {
+                                f.clone()
+                            } else {
+                                format!("{f} (not in the catalogue: no window, no limits)")
+                            }
+                        })
+                        .collect();
+                format!("{} → {}", m.name, chain.join(", "))
+            })
+            .collect();
+        line(format!("fallbacks active: {}", if active.is_empty() { "none".to_string() } else { active.join("; ") }));
     }
 }
 
@@ -697,5 +816,30 @@ rate_limit: {max_wait_seconds: 2}
         assert_eq!(config.langfuse_trace.environment.as_deref(), Some("staging"));
         assert_eq!(config.langfuse_trace.capture_bytes, Some(1024));
         assert!(!config.describe().contains("sk-x"));
+    }
+
+    #[test]
+    fn the_catalogue_says_where_each_entry_comes_from_and_built_ins_never_route() {
+        let text = "models:\n  - {name: gpt-4o, fallbacks: [gpt-4o-mini]}\n  - {name: mine, limits: {rpm: 3}}\n";
+        let config = parse(text, &no_env).unwrap();
+        let entries = config.catalog_entries();
+        let origin = |name: &str| entries.iter().find(|(m, _)| m.name == name).map(|(_, o)| *o);
+        assert_eq!(origin("gpt-4o"), Some(ModelOrigin::ConfigOverridesBuiltIn));
+        assert_eq!(origin("mine"), Some(ModelOrigin::Config));
+        assert_eq!(origin("gpt-4.1"), Some(ModelOrigin::BuiltIn));
+        assert_eq!(entries.last().map(|(m, _)| m.name.as_str()), Some("mine"));
+        for (model, origin) in &entries {
+            if *origin == ModelOrigin::BuiltIn {
+                assert!(model.fallbacks.is_empty() && model.limits == Limits::default(), "{}", model.name);
+                assert!(model.context_window.is_some() && model.pricing.is_some(), "{}", model.name);
+            }
+        }
+        // The config entry replaces the built-in one whole: no window unless it says one.
+        let catalog = config.catalog();
+        assert_eq!(catalog.get("gpt-4o").unwrap().context_window, None);
+        assert_eq!(catalog.get("gpt-4o").unwrap().fallbacks, ["gpt-4o-mini"]);
+        let described = config.describe();
+        assert!(described.contains("fallbacks active: gpt-4o → gpt-4o-mini\n"), "{described}");
+        assert!(parse("", &no_env).unwrap().describe().contains("fallbacks active: none\n"));
     }
 }

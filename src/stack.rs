@@ -23,7 +23,6 @@ use http_body_util::Full;
 use llmgate_context_routing::ContextRoutingLayer;
 use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer,
-    catalog::Catalog,
     rescue::{CatchPanicBody, PanicHook},
 };
 use llmgate_credentials::{
@@ -137,9 +136,7 @@ impl Gateway {
         }
         let metrics = Arc::new(GatewayMetrics::default());
         let upstream = upstream(&config)?;
-        let mut catalog = Catalog::new(llmgate_context_routing::default_catalog());
-        catalog.extend(config.models.iter().cloned());
-        let catalog = Arc::new(catalog);
+        let catalog = Arc::new(config.catalog());
         let targets = Arc::new(Targets {
             upstreams: config.upstreams.clone(),
             default_upstream: config.default_upstream.clone(),

@@ -44,6 +44,7 @@ pub struct ContextRoutingStats {
     proactive_fallbacks: AtomicU64,
     reactive_fallbacks: AtomicU64,
     rejected: AtomicU64,
+    unrouted: AtomicU64,
 }
 
 /// A copy of [`ContextRoutingStats`] at one moment.
@@ -59,8 +60,12 @@ pub struct StatsSnapshot {
     pub proactive_fallbacks: u64,
     /// Requests re-sent to a larger model after an upstream context-length error.
     pub reactive_fallbacks: u64,
-    /// Requests refused with `context_length_exceeded` (nothing sent upstream).
+    /// Requests refused with `context_length_exceeded` (nothing sent upstream): too large for
+    /// their model and for every model of its configured `fallbacks` chain.
     pub rejected: u64,
+    /// Requests too large for their model's window that have no configured `fallbacks`: sent
+    /// unchanged, the provider answers.
+    pub unrouted: u64,
 }
 
 impl ContextRoutingStats {
@@ -74,6 +79,7 @@ impl ContextRoutingStats {
             proactive_fallbacks: get(&self.proactive_fallbacks),
             reactive_fallbacks: get(&self.reactive_fallbacks),
             rejected: get(&self.rejected),
+            unrouted: get(&self.unrouted),
         }
     }
 
@@ -252,7 +258,7 @@ where
 }
 
 enum Plan {
-    /// The request fits the requested model.
+    /// The request fits the requested model, or goes to it anyway (no fallbacks configured).
     Fits(TokenEstimate),
     /// It goes to `choice`.
     Route { choice: Choice, original_estimate: TokenEstimate },
@@ -299,11 +305,18 @@ fn decide(
     } else {
         match choose(&shared.catalog, spec, 0, estimator) {
             Some(choice) => Ok(Plan::Route { choice, original_estimate: estimate.token_estimate() }),
+            None if spec.fallbacks.is_empty() => {
+                // No fallback configured: nothing to route; the provider has the last word
+                // (its own error if the prompt is really too long for it).
+                tracing::debug!(model = %spec.name, estimate = estimate.tokens, window, "larger than the model's window and no fallbacks configured; sending it unchanged");
+                ContextRoutingStats::add(&stats.unrouted, 1);
+                Ok(Plan::Fits(estimate.token_estimate()))
+            }
             None => {
                 ContextRoutingStats::add(&stats.rejected, 1);
                 Err(GatewayError::ContextLengthExceeded {
                     estimate: estimate.tokens,
-                    max: largest_window(&shared.catalog),
+                    max: largest_window(&shared.catalog, spec),
                     model: spec.name.clone(),
                 })
             }

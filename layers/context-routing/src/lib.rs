@@ -7,18 +7,24 @@
 //!
 //! - **Fits** → sent unchanged, with a [`TokenEstimate`](llmgate_core::ext::TokenEstimate).
 //! - **Too large** → the first model of the requested model's `fallbacks` chain whose window
-//!   fits; if none does, the catalogue model with the **smallest** window that fits (the closest
-//!   fit, usually the cheapest; catalogue order on equal windows). AutoPickerLLM went
-//!   largest-first instead, which on its tier1 picked the most expensive model. The layer writes
-//!   [`ModelChoice`](llmgate_core::ext::ModelChoice) `{requested, current, attempt: 1}`, the
-//!   `model` body edit (scope `Always`), and records `context_length_fallback` on the request's
-//!   [`FallbackEvents`](llmgate_core::ext::FallbackEvents) sink, if there is one.
-//! - **Nothing fits** → `GatewayError::ContextLengthExceeded` (400, `context_length_exceeded`,
-//!   naming the estimate, the largest window of the catalogue and the model); nothing is sent.
+//!   fits. The layer writes [`ModelChoice`](llmgate_core::ext::ModelChoice)
+//!   `{requested, current, attempt: 1}`, the `model` body edit (scope `Always`), and records
+//!   `context_length_fallback` on the request's
+//!   [`FallbackEvents`](llmgate_core::ext::FallbackEvents) sink, if there is one. Only the chain
+//!   is considered: a request never goes to a model nobody configured as its fallback (earlier
+//!   versions fell back to the catalogue model with the smallest window that fits).
+//! - **Too large, no `fallbacks` configured** → sent unchanged (with its
+//!   [`TokenEstimate`](llmgate_core::ext::TokenEstimate)): there is no routing decision to make,
+//!   and the provider, which knows its real window, answers (its own `context_length_exceeded`
+//!   if the prompt really is too long; an estimate can be high, e.g. the bytes rule for other
+//!   providers' models). Counted as `unrouted`.
+//! - **Too large for the model and its whole chain** → `GatewayError::ContextLengthExceeded`
+//!   (400, `context_length_exceeded`, naming the estimate, the largest window of the model and
+//!   its chain, and the model); nothing is sent.
 //! - **Reactive**: an upstream 400 recognised by [`detect`] as a context-length error (its body
-//!   read up to 64 KiB) is re-sent **once** to a model with a larger window than the one that
-//!   failed, chosen the same way, with the event recorded. Otherwise the 400 is passed on
-//!   byte for byte.
+//!   read up to 64 KiB) is re-sent **once** to a model of the failed model's `fallbacks` chain
+//!   with a larger window than the one that failed, with the event recorded. Otherwise (no
+//!   such model) the 400 is passed on byte for byte.
 //! - A model the catalogue does not know, or whose window is unknown, passes through untouched.
 //!
 //! Each candidate is judged by its own tokenizer's estimate (each family tokenized at most once
@@ -108,8 +114,10 @@ static DEFAULT_MODELS: LazyLock<Vec<ModelSpec>> = LazyLock::new(|| match serde_y
 
 /// The default catalogue: OpenAI's gpt-4o, gpt-4o-mini, gpt-4.1, gpt-4.1-mini, o1, o1-mini and
 /// gpt-3.5-turbo by their API names, and `gemini/gemini-2.5-pro`, `-2.5-flash`, `-2.5-flash-lite`
-/// and `gemini/gemini-1.5-flash`, with published windows, output caps and prices, fallback
-/// chains towards larger windows and no limits (see `default_models.yaml` for the sources).
+/// and `gemini/gemini-1.5-flash`, with published windows, output caps and prices (see
+/// `default_models.yaml` for the sources). Facts only: **no fallback chains and no limits**, so
+/// that a built-in entry informs context checks and costs but never moves or refuses a request
+/// by itself; chains and limits are the operator's to configure.
 ///
 /// A config extends or overrides it: `Catalog::new(default_catalog().into_iter().chain(config))`
 /// (a later entry of the same name replaces the earlier one).

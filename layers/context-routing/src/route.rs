@@ -18,36 +18,28 @@ pub(crate) struct Choice {
 }
 
 /// The first model of `from`'s `fallbacks` chain whose window is larger than `above` and fits
-/// the request, else the catalogue model with the smallest such window (catalogue order on
-/// ties). `from` itself is never chosen.
+/// the request. `from` itself is never chosen, nor any model outside its chain: a request only
+/// goes where the operator said it may.
 pub(crate) fn choose(
     catalog: &Catalog,
     from: &ModelSpec,
     above: u64,
     estimator: &mut RequestEstimator<'_>,
 ) -> Option<Choice> {
-    let mut candidate = |spec: &Arc<ModelSpec>| -> Option<Choice> {
+    from.fallbacks.iter().filter_map(|name| catalog.get(name)).find_map(|spec| {
         let window = spec.context_window.filter(|w| *w > above)?;
         if spec.name == from.name {
             return None;
         }
         let estimate = estimator.estimate_for(spec);
         estimate.fits(window).then(|| Choice { spec: spec.clone(), window, estimate })
-    };
-    if let Some(choice) = from.fallbacks.iter().filter_map(|name| catalog.get(name)).find_map(&mut candidate) {
-        return Some(choice);
-    }
-    // Smallest window first: windows are checked without estimating, so only the models that
-    // could win are estimated.
-    let mut by_window: Vec<&Arc<ModelSpec>> =
-        catalog.iter().filter(|s| s.context_window.is_some_and(|w| w > above) && s.name != from.name).collect();
-    by_window.sort_by_key(|s| s.context_window);
-    by_window.into_iter().find_map(candidate)
+    })
 }
 
-/// The largest context window of the catalogue.
-pub(crate) fn largest_window(catalog: &Catalog) -> u64 {
-    catalog.iter().filter_map(|s| s.context_window).max().unwrap_or(0)
+/// The largest context window of `spec` and its `fallbacks` chain.
+pub(crate) fn largest_window(catalog: &Catalog, spec: &ModelSpec) -> u64 {
+    let chain = spec.fallbacks.iter().filter_map(|name| catalog.get(name)).filter_map(|s| s.context_window);
+    spec.context_window.into_iter().chain(chain).max().unwrap_or(0)
 }
 
 /// Whether any catalogue model has a window larger than `window` (a reactive fallback could

@@ -144,7 +144,7 @@ async fn text(response: Response<GatewayBody>) -> Bytes {
 // === default catalogue ===
 
 #[test]
-fn default_catalog_has_the_spec_models_and_sane_chains() {
+fn default_catalog_has_the_spec_models_and_no_policy() {
     let models = default_catalog();
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
     for name in [
@@ -166,11 +166,10 @@ fn default_catalog_has_the_spec_models_and_sane_chains() {
     for model in &models {
         let window = model.context_window.unwrap();
         assert!(model.max_output_tokens.is_some() && model.pricing.is_some(), "{}", model.name);
-        assert_eq!(model.limits, Default::default(), "no limits by default");
-        for fallback in &model.fallbacks {
-            let target = catalog.get(fallback).unwrap_or_else(|| panic!("{fallback}"));
-            assert!(target.context_window.unwrap() > window, "{} → {fallback}", model.name);
-        }
+        assert!(window > 0, "{}", model.name);
+        // Facts only: a built-in entry never reroutes or refuses anything by itself.
+        assert_eq!(model.limits, Default::default(), "no limits by default: {}", model.name);
+        assert!(model.fallbacks.is_empty(), "no fallbacks by default: {}", model.name);
     }
     assert_eq!(catalog.get("gpt-4.1").unwrap().context_window, Some(1_047_576));
     let mini = catalog.get("gpt-4o-mini").unwrap().pricing.unwrap();
@@ -260,24 +259,45 @@ async fn too_large_goes_to_the_first_chain_model_that_fits_with_exact_event() {
 }
 
 #[tokio::test]
-async fn chain_exhausted_takes_the_smallest_catalogue_window_that_fits() {
-    let seen = Arc::default();
+async fn never_routes_outside_the_configured_chain() {
+    // 3,000 bytes → 1,008 tokens: more than `mid` (the whole chain of `tiny-chain`). `big`
+    // would fit, but it is not in the chain: refused, nothing sent.
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let svc = ContextRoutingLayer::new(catalog()).layer(upstream(Arc::clone(&seen), ok()));
     let events = Arc::new(Events::default());
-    // 3,000 bytes → 1,008 tokens: more than `mid` (the whole chain of `tiny-chain`); `huge`
-    // comes first in the catalogue but `big` is the smallest window that fits.
-    svc.oneshot(chat(sized("tiny-chain", 3_000), Some(&events))).await.unwrap();
-    assert_eq!(seen.lock().unwrap()[0].model, "big");
+    let err = svc.oneshot(chat(sized("tiny-chain", 3_000), Some(&events))).await.unwrap_err();
     assert_eq!(
-        *events.0.lock().unwrap(),
-        vec![FallbackEvent::ContextLength {
-            original_model: "tiny-chain".into(),
-            fallback_model: "big".into(),
-            estimated_tokens: bytes_estimate(3_000),
-            original_max_context: 100,
-            fallback_max_context: 10_000,
-        }]
+        GatewayError::find(&*err),
+        Some(&GatewayError::ContextLengthExceeded {
+            estimate: bytes_estimate(3_000),
+            max: 1_000,
+            model: "tiny-chain".into(),
+        })
     );
+    assert!(seen.lock().unwrap().is_empty());
+    assert!(events.0.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn too_large_without_configured_fallbacks_goes_unchanged() {
+    // `mid` has no chain: `big` and `huge` would fit, but nobody made them its fallback.
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let layer = ContextRoutingLayer::new(catalog());
+    let stats = layer.stats();
+    let svc = layer.layer(upstream(Arc::clone(&seen), ok()));
+    let events = Arc::new(Events::default());
+    let body = sized("mid", 3_000);
+    let response = svc.oneshot(chat(body.clone(), Some(&events))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].model, "mid");
+    assert!(seen[0].choice.is_none() && !seen[0].has_edits);
+    assert_eq!(seen[0].body, body.to_string());
+    assert_eq!(seen[0].estimate, Some(TokenEstimate { tokens: bytes_estimate(3_000), estimated: true }));
+    assert!(events.0.lock().unwrap().is_empty());
+    let stats = stats.snapshot();
+    assert_eq!((stats.unrouted, stats.rejected, stats.proactive_fallbacks), (1, 0, 0));
 }
 
 #[tokio::test]
@@ -299,7 +319,8 @@ async fn nothing_fits_is_refused_without_calling_upstream() {
         GatewayError::find(&*err),
         Some(&GatewayError::ContextLengthExceeded {
             estimate: bytes_estimate(400_000),
-            max: 100_000,
+            // The largest window of `small` and its chain (`huge` is not in it).
+            max: 10_000,
             model: "small".into(),
         })
     );
