@@ -9,14 +9,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError, body,
     catalog::{Catalog, Limits, ModelSpec},
     ext::{
-        BodyEdits, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice, ServedBy, TokenEstimate,
-        UpstreamMode,
+        BodyEdits, ClientScope, CredentialScope, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice,
+        ServedBy, TokenEstimate, UpstreamMode,
     },
     usage,
 };
@@ -27,7 +27,7 @@ use tower_service::Service;
 use crate::{
     classify::{Upstream429, classify_429, retry_after},
     stats::Stats,
-    store::{Decision, RateStore},
+    store::{Cooldowns, Decision, RateStore},
 };
 
 /// How much of an upstream 429 body is read to classify it.
@@ -177,6 +177,14 @@ where
     // Without an estimate from context routing, a rough one: 4 bytes per token.
     let tokens = estimate.unwrap_or(llm.raw().len() as u64 / 4);
     let events = req.extensions().get::<FallbackEvents>().cloned();
+    // The cooldowns that concern this client: the shared ones, unless it chose the endpoint,
+    // and those its own credentials earned.
+    let client = req.extensions().get::<ClientScope>().cloned();
+    let cooldowns = match &client {
+        None => Cooldowns::Shared,
+        Some(scope) if scope.endpoint => Cooldowns::Scope(scope.id.as_str()),
+        Some(scope) => Cooldowns::SharedAndScope(scope.id.as_str()),
+    };
     let (parts, _client_body) = req.into_parts();
     let had_model_edit = parts
         .extensions
@@ -188,6 +196,9 @@ where
     let mut soonest: Option<Duration> = None;
     let mut given_up: Option<(Arc<str>, &'static str)> = None;
     let mut attempts: u32 = 0;
+    // The latest provider 429 earned with the client's own credentials or endpoint: the answer
+    // when nothing else can be done.
+    let mut own_429: Option<(http::response::Parts, Bytes, Arc<str>)> = None;
 
     'candidates: for (model, limits) in candidates {
         if attempts >= config.max_attempts {
@@ -205,7 +216,9 @@ where
         tried.push(model.to_string());
         let mut waited = Duration::ZERO;
         loop {
-            if let Decision::Limited { limited_by, retry_after } = config.store.check(&model, &limits, tokens).await {
+            if let Decision::Limited { limited_by, retry_after } =
+                config.store.check_with(&model, cooldowns, &limits, tokens).await
+            {
                 if waited + retry_after <= config.max_wait {
                     Stats::bump(&stats.rate_limit_waits);
                     tokio::time::sleep(retry_after).await;
@@ -240,7 +253,8 @@ where
                 return Ok(served(&config, response, &requested, &model, &limits, tokens, attempts));
             }
 
-            // Upstream 429: cool the model down for everyone, then wait or move on.
+            // Upstream 429: cool down what earned it (the model for everyone when the gateway's
+            // own credentials did, else only the client's scope), then wait or move on.
             Stats::bump(&stats.upstream_429s);
             let (head, body) = response.into_parts();
             let after = retry_after(&head.headers, SystemTime::now());
@@ -249,9 +263,22 @@ where
                 Upstream429::Quota => (config.store.until_daily_reset(), "upstream_quota"),
                 Upstream429::Transient => (after.unwrap_or(config.default_retry_after), "upstream_429"),
             };
-            tracing::debug!(%model, ?cooldown, reason, "upstream 429; cooling the model down");
-            config.store.cool_down(&model, cooldown).await;
-            stats.cooled_down(&model, cooldown);
+            match head.extensions.get::<CredentialScope>() {
+                Some(CredentialScope::Client(scope)) => {
+                    tracing::debug!(
+                        %model, %scope, ?cooldown, reason,
+                        "upstream 429 on the client's own credentials or endpoint; cooling down that scope only"
+                    );
+                    config.store.cool_down_scope(&model, scope.as_str(), cooldown).await;
+                    stats.cooled_down(&Arc::from(format!("{model} {scope}")), cooldown);
+                    own_429 = Some((head, error_body, model.clone()));
+                }
+                Some(CredentialScope::Gateway) | None => {
+                    tracing::debug!(%model, ?cooldown, reason, "upstream 429; cooling the model down");
+                    config.store.cool_down(&model, cooldown).await;
+                    stats.cooled_down(&model, cooldown);
+                }
+            }
             if reason == "upstream_429" && waited + cooldown <= config.max_wait && attempts < config.max_attempts {
                 Stats::bump(&stats.rate_limit_waits);
                 tokio::time::sleep(cooldown).await;
@@ -266,6 +293,14 @@ where
     }
 
     Stats::bump(&stats.chains_exhausted);
+    if let Some((mut head, error_body, model)) = own_429 {
+        // The provider's own answer: its status, headers and error text.
+        head.headers.remove(header::CONTENT_LENGTH);
+        head.headers.remove(header::TRANSFER_ENCODING);
+        let upstream = upstream_of(&config, &head.extensions, &model);
+        head.extensions.insert(ServedBy { model, upstream, attempts });
+        return Ok(Response::from_parts(head, body::full(error_body)));
+    }
     Err(GatewayError::RateLimited { retry_after: soonest, tried }.into())
 }
 
@@ -319,14 +354,18 @@ fn served(
             }
         });
     }
-    let upstream = response
-        .extensions()
+    let upstream = upstream_of(config, response.extensions(), model);
+    response.extensions_mut().insert(ServedBy { model: model.clone(), upstream, attempts });
+    response
+}
+
+/// The upstream that answered for `model`: as an inner layer said, else the catalogue's.
+fn upstream_of(config: &RateLimitFallbackLayer, extensions: &http::Extensions, model: &str) -> Arc<str> {
+    extensions
         .get::<ServedBy>()
         .map(|s| s.upstream.clone())
         .or_else(|| config.catalog.get(model).and_then(|s| s.upstream.as_deref()).map(Arc::from))
-        .unwrap_or_else(|| Arc::from("default"));
-    response.extensions_mut().insert(ServedBy { model: model.clone(), upstream, attempts });
-    response
+        .unwrap_or_else(|| Arc::from("default"))
 }
 
 /// Reads at most `limit` bytes of a body; a failing body gives what was read.

@@ -8,23 +8,39 @@
 //! 1. **Candidates**: the current model (`ModelChoice.current` when context routing set one,
 //!    else the body's `model`), then its catalogue `fallbacks` in order, skipping models whose
 //!    context window is smaller than the request's `TokenEstimate`. A model the catalogue does
-//!    not know gets one untouched attempt.
-//! 2. **Per candidate**: one [`RateStore::check`] (rpm, tpm with the estimate, rpd and the
-//!    model's cooldown, checked and consumed together). Refused → wait when the wait fits in
-//!    `max_wait` (default 0, so never), else the next candidate.
+//!    not know gets one untouched attempt. Only the `fallbacks` chain ever moves a request: a
+//!    catalogue entry without one (the reference proxy's built-in entries have none) keeps every
+//!    request on its model.
+//! 2. **Per candidate**: one [`RateStore::check_with`] (rpm, tpm with the estimate, rpd and the
+//!    cooldowns that concern this client, checked and consumed together). Refused → wait when
+//!    the wait fits in `max_wait` (default 0, so never), else the next candidate.
 //! 3. **Send**: the original request parts with `ModelChoice { requested, current, attempt }`
 //!    and the body edit `model` = candidate, body re-sent from the buffered bytes.
 //! 4. **Upstream 429**: the wait comes from `Retry-After` (seconds or HTTP date), or the
 //!    provider's `x-ratelimit-reset-*` headers; the error body (64 KiB at most) decides whether
 //!    it is a quota exhaustion (cool down until the daily reset, reason `upstream_quota`) or not
-//!    (cool down for the wait, `upstream_429`). The cooldown applies to every request. Then the
-//!    same wait-or-next decision.
+//!    (cool down for the wait, `upstream_429`). **Whose cooldown** follows the response's
+//!    [`CredentialScope`](llmgate_core::ext::CredentialScope): `Gateway` (or none: a stack
+//!    without the credentials layer) cools the model down for every request, across replicas
+//!    sharing the store; `Client(id)` (the client's own key, or its `encoded_base_url`) cools
+//!    down only that model for that digest. Then the same wait-or-next decision.
 //! 5. Any other response goes back as is, with [`ServedBy`](llmgate_core::ext::ServedBy); when
 //!    the model has a tpm limit the real usage corrects the estimate once the body ends.
 //!    Fallback therefore only ever happens before the client saw a byte.
 //! 6. Every switch records `FallbackEvent::RateLimit { original_model, fallback_model, reason }`
 //!    (`rpm`, `tpm`, `rpd`, `upstream_429`, `upstream_quota`, `cooldown`). An exhausted chain is
+//!    the provider's own 429 (status, headers, the first 64 KiB of its body) when one was earned
+//!    with the client's own credentials or endpoint during this request; otherwise
 //!    `GatewayError::RateLimited { retry_after, tried }` (429 with `Retry-After`).
+//!
+//! **Which cooldowns a request consults** comes from the request's
+//! [`ClientScope`](llmgate_core::ext::ClientScope) (written by the credentials layer): none →
+//! the model's shared cooldown ([`Cooldowns::Shared`]); the client's own key →
+//! the shared one and its own ([`Cooldowns::SharedAndScope`]: whether its key or the server-side
+//! key goes upstream depends on the model's upstream, and both cooldowns are only ever earned
+//! that way); a client-chosen endpoint → only its own ([`Cooldowns::Scope`]: the gateway's
+//! credentials never go there). rpm/tpm/rpd are the operator's limits for the model and apply
+//! to every request.
 //!
 //! Budgets live in a [`RateStore`]: [`MemoryRateStore`] in-process, or [`RedisRateStore`]
 //! shared by every replica (one Lua script per attempt; `fail_open`/`fail_closed` outages).
@@ -93,4 +109,4 @@ pub use layer::{ERROR_BODY_LIMIT, RateLimitFallback, RateLimitFallbackLayer};
 pub use memory::MemoryRateStore;
 pub use redis::{OutagePolicy, RedisRateStore};
 pub use stats::Stats;
-pub use store::{Clock, Decision, LimitKind, RateStore, StoreHealth, TokioClock};
+pub use store::{Clock, Cooldowns, Decision, LimitKind, RateStore, StoreHealth, TokioClock};

@@ -1,21 +1,32 @@
 //! The in-process store: per-model state in hash-sharded maps, one short critical section per
-//! check on the model's shard only (no global lock).
+//! check on the model's shard only (no global lock). Client-scope cooldowns live in maps of
+//! their own, sharded the same way and skipped while there is none.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::RandomState},
+    collections::{HashMap, VecDeque, hash_map::Entry, hash_map::RandomState},
     hash::BuildHasher,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use llmgate_core::catalog::Limits;
 use tokio::time::Instant;
 
-use crate::store::{BoxFuture, Clock, DAY, Decision, LimitKind, RateStore, TokioClock, WINDOW, day_and_rest};
+use crate::store::{
+    BoxFuture, Clock, Cooldowns, DAY, Decision, LimitKind, RateStore, TokioClock, WINDOW, day_and_rest,
+};
 
 const SHARDS: usize = 32;
 
+/// A client-scope shard is pruned of ended cooldowns when it holds this many.
+const PRUNE_SCOPES_AT: usize = 256;
+
 type Shard = Mutex<HashMap<Box<str>, ModelState>>;
+/// Client-scope cooldowns: `model \x1f scope` → end.
+type ScopeShard = Mutex<HashMap<Box<str>, Instant>>;
 
 /// An in-process [`RateStore`]. Cheap to share behind an `Arc`.
 ///
@@ -35,6 +46,9 @@ type Shard = Mutex<HashMap<Box<str>, ModelState>>;
 /// ```
 pub struct MemoryRateStore {
     shards: Box<[Shard]>,
+    scopes: Box<[ScopeShard]>,
+    /// Client-scope cooldowns held (ended ones included until pruned): 0 skips every lookup.
+    scoped: AtomicUsize,
     hasher: RandomState,
     clock: Arc<dyn Clock>,
     day_boundary: Duration,
@@ -66,6 +80,8 @@ impl MemoryRateStore {
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            scopes: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            scoped: AtomicUsize::new(0),
             hasher: RandomState::new(),
             clock,
             day_boundary: Duration::ZERO,
@@ -94,12 +110,46 @@ impl MemoryRateStore {
         }
     }
 
+    fn scope_shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Instant>> {
+        let shard = (self.hasher.hash_one(key) as usize) % self.scopes.len();
+        self.scopes[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the cooldown of `model` for client `scope` ends, if it has not yet.
+    fn scope_cooldown(&self, model: &str, scope: &str, now: Instant) -> Option<Instant> {
+        if self.scoped.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let key = scope_key(model, scope);
+        let mut map = self.scope_shard(&key);
+        match map.get(key.as_str()) {
+            Some(until) if *until > now => Some(*until),
+            Some(_) => {
+                map.remove(key.as_str());
+                self.scoped.fetch_sub(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
+    }
+
     /// The synchronous check behind [`RateStore::check`].
     pub fn check_now(&self, model: &str, limits: &Limits, tokens: u64) -> Decision {
+        self.check_now_with(model, Cooldowns::Shared, limits, tokens)
+    }
+
+    /// The synchronous check behind [`RateStore::check_with`].
+    pub fn check_now_with(&self, model: &str, cooldowns: Cooldowns<'_>, limits: &Limits, tokens: u64) -> Decision {
         let now = self.clock.now();
         let (day, to_next_day) = day_and_rest(self.clock.unix_now(), self.day_boundary);
-        let window = self.window;
-        self.with_model(model, |s| s.check(limits, tokens, now, day, to_next_day, window))
+        let (shared, scope) = match cooldowns {
+            Cooldowns::Shared => (true, None),
+            Cooldowns::SharedAndScope(scope) => (true, Some(scope)),
+            Cooldowns::Scope(scope) => (false, Some(scope)),
+        };
+        let scope_until = scope.and_then(|scope| self.scope_cooldown(model, scope, now));
+        let at = At { now, day, to_next_day, window: self.window };
+        self.with_model(model, |s| s.check(limits, tokens, &at, shared, scope_until))
     }
 
     /// The synchronous correction behind [`RateStore::correct_tokens`].
@@ -125,16 +175,47 @@ impl MemoryRateStore {
         });
     }
 
-    /// Models cooling down now.
+    /// The synchronous cooldown behind [`RateStore::cool_down_scope`].
+    pub fn cool_down_scope_now(&self, model: &str, scope: &str, duration: Duration) {
+        let now = self.clock.now();
+        let until = now + duration;
+        let key = scope_key(model, scope);
+        let mut map = self.scope_shard(&key);
+        if map.len() >= PRUNE_SCOPES_AT {
+            let before = map.len();
+            map.retain(|_, end| *end > now);
+            self.scoped.fetch_sub(before - map.len(), Ordering::Relaxed);
+        }
+        match map.entry(key.into_boxed_str()) {
+            Entry::Occupied(mut entry) => {
+                if *entry.get() < until {
+                    entry.insert(until);
+                }
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(until);
+                self.scoped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Cooldowns running now: models cooling down for everyone, plus (model, client scope) pairs.
     pub fn cooldowns_active(&self) -> usize {
         let now = self.clock.now();
-        self.shards
+        let shared: usize = self
+            .shards
             .iter()
             .map(|shard| {
                 let map = shard.lock().unwrap_or_else(|p| p.into_inner());
                 map.values().filter(|s| s.cooldown_until.is_some_and(|u| u > now)).count()
             })
-            .sum()
+            .sum();
+        let scoped: usize = self
+            .scopes
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|u| **u > now).count())
+            .sum();
+        shared + scoped
     }
 }
 
@@ -154,8 +235,14 @@ impl std::fmt::Debug for MemoryRateStore {
 }
 
 impl RateStore for MemoryRateStore {
-    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision> {
-        let decision = self.check_now(model, limits, tokens);
+    fn check_with<'a>(
+        &'a self,
+        model: &'a str,
+        cooldowns: Cooldowns<'a>,
+        limits: &'a Limits,
+        tokens: u64,
+    ) -> BoxFuture<'a, Decision> {
+        let decision = self.check_now_with(model, cooldowns, limits, tokens);
         Box::pin(std::future::ready(decision))
     }
 
@@ -175,9 +262,27 @@ impl RateStore for MemoryRateStore {
         Box::pin(std::future::ready(()))
     }
 
+    fn cool_down_scope<'a>(&'a self, model: &'a str, scope: &'a str, duration: Duration) -> BoxFuture<'a, ()> {
+        self.cool_down_scope_now(model, scope, duration);
+        Box::pin(std::future::ready(()))
+    }
+
     fn until_daily_reset(&self) -> Duration {
         day_and_rest(self.clock.unix_now(), self.day_boundary).1
     }
+}
+
+fn scope_key(model: &str, scope: &str) -> String {
+    format!("{model}\u{1f}{scope}")
+}
+
+/// The moment of one check.
+#[derive(Clone, Copy)]
+struct At {
+    now: Instant,
+    day: u64,
+    to_next_day: Duration,
+    window: Duration,
 }
 
 // === impl ModelState ===
@@ -194,20 +299,20 @@ impl ModelState {
         }
     }
 
-    fn check(
-        &mut self,
-        limits: &Limits,
-        tokens: u64,
-        now: Instant,
-        day: u64,
-        to_next_day: Duration,
-        window: Duration,
-    ) -> Decision {
+    /// Checks and consumes; `shared`: whether the model's shared cooldown applies;
+    /// `scope_until`: the end of a client-scope cooldown that applies.
+    fn check(&mut self, limits: &Limits, tokens: u64, at: &At, shared: bool, scope_until: Option<Instant>) -> Decision {
+        let At { now, day, to_next_day, window } = *at;
+        let mut cooling = scope_until.filter(|until| *until > now);
         if let Some(until) = self.cooldown_until {
-            if until > now {
-                return Decision::Limited { limited_by: LimitKind::Cooldown, retry_after: until - now };
+            if until <= now {
+                self.cooldown_until = None;
+            } else if shared {
+                cooling = Some(cooling.map_or(until, |other| other.max(until)));
             }
-            self.cooldown_until = None;
+        }
+        if let Some(until) = cooling {
+            return Decision::Limited { limited_by: LimitKind::Cooldown, retry_after: until - now };
         }
         let mut refused: Option<(LimitKind, Duration)> = None;
         let mut refuse = |kind, wait: Duration| {

@@ -1,7 +1,8 @@
 //! The Redis store: one Lua script per attempt checks and consumes rpm, tpm and rpd of a model
 //! and its cooldown atomically, on the server's clock, so every replica shares one budget.
 //!
-//! Keys are hash-tagged per model (`llmgate:rl:{<model>}:rpm`, `…:tpm`, `…:rpd`, `…:cool`), so
+//! Keys are hash-tagged per model (`llmgate:rl:{<model>}:rpm`, `…:tpm`, `…:rpd`, `…:cool`, and
+//! `…:cool:<scope>` for a client scope's cooldown, the scope being a digest, never a key), so
 //! one script's keys share a Redis Cluster slot. Scripts go out as `EVALSHA` and are loaded on
 //! `NOSCRIPT` ([`redis::Script::invoke_async`]).
 
@@ -19,18 +20,25 @@ use redis::{RedisResult, Script, aio::ConnectionLike};
 
 use crate::{
     memory::MemoryRateStore,
-    store::{BoxFuture, DAY, Decision, LimitKind, RateStore, StoreHealth, WINDOW, day_and_rest, divide_limits},
+    store::{
+        BoxFuture, Cooldowns, DAY, Decision, LimitKind, RateStore, StoreHealth, WINDOW, day_and_rest, divide_limits,
+    },
 };
 
-/// KEYS: rpm, tpm, rpd, cool. ARGV: rpm, tpm, tokens, rpd (-1 = unlimited), day boundary
-/// offset ms, unique member, window ms. Returns `{kind, retry_after_ms}` as strings, kind `ok`
-/// when allowed.
+/// KEYS: rpm, tpm, rpd, cool[, a second cool]. ARGV: rpm, tpm, tokens, rpd (-1 = unlimited),
+/// day boundary offset ms, unique member, window ms. Returns `{kind, retry_after_ms}` as
+/// strings, kind `ok` when allowed. The cooldown keys are the model's shared one and/or a
+/// client scope's (see [`Cooldowns`]); the later end counts.
 const CHECK_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rpm, tpm, tokens, rpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local offset, window = tonumber(ARGV[5]), tonumber(ARGV[7])
 local cool = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+if KEYS[5] then
+  local other = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+  if other > cool then cool = other end
+end
 if cool > now then return {'cooldown', tostring(cool - now)} end
 local why, wait = nil, 0
 local function refuse(kind, w)
@@ -214,6 +222,11 @@ where
         format!("{}:{{{model}}}:{what}", self.prefix)
     }
 
+    /// The key of the cooldown of `model` for one client `scope` (a digest).
+    pub fn scope_key(&self, model: &str, scope: &str) -> String {
+        format!("{}:{{{model}}}:cool:{scope}", self.prefix)
+    }
+
     async fn run<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
         let outcome = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
@@ -243,16 +256,26 @@ where
         }
     }
 
-    async fn check_redis(&self, model: &str, limits: &Limits, tokens: u64) -> Option<Decision> {
+    async fn check_redis(
+        &self,
+        model: &str,
+        cooldowns: Cooldowns<'_>,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Option<Decision> {
         let as_arg = |limit: Option<u64>| limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
         let member = format!("{}-{}", self.member_prefix, self.seq.fetch_add(1, Ordering::Relaxed));
         let mut conn = self.conn.clone();
         let mut invocation = CHECK.prepare_invoke();
+        invocation.key(self.key(model, "rpm")).key(self.key(model, "tpm")).key(self.key(model, "rpd"));
+        match cooldowns {
+            Cooldowns::Shared => invocation.key(self.key(model, "cool")),
+            Cooldowns::SharedAndScope(scope) => {
+                invocation.key(self.key(model, "cool")).key(self.scope_key(model, scope))
+            }
+            Cooldowns::Scope(scope) => invocation.key(self.scope_key(model, scope)),
+        };
         invocation
-            .key(self.key(model, "rpm"))
-            .key(self.key(model, "tpm"))
-            .key(self.key(model, "rpd"))
-            .key(self.key(model, "cool"))
             .arg(as_arg(limits.rpm))
             .arg(as_arg(limits.tpm))
             .arg(tokens)
@@ -297,13 +320,21 @@ impl<C> RateStore for RedisRateStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision> {
+    fn check_with<'a>(
+        &'a self,
+        model: &'a str,
+        cooldowns: Cooldowns<'a>,
+        limits: &'a Limits,
+        tokens: u64,
+    ) -> BoxFuture<'a, Decision> {
         Box::pin(async move {
-            if let Some(decision) = self.check_redis(model, limits, tokens).await {
+            if let Some(decision) = self.check_redis(model, cooldowns, limits, tokens).await {
                 return decision;
             }
             match self.policy {
-                OutagePolicy::FailOpen => self.local.check_now(model, &divide_limits(limits, self.replicas), tokens),
+                OutagePolicy::FailOpen => {
+                    self.local.check_now_with(model, cooldowns, &divide_limits(limits, self.replicas), tokens)
+                }
                 OutagePolicy::FailClosed => {
                     Decision::Limited { limited_by: LimitKind::Unavailable, retry_after: Duration::from_secs(1) }
                 }
@@ -342,6 +373,17 @@ where
             let mut conn = self.conn.clone();
             let mut invocation = COOL.prepare_invoke();
             invocation.key(self.key(model, "cool")).arg(ms);
+            let _: Option<i64> = self.run(invocation.invoke_async(&mut conn)).await;
+        })
+    }
+
+    fn cool_down_scope<'a>(&'a self, model: &'a str, scope: &'a str, duration: Duration) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.local.cool_down_scope_now(model, scope, duration);
+            let ms = (duration.as_millis() as u64).max(1);
+            let mut conn = self.conn.clone();
+            let mut invocation = COOL.prepare_invoke();
+            invocation.key(self.scope_key(model, scope)).arg(ms);
             let _: Option<i64> = self.run(invocation.invoke_async(&mut conn)).await;
         })
     }

@@ -12,7 +12,10 @@
 //!   [`RateStore::correct_tokens`] adds the difference between the real usage and the estimate.
 //! - **rpd**: a counter per UTC day, the day starting at the configured boundary (default
 //!   00:00 UTC); when refused, `retry_after` is the time to the next boundary.
-//! - **cooldown**: a model cooled down refuses every check until the cooldown ends.
+//! - **cooldown**: a model cooled down refuses every check that consults its shared cooldown
+//!   until the cooldown ends. A cooldown of one client scope (a 429 earned with a client's own
+//!   key or endpoint, named by a digest) refuses only the checks that name that scope
+//!   ([`Cooldowns`]).
 //! - `None` limits are unlimited and never refuse. A check consumes all three budgets or none.
 
 use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
@@ -65,6 +68,21 @@ impl fmt::Display for LimitKind {
     }
 }
 
+/// Which cooldowns a check consults, besides the model's rpm, tpm and rpd (which every check
+/// consults: they are the operator's limits for the model, whoever's key is used).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cooldowns<'a> {
+    /// The model's shared cooldown: a 429 earned with the gateway's own credentials.
+    #[default]
+    Shared,
+    /// The shared one and that of one client scope: the request carries client credentials
+    /// that an attempt may or may not send (that depends on the upstream's server-side key).
+    SharedAndScope(&'a str),
+    /// Only that of one client scope: the request goes to an endpoint the client chose, where
+    /// the gateway's own credentials never go.
+    Scope(&'a str),
+}
+
 /// The answer of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -102,8 +120,19 @@ pub struct StoreHealth {
 /// Methods never fail: a store that cannot reach its backend applies its outage policy.
 pub trait RateStore: Send + Sync + 'static {
     /// Checks rpm, tpm (with `tokens`, the request's estimate) and rpd of `model` together,
-    /// and the model's cooldown; consumes all three when allowed.
-    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision>;
+    /// and the model's shared cooldown; consumes all three when allowed.
+    fn check<'a>(&'a self, model: &'a str, limits: &'a Limits, tokens: u64) -> BoxFuture<'a, Decision> {
+        self.check_with(model, Cooldowns::Shared, limits, tokens)
+    }
+
+    /// [`check`](Self::check), consulting `cooldowns` (the one check-and-consume of an attempt).
+    fn check_with<'a>(
+        &'a self,
+        model: &'a str,
+        cooldowns: Cooldowns<'a>,
+        limits: &'a Limits,
+        tokens: u64,
+    ) -> BoxFuture<'a, Decision>;
 
     /// Corrects the tpm budget of an allowed check once the real usage is known:
     /// `actual - estimated` tokens are taken (or given back when negative).
@@ -120,6 +149,11 @@ pub trait RateStore: Send + Sync + 'static {
     /// measures it on its own clock.
     fn cool_down<'a>(&'a self, model: &'a str, duration: Duration) -> BoxFuture<'a, ()>;
 
+    /// Cools `model` down for `duration` from now for one client `scope` only (a digest, never
+    /// a key): the checks that name that scope are refused, no other (an earlier end never
+    /// shortens a longer cooldown).
+    fn cool_down_scope<'a>(&'a self, model: &'a str, scope: &'a str, duration: Duration) -> BoxFuture<'a, ()>;
+
     /// The time until the next daily reset (the rpd boundary), on this store's clock.
     fn until_daily_reset(&self) -> Duration;
 
@@ -134,6 +168,16 @@ impl<T: RateStore + ?Sized> RateStore for Arc<T> {
         (**self).check(model, limits, tokens)
     }
 
+    fn check_with<'a>(
+        &'a self,
+        model: &'a str,
+        cooldowns: Cooldowns<'a>,
+        limits: &'a Limits,
+        tokens: u64,
+    ) -> BoxFuture<'a, Decision> {
+        (**self).check_with(model, cooldowns, limits, tokens)
+    }
+
     fn correct_tokens<'a>(
         &'a self,
         model: &'a str,
@@ -146,6 +190,10 @@ impl<T: RateStore + ?Sized> RateStore for Arc<T> {
 
     fn cool_down<'a>(&'a self, model: &'a str, duration: Duration) -> BoxFuture<'a, ()> {
         (**self).cool_down(model, duration)
+    }
+
+    fn cool_down_scope<'a>(&'a self, model: &'a str, scope: &'a str, duration: Duration) -> BoxFuture<'a, ()> {
+        (**self).cool_down_scope(model, scope, duration)
     }
 
     fn until_daily_reset(&self) -> Duration {

@@ -12,7 +12,8 @@ use llmgate_core::{
     BoxError, DecodeJsonLayer, GatewayBody, GatewayError, body,
     catalog::{Catalog, Limits, ModelSpec},
     ext::{
-        BodyEdits, FallbackEvent, FallbackEventSink, FallbackEvents, ModelChoice, ServedBy, TokenEstimate, UpstreamMode,
+        BodyEdits, ClientScope, CredentialScope, FallbackEvent, FallbackEventSink, FallbackEvents, ModelChoice,
+        ScopeId, ServedBy, TokenEstimate, UpstreamMode,
     },
 };
 use llmgate_rate_limit_fallback::{MemoryRateStore, RateLimitFallbackLayer, RateStore, Stats, TokioClock};
@@ -96,6 +97,9 @@ fn harness_with(
             let up = up.clone();
             async move {
                 let model = req.extensions().get::<ModelChoice>().map(|c| c.current.to_string()).unwrap_or_default();
+                // Like the credentials layer with no server-side key: a client that brought
+                // credentials or an endpoint sent them.
+                let scope = req.extensions().get::<ClientScope>().map(|s| CredentialScope::Client(s.id.clone()));
                 let edited = req.extensions().get::<BodyEdits>().and_then(|e| {
                     e.for_mode(UpstreamMode::OpenAi)
                         .find(|(k, _)| *k == "model")
@@ -115,6 +119,9 @@ fn harness_with(
                 response.headers_mut().insert("content-type", "application/json".parse().unwrap());
                 for (k, v) in headers {
                     response.headers_mut().insert(k, v.parse().unwrap());
+                }
+                if let Some(scope) = scope {
+                    response.extensions_mut().insert(scope);
                 }
                 Ok::<_, BoxError>(response)
             }
@@ -243,6 +250,61 @@ async fn a_wait_longer_than_max_wait_falls_back_at_once() {
     assert_eq!(h.served("a").await, "b");
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(h.stat("rate_limit_waits"), 0);
+}
+
+/// `req` from a client that brought its own key (`endpoint`: and chose the endpoint).
+fn as_client(mut req: Request<GatewayBody>, id: &str, endpoint: bool) -> Request<GatewayBody> {
+    req.extensions_mut().insert(ClientScope { id: ScopeId::new(id), endpoint });
+    req
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_on_a_clients_own_credentials_is_that_clients_and_comes_back_as_the_provider_sent_it() {
+    let free = Limits::default();
+    let h = harness(vec![spec("solo", free, &[]), spec("a", free, &["b"]), spec("b", free, &[])]);
+    let provider = r#"{"error":{"message":"slow down, key k1","type":"requests","code":"rate_limit_exceeded"}}"#;
+    h.upstream.then("solo", 429, &[("retry-after", "5"), ("x-ratelimit-remaining-requests", "0")], provider);
+    let response = h.send(as_client(chat("solo"), "k1", false)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(response.extensions().get::<ServedBy>().unwrap().model.as_ref(), "solo");
+    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), provider);
+    assert_eq!(h.stat("chains_exhausted"), 1);
+
+    // Other clients, with another key or none, still reach the model.
+    let served = |r: Response<GatewayBody>| r.extensions().get::<ServedBy>().unwrap().model.to_string();
+    assert_eq!(served(h.send(as_client(chat("solo"), "k2", false)).await.unwrap()), "solo");
+    assert_eq!(h.served("solo").await, "solo");
+    // The key that earned it is cooling down: refused without a call.
+    let error = h.send(as_client(chat("solo"), "k1", false)).await.unwrap_err();
+    assert!(matches!(GatewayError::find(&*error), Some(GatewayError::RateLimited { .. })));
+    assert_eq!(h.upstream.calls(), ["solo", "solo", "solo"]);
+
+    // A configured chain still serves that client; the others keep the model.
+    h.upstream.then("a", 429, &[("retry-after", "5")], r#"{"error":{"code":"rate_limit_exceeded"}}"#);
+    assert_eq!(served(h.send(as_client(chat("a"), "k1", false)).await.unwrap()), "b");
+    assert_eq!(served(h.send(as_client(chat("a"), "k2", false)).await.unwrap()), "a");
+    assert_eq!(served(h.send(as_client(chat("a"), "k1", false)).await.unwrap()), "b");
+    assert_eq!(h.events(), vec![ev("a", "b", "upstream_429"), ev("a", "b", "cooldown")]);
+    assert_eq!(h.stat("cooldowns_active"), 2);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(served(h.send(as_client(chat("solo"), "k1", false)).await.unwrap()), "solo");
+    assert_eq!(h.stat("cooldowns_active"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_cooldown_does_not_concern_a_client_chosen_endpoint() {
+    let h = harness(vec![spec("solo", Limits::default(), &[])]);
+    // A 429 with the gateway's credentials (no scope on the response): everyone's.
+    h.upstream.then("solo", 429, &[("retry-after", "30")], r#"{"error":{"code":"rate_limit_exceeded"}}"#);
+    let error = h.send(chat("solo")).await.unwrap_err();
+    assert!(matches!(GatewayError::find(&*error), Some(GatewayError::RateLimited { .. })), "{error}");
+    // A client key that may go to the same upstream is refused; its own endpoint is not.
+    assert!(h.send(as_client(chat("solo"), "k1", false)).await.is_err());
+    let response = h.send(as_client(chat("solo"), "k1e", true)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(h.upstream.calls(), ["solo", "solo"]);
 }
 
 #[tokio::test(start_paused = true)]

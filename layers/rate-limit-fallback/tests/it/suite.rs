@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use llmgate_core::catalog::Limits;
-use llmgate_rate_limit_fallback::{Decision, LimitKind, MemoryRateStore, RateStore};
+use llmgate_rate_limit_fallback::{Cooldowns, Decision, LimitKind, MemoryRateStore, RateStore};
 
 fn limits(rpm: Option<u64>, tpm: Option<u64>, rpd: Option<u64>) -> Limits {
     Limits { rpm, tpm, rpd }
@@ -84,6 +84,27 @@ pub(crate) async fn run(store: Arc<dyn RateStore>, ns: &str, window: Duration) {
     assert_eq!(kind, LimitKind::Cooldown);
     assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "cooldown {wait:?}");
     assert_eq!(store.check(&m("warm"), &unlimited, 1).await, Decision::Allowed);
+
+    // A client scope's cooldown refuses only the checks naming that scope, on that model.
+    store.cool_down_scope(&m("scoped"), "aaaa", Duration::from_secs(30)).await;
+    store.cool_down_scope(&m("scoped"), "aaaa", Duration::from_secs(1)).await;
+    assert_eq!(store.check(&m("scoped"), &unlimited, 1).await, Decision::Allowed);
+    let other = Cooldowns::SharedAndScope("bbbb");
+    assert_eq!(store.check_with(&m("scoped"), other, &unlimited, 1).await, Decision::Allowed);
+    for cooldowns in [Cooldowns::SharedAndScope("aaaa"), Cooldowns::Scope("aaaa")] {
+        let (kind, wait) = refused(store.check_with(&m("scoped"), cooldowns, &unlimited, 1).await);
+        assert_eq!(kind, LimitKind::Cooldown, "{cooldowns:?}");
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "scoped cooldown {wait:?}");
+    }
+    assert_eq!(store.check_with(&m("warm"), Cooldowns::Scope("aaaa"), &unlimited, 1).await, Decision::Allowed);
+    // The shared cooldown applies unless the check names only a scope (a client's own endpoint).
+    let (kind, _) = refused(store.check_with(&m("cool"), Cooldowns::SharedAndScope("bbbb"), &unlimited, 1).await);
+    assert_eq!(kind, LimitKind::Cooldown);
+    assert_eq!(store.check_with(&m("cool"), Cooldowns::Scope("bbbb"), &unlimited, 1).await, Decision::Allowed);
+    // Both apply: the later end counts.
+    store.cool_down_scope(&m("cool"), "cccc", Duration::from_secs(60)).await;
+    let (_, wait) = refused(store.check_with(&m("cool"), Cooldowns::SharedAndScope("cccc"), &unlimited, 1).await);
+    assert!(wait > Duration::from_secs(55), "{wait:?}");
 
     // The window slides: after it, rpm and tpm are back.
     let l = limits(Some(1), Some(10), None);
