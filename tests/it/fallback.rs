@@ -1,6 +1,8 @@
 //! Issue 6 through the reference proxy: rate-limit fallback (local limits, upstream 429s,
 //! cooldowns, quota exhaustion, exhausted chains, shared budgets across processes on Redis and
-//! Redis Cluster, Redis outages, streaming) and the `GET /stats` counters.
+//! Redis Cluster, Redis outages, streaming) and the `GET /stats` counters; issue 15: a 429
+//! cools down only the credentials and endpoint that earned it, and the built-in catalogue
+//! never moves a request to another model.
 //!
 //! The `reason` of the `rate_limit_fallback` events is checked by the Langfuse tests.
 
@@ -859,4 +861,197 @@ models:
     .await;
     assert_eq!(unreachable(&gw.log()), 2, "{}", gw.log());
     assert_eq!(stats(&gw.url("")).await["store_outages"], 2);
+}
+
+// === whose cooldown: the credentials and endpoint that earned the 429 (issue 15) ===
+
+/// The mock's 429 body for `model` (`x-mock-fail: model=429:rate_limit_exceeded`).
+fn mock_429_body(model: &str) -> Value {
+    json!({"error": {"message": format!("Rate limit reached for {model}"), "type": "mock_error", "param": null,
+        "code": "rate_limit_exceeded"}})
+}
+
+/// The `authorization` header of every chat request the mock received, in order.
+fn keys_seen(mock: &MockUpstream) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .filter(|r| r.uri.ends_with("/chat/completions"))
+        .map(|r| r.headers.get("authorization").map_or("-", |v| v.to_str().unwrap()).to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_429_earned_with_a_clients_own_key_is_that_clients_alone() {
+    // No `models:` and no server-side key: the built-in catalogue is active and every client's
+    // own `Authorization` goes upstream. Two projects.
+    let mock = mock().await;
+    let dir = TempDir::new();
+    let secrets = dir.0.join("secrets.yaml");
+    std::fs::write(
+        &secrets,
+        "langfuse_keys:\n  p1: {public_key: pk-lf-1, secret_key: sk-lf-1}\n  p2: {public_key: pk-lf-2, secret_key: sk-lf-2}\ndefault_project_id: p1\n",
+    )
+    .unwrap();
+    let gw = TestGateway::in_front_of(&mock, &format!("langfuse: {{secrets_path: \"{}\"}}\n", secrets.display())).await;
+    let (p1, p2) = (gw.url("/v1/project_id/p1/chat/completions"), gw.url("/v1/project_id/p2/chat/completions"));
+    let fail = [("x-mock-fail", "gpt-4o=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let a = ("authorization", "Bearer sk-client-a");
+    let reply = chat(&p1, "gpt-4o", &[a, fail[0], fail[1]]).await;
+    // The provider's own answer, status, `Retry-After` and body, not a rewritten one; and no
+    // move to a model nobody configured.
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert_eq!(reply.json(), mock_429_body("gpt-4o"));
+    assert_eq!(reply.headers["retry-after"], "30");
+    assert_eq!(models_seen(&mock), ["gpt-4o"]);
+
+    // A client of another project, with its own key, right after: it reaches the upstream and
+    // is served.
+    let reply = chat(&p2, "gpt-4o", &[("authorization", "Bearer sk-client-b")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["model"], "gpt-4o");
+    // So is one of the same project that sends no key at all.
+    let reply = chat(&p1, "gpt-4o", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(models_seen(&mock), ["gpt-4o", "gpt-4o", "gpt-4o"]);
+    assert_eq!(keys_seen(&mock), ["Bearer sk-client-a", "Bearer sk-client-b", "-"]);
+
+    // The key that earned the 429 is cooling down, whichever project it comes through: its
+    // next request is answered at once.
+    let reply = chat(&p2, "gpt-4o", &[a]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert!((25..=30).contains(&retry_after(&reply)), "{:?}", reply.headers);
+    assert_eq!(mock.chat_requests(), 3, "{:?}", models_seen(&mock));
+    let stats = stats(&base(&gw)).await;
+    assert_eq!(
+        counters(&stats, &["upstream_429s", "cooldowns_active", "fallback_requests"]),
+        json!({"upstream_429s": 1, "cooldowns_active": 1, "fallback_requests": 0})
+    );
+}
+
+#[tokio::test]
+async fn a_clients_own_key_429_walks_the_configured_chain_for_that_client_only() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(&mock, "models:\n  - {name: alpha, fallbacks: [beta]}\n  - {name: beta}\n").await;
+    let fail = [("x-mock-fail", "alpha=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let reply = chat(&gw.url(CHAT), "alpha", &[("authorization", "Bearer sk-a"), fail[0], fail[1]]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["model"], "beta", "a configured fallback still serves the client");
+    // Another key is not affected; the first key goes straight to its fallback.
+    let reply = chat(&gw.url(CHAT), "alpha", &[("authorization", "Bearer sk-b")]).await;
+    assert_eq!(reply.json()["model"], "alpha");
+    let reply = chat(&gw.url(CHAT), "alpha", &[("authorization", "Bearer sk-a")]).await;
+    assert_eq!(reply.json()["model"], "beta");
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "alpha", "beta"]);
+    assert_eq!(keys_seen(&mock), ["Bearer sk-a", "Bearer sk-a", "Bearer sk-b", "Bearer sk-a"]);
+}
+
+/// URL-safe base64, padded.
+fn b64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        out.extend(std::iter::repeat_n('=', 3 - chunk.len()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_429_at_a_client_chosen_base_url_is_that_endpoints_alone() {
+    let configured = mock().await;
+    let chosen = mock().await;
+    // The configured upstream has a server-side key; it is never sent to the chosen host.
+    let yaml = format!(
+        "upstreams:\n  mock: {{url: \"{}\", mode: openai, api_key_env: MOCK_KEY}}\nencoded_base_url: {{allow: [\"{}\"]}}\n",
+        configured.url(),
+        chosen.url()
+    );
+    let gw = TestGateway::start(&yaml, &[("MOCK_KEY", "sk-server")]).await;
+    let ids = "/rollout_id/r1/invocation_id/i1/experiment_id/e1/run_id/u1/row_id/w1";
+    let own_endpoint = gw.url(&format!("/v1{ids}/encoded_base_url/{}/chat/completions", b64(&chosen.url())));
+    let fail = [("x-mock-fail", "gpt-4o=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let reply = chat(&own_endpoint, "gpt-4o", &fail).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert_eq!(reply.json(), mock_429_body("gpt-4o"));
+    assert_eq!(reply.headers["retry-after"], "30");
+    assert_eq!(models_seen(&chosen), ["gpt-4o"]);
+
+    // The configured upstream, right after: served, with the same model.
+    let reply = chat(&gw.url(CHAT), "gpt-4o", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(models_seen(&configured), ["gpt-4o"]);
+    assert_eq!(keys_seen(&configured), ["Bearer sk-server"]);
+    // Another client at the same host with its own key is another scope.
+    let reply = chat(&own_endpoint, "gpt-4o", &[("authorization", "Bearer sk-client-b")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(models_seen(&chosen), ["gpt-4o", "gpt-4o"]);
+    assert_eq!(keys_seen(&chosen), ["-", "Bearer sk-client-b"]);
+    // The endpoint that earned the 429, with the same (no) credentials: cooling down.
+    let reply = chat(&own_endpoint, "gpt-4o", &[]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert_eq!(chosen.chat_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_server_key_429_cools_the_model_down_for_every_client_across_gateways() {
+    let mock = mock().await;
+    let redis = RedisServer::start();
+    let yaml = format!(
+        "upstreams:\n  mock: {{url: \"{}\", mode: openai, api_key_env: MOCK_KEY}}\n{}models:\n  - {{name: alpha, fallbacks: [beta]}}\n  - {{name: beta}}\n",
+        mock.url(),
+        redis_yaml(&redis)
+    );
+    let env = [("MOCK_KEY", "sk-server")];
+    let (one, two) = (TestGateway::start(&yaml, &env).await, TestGateway::start(&yaml, &env).await);
+    // The client's own header is replaced by the server-side key: the 429 is the gateway's.
+    let fail = [("x-mock-fail", "alpha=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let reply = chat(&one.url(CHAT), "alpha", &[("authorization", "Bearer sk-a"), fail[0], fail[1]]).await;
+    assert_eq!(reply.json()["model"], "beta");
+    for key in ["Bearer sk-b", "Bearer sk-c"] {
+        let reply = chat(&two.url(CHAT), "alpha", &[("authorization", key)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["model"], "beta");
+    }
+    assert_eq!(models_seen(&mock), ["alpha", "beta", "beta", "beta"]);
+    assert!(keys_seen(&mock).iter().all(|k| k == "Bearer sk-server"), "{:?}", keys_seen(&mock));
+}
+
+#[tokio::test]
+async fn a_clients_own_key_cooldown_follows_it_across_gateways_on_one_redis() {
+    let mock = mock().await;
+    let redis = RedisServer::start();
+    let yaml = redis_yaml(&redis);
+    let (one, two) = (TestGateway::in_front_of(&mock, &yaml).await, TestGateway::in_front_of(&mock, &yaml).await);
+    let fail = [("x-mock-fail", "gpt-4o=429:rate_limit_exceeded"), ("x-mock-retry-after", "30")];
+    let reply = chat(&one.url(CHAT), "gpt-4o", &[("authorization", "Bearer sk-a"), fail[0], fail[1]]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json(), mock_429_body("gpt-4o"));
+    let reply = chat(&two.url(CHAT), "gpt-4o", &[("authorization", "Bearer sk-a")]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    let reply = chat(&two.url(CHAT), "gpt-4o", &[("authorization", "Bearer sk-b")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(models_seen(&mock), ["gpt-4o", "gpt-4o"]);
+    assert_eq!(keys_seen(&mock), ["Bearer sk-a", "Bearer sk-b"]);
+    // Nothing in Redis names the key itself.
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    assert!(keys.iter().any(|k| k.contains(":cool")), "{keys:?}");
+    assert!(keys.iter().all(|k| !k.contains("sk-a")), "{keys:?}");
+}
+
+// === the built-in catalogue never reroutes (issue 15) ===
+
+#[tokio::test]
+async fn without_models_a_429_never_moves_gpt_4o_to_another_model() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(&mock, "").await;
+    for model in ["gpt-4o", "gpt-4o-mini", "o1-mini", "gpt-3.5-turbo"] {
+        let fail = format!("{model}=429:rate_limit_exceeded");
+        let reply = chat(&gw.url(CHAT), model, &[("x-mock-fail", &fail), ("x-mock-retry-after", "30")]).await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{model}: {}", reply.text());
+    }
+    assert_eq!(models_seen(&mock), ["gpt-4o", "gpt-4o-mini", "o1-mini", "gpt-3.5-turbo"]);
 }
