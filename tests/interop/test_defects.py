@@ -53,7 +53,6 @@ def test_defect1_litellm_no_connected_db_400_reaches_client(gateways, litellm):
 # === 2. One client's 429 blocks every client ===
 
 
-@pytest.mark.xfail(reason="issue 15 defect 2: cooldown scoping not done yet", strict=True)
 def test_defect2_clients_own_key_429_reaches_only_that_client(gateways):
     """Client A's own key earns a provider 429 for gpt-4o (the mock fails gpt-4o only, so a
     reroute to any other model would succeed). A must get the provider's 429 and text, never a
@@ -80,7 +79,6 @@ def test_defect2_clients_own_key_429_reaches_only_that_client(gateways):
     assert json.loads(answer)["model"] == "gpt-4o"
 
 
-@pytest.mark.xfail(reason="issue 15 defect 2: cooldown scoping not done yet", strict=True)
 def test_defect2_own_encoded_base_url_provider_429_does_not_cool_down_others(gateways, mock_upstream):
     """Client A's own provider (its `encoded_base_url`, allowlisted) answers 429: A gets that
     429; a client of the default upstream is unaffected."""

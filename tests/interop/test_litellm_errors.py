@@ -13,12 +13,7 @@ from interop_support import rollout_path, unique
 pytestmark = pytest.mark.litellm
 
 
-# Fails until issue 15's defect 2 is fixed (a provider 429 reroutes to a built-in fallback and
-# comes back rewritten); strict, so the mark goes once it passes.
-DEFECT2 = pytest.mark.xfail(reason="issue 15 defect 2: cooldown scoping not done yet", strict=True)
-
-
-@pytest.mark.parametrize("status", [400, 401, pytest.param(429, marks=DEFECT2), 500])
+@pytest.mark.parametrize("status", [400, 401, 429, 500])
 def test_litellm_error_reaches_client_with_status_and_body(gateways, litellm, status):
     body = {
         "model": "gpt-4o",

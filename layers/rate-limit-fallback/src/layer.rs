@@ -196,9 +196,11 @@ where
     let mut soonest: Option<Duration> = None;
     let mut given_up: Option<(Arc<str>, &'static str)> = None;
     let mut attempts: u32 = 0;
-    // The latest provider 429 earned with the client's own credentials or endpoint: the answer
-    // when nothing else can be done.
+    // The latest provider 429 earned with the client's own credentials or endpoint, and the
+    // latest one earned with the gateway's: the answer when nothing else can be done (see the
+    // end of the chain).
     let mut own_429: Option<(http::response::Parts, Bytes, Arc<str>)> = None;
+    let mut gateway_429: Option<(http::response::Parts, Bytes, Arc<str>)> = None;
 
     'candidates: for (model, limits) in candidates {
         if attempts >= config.max_attempts {
@@ -277,6 +279,7 @@ where
                     tracing::debug!(%model, ?cooldown, reason, "upstream 429; cooling the model down");
                     config.store.cool_down(&model, cooldown).await;
                     stats.cooled_down(&model, cooldown);
+                    gateway_429 = Some((head, error_body, model.clone()));
                 }
             }
             if reason == "upstream_429" && waited + cooldown <= config.max_wait && attempts < config.max_attempts {
@@ -293,10 +296,21 @@ where
     }
 
     Stats::bump(&stats.chains_exhausted);
-    if let Some((mut head, error_body, model)) = own_429 {
-        // The provider's own answer: its status, headers and error text.
+    // The provider's own 429 reaches the client when its own credentials earned it, or when no
+    // other model was tried (nothing was rerouted, so a summary of the chain would only hide
+    // the provider's text); after a walk down a configured chain the gateway's 429 names the
+    // models tried.
+    let provider_429 = own_429.or_else(|| gateway_429.filter(|_| tried.len() == 1));
+    if let Some((mut head, error_body, model)) = provider_429 {
+        // The provider's own answer: its status, headers and error text, with the gateway's
+        // `Retry-After` (the cooldown it applies: a quota lasts until the daily reset, an HTTP
+        // date becomes seconds), as on its own 429s.
         head.headers.remove(header::CONTENT_LENGTH);
         head.headers.remove(header::TRANSFER_ENCODING);
+        if let Some(after) = soonest {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            head.headers.insert(header::RETRY_AFTER, http::HeaderValue::from(secs.max(1)));
+        }
         let upstream = upstream_of(&config, &head.extensions, &model);
         head.extensions.insert(ServedBy { model, upstream, attempts });
         return Ok(Response::from_parts(head, body::full(error_body)));
