@@ -3,16 +3,15 @@
 //! Outer → inner (the first layer listed sees the request first):
 //!
 //! ```text
-//! CatchPanic (handler and response bodies) → Rescue → PathMetadata → Metrics → Router
+//! CatchPanic (handler and response bodies) → Rescue → PathMetadata → Metrics → Routes (Route::of)
 //!   ├─ GET /health
-//!   └─ Auth → Dispatch on RouteMeta
-//!      ├─ chat:      DecodeJson → Project → InsertionId → [Langfuse] → ChatObserve
-//!      │             → ContextRouting → RateLimitFallback
-//!      │             → [per attempt] ResolveTarget → UpstreamAuth → [LangfuseAttempt] → EncodeJson
-//!      │             → UpstreamMetrics → Upstream (hyper or Pingora)
-//!      ├─ traces:    TracesService (Langfuse read back end), when Langfuse is configured
-//!      ├─ GET /stats, GET /metrics
-//!      └─ catch-all: UpstreamMetrics → Upstream (body streamed, nothing injected)
+//!   ├─ GET /metrics, GET /stats:  Auth → answer
+//!   ├─ chat:      Auth → DecodeJson → Project → InsertionId → [Langfuse] → ChatObserve
+//!   │             → ContextRouting → RateLimitFallback
+//!   │             → [per attempt] ResolveTarget → UpstreamAuth → [LangfuseAttempt] → EncodeJson
+//!   │             → UpstreamMetrics → Upstream (llmgate-hyper or llmgate-pingora)
+//!   ├─ traces:    Auth → TracesService (Langfuse read back end; 404 without Langfuse)
+//!   └─ catch-all: Auth → UpstreamMetrics → Upstream (body streamed, nothing injected)
 //! ```
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -43,7 +42,7 @@ use crate::{
     metrics::{Metrics, MetricsLayer, Sources, UpstreamMetricsLayer},
     observe::{ChatObserveLayer, GatewayMetrics},
     redis::RedisConnection,
-    routes::{BoxStack, Dispatch, Router},
+    routes::{self, BoxStack, Routes},
     target::{ResolveTargetLayer, Targets},
 };
 use llmgate_hyper::{HyperUpstream, http_client};
@@ -253,18 +252,19 @@ impl Gateway {
                 .service(BoxCloneService::new(per_attempt)),
         );
         let catch_all: BoxStack = BoxCloneService::new(upstream_metrics.layer(upstream));
-        // With gateway keys on, the client's `Authorization` is the gateway's own key: it is
-        // consumed here and never forwarded (upstreams get their server-side keys).
-        let consume_gateway_key = !config.api_keys.is_empty();
-        let dispatch = ServiceBuilder::new()
-            .layer(AuthLayer::new(auth))
-            .map_request(move |mut req: Request<GatewayBody>| {
-                if consume_gateway_key {
-                    req.headers_mut().remove(http::header::AUTHORIZATION);
-                }
-                req
-            })
-            .service(Dispatch { chat, traces, catch_all, stats: Some(stats), metrics: Some(prometheus.clone()) });
+        // Every branch but `/health` behind the gateway's auth (which also consumes the
+        // gateway's own key: it never reaches an upstream).
+        let guard = AuthLayer::new(auth);
+        let guarded = |branch: BoxStack| -> BoxStack { BoxCloneService::new(guard.layer(branch)) };
+        let registry = prometheus.clone();
+        let routes = Routes {
+            health: routes::answer(routes::health),
+            metrics: guarded(routes::answer(move || routes::metrics(&registry))),
+            stats: guarded(routes::answer(move || routes::stats(Some(&stats)))),
+            chat: guarded(chat),
+            traces: guarded(traces.unwrap_or_else(|| routes::answer(routes::traces_off))),
+            catch_all: guarded(catch_all),
+        };
 
         let body_panics: PanicHook = {
             let prometheus = prometheus.clone();
@@ -283,7 +283,7 @@ impl Gateway {
             .layer(RescueLayer::new())
             .layer(PathMetadataLayer::new())
             .layer(MetricsLayer::new(prometheus.clone()))
-            .service(Router::new(dispatch));
+            .service(routes);
         let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
             service: BoxCloneService::new(service),

@@ -1,7 +1,8 @@
-//! The reference proxy's routes: `/health`, chat routes, the traces routes and the catch-all.
-//!
-//! Dispatch follows the [`RouteMeta`] that the path-metadata layer wrote: chat routes go to the
-//! chat stack, anything without route metadata to the catch-all, which forwards it unchanged.
+//! The reference proxy's routes, classified in one place ([`Route::of`]) and dispatched by one
+//! service ([`Routes`]): `/health`, `/metrics`, `/stats`, the chat and traces routes (which the
+//! path-metadata layer recognised and described in [`RouteMeta`]) and the catch-all, which
+//! forwards anything else unchanged. Authentication is applied per branch where the routes are
+//! composed (`stack.rs`): every branch but `/health` is guarded.
 
 use std::{
     future::Future,
@@ -17,42 +18,69 @@ use llmgate_core::{
     ext::{RouteKind, RouteMeta},
 };
 use llmgate_rate_limit_fallback::Stats;
+use serde_json::json;
+use tower::{Service, ServiceExt, service_fn, util::BoxCloneService};
 
 use crate::metrics::Metrics;
-use serde_json::json;
-use tower::{Service, ServiceExt, util::BoxCloneService};
 
 pub mod traces;
 
 /// A boxed stack.
 pub type BoxStack = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, BoxError>;
 
-/// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.
-pub fn health() -> Response<GatewayBody> {
-    json_response(StatusCode::OK, &json!({"status": "healthy", "service": "metadata-proxy"}))
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /health`, the one route outside auth.
+    Health,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /stats`.
+    Stats,
+    /// A chat route (`…/chat/completions`).
+    Chat,
+    /// `…/traces` and `…/traces/pointwise`.
+    Traces,
+    /// Anything else: forwarded unchanged.
+    CatchAll,
 }
 
-/// Whether `req` is `GET /health` (the one route outside auth).
-pub fn is_health(req: &Request<GatewayBody>) -> bool {
-    req.method() == Method::GET && req.uri().path() == "/health"
+impl Route {
+    /// The route of `req`: its [`RouteMeta`] when the path-metadata layer recognised a gateway
+    /// route, else the proxy's own paths (`GET` only; other methods go to the catch-all).
+    pub fn of<B>(req: &Request<B>) -> Self {
+        match req.extensions().get::<RouteMeta>().map(|m| m.kind) {
+            Some(RouteKind::ChatCompletions) => Route::Chat,
+            Some(RouteKind::Traces | RouteKind::TracesPointwise) => Route::Traces,
+            None if req.method() != Method::GET => Route::CatchAll,
+            None => match req.uri().path() {
+                "/health" => Route::Health,
+                "/metrics" => Route::Metrics,
+                "/stats" => Route::Stats,
+                _ => Route::CatchAll,
+            },
+        }
+    }
 }
 
-/// Dispatches on [`RouteMeta`]: chat stack, traces service, or catch-all.
+/// The dispatcher: one service per [`Route`].
 #[derive(Clone)]
-pub struct Dispatch {
+pub struct Routes {
+    /// `GET /health`.
+    pub health: BoxStack,
+    /// `GET /metrics`.
+    pub metrics: BoxStack,
+    /// `GET /stats`.
+    pub stats: BoxStack,
     /// Chat routes.
     pub chat: BoxStack,
-    /// `/traces` and `/traces/pointwise`; `None` answers 404.
-    pub traces: Option<BoxStack>,
+    /// `/traces` and `/traces/pointwise`.
+    pub traces: BoxStack,
     /// Everything else.
     pub catch_all: BoxStack,
-    /// `GET /stats`: the fallback statistics.
-    pub stats: Option<Arc<Stats>>,
-    /// `GET /metrics`: Prometheus text format.
-    pub metrics: Option<Arc<Metrics>>,
 }
 
-impl Service<Request<GatewayBody>> for Dispatch {
+impl Service<Request<GatewayBody>> for Routes {
     type Response = Response<GatewayBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
@@ -64,73 +92,40 @@ impl Service<Request<GatewayBody>> for Dispatch {
     }
 
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
-        let kind = req.extensions().get::<RouteMeta>().map(|m| m.kind);
-        if let (None, Some(metrics)) = (kind, &self.metrics)
-            && req.method() == Method::GET
-            && req.uri().path() == "/metrics"
-        {
-            let response = metrics_response(metrics);
-            return Box::pin(async move { Ok(response) });
-        }
-        let branch = match kind {
-            Some(RouteKind::ChatCompletions) => self.chat.clone(),
-            Some(RouteKind::Traces | RouteKind::TracesPointwise) => match &self.traces {
-                Some(traces) => traces.clone(),
-                None => {
-                    return Box::pin(async {
-                        Ok(json_response(
-                            StatusCode::NOT_FOUND,
-                            &json!({"detail": "Trace endpoints need Langfuse (set LANGFUSE_HOST)"}),
-                        ))
-                    });
-                }
-            },
-            None if req.method() == Method::GET && req.uri().path() == "/stats" => {
-                let stats = self.stats.as_ref().map_or_else(|| json!({}), |s| s.snapshot());
-                return Box::pin(async move { Ok(json_response(StatusCode::OK, &stats)) });
-            }
-            None => self.catch_all.clone(),
+        let branch = match Route::of(&req) {
+            Route::Health => &self.health,
+            Route::Metrics => &self.metrics,
+            Route::Stats => &self.stats,
+            Route::Chat => &self.chat,
+            Route::Traces => &self.traces,
+            Route::CatchAll => &self.catch_all,
         };
-        Box::pin(branch.oneshot(req))
+        Box::pin(branch.clone().oneshot(req))
     }
 }
 
-/// The outermost router: `/health` without auth, everything else through `rest`.
-#[derive(Clone)]
-pub struct Router<S> {
-    rest: S,
+/// A branch that answers every request with `respond()`.
+pub fn answer(respond: impl Fn() -> Response<GatewayBody> + Clone + Send + Sync + 'static) -> BoxStack {
+    BoxCloneService::new(service_fn(move |_req: Request<GatewayBody>| std::future::ready(Ok(respond()))))
 }
 
-impl<S> Router<S> {
-    /// A router sending everything but `/health` to `rest`.
-    pub fn new(rest: S) -> Self {
-        Self { rest }
-    }
+/// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.
+pub fn health() -> Response<GatewayBody> {
+    json_response(StatusCode::OK, &json!({"status": "healthy", "service": "metadata-proxy"}))
 }
 
-impl<S> Service<Request<GatewayBody>> for Router<S>
-where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<GatewayBody>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
+/// `GET /stats`: the fallback statistics.
+pub fn stats(stats: Option<&Stats>) -> Response<GatewayBody> {
+    json_response(StatusCode::OK, &stats.map_or_else(|| json!({}), Stats::snapshot))
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
-        if is_health(&req) {
-            return Box::pin(async { Ok(health()) });
-        }
-        Box::pin(self.rest.clone().oneshot(req))
-    }
+/// The traces routes without Langfuse.
+pub fn traces_off() -> Response<GatewayBody> {
+    json_response(StatusCode::NOT_FOUND, &json!({"detail": "Trace endpoints need Langfuse (set LANGFUSE_HOST)"}))
 }
 
 /// The Prometheus text of `metrics` as a response.
-fn metrics_response(metrics: &Metrics) -> Response<GatewayBody> {
+pub fn metrics(metrics: &Metrics) -> Response<GatewayBody> {
     let mut response = Response::new(llmgate_core::body::full(metrics.render()));
     response
         .headers_mut()
@@ -139,12 +134,11 @@ fn metrics_response(metrics: &Metrics) -> Response<GatewayBody> {
 }
 
 /// The service of the separate metrics listener: `GET /metrics`, no auth; 404 for anything else.
-pub fn metrics_only(metrics: Arc<Metrics>) -> crate::stack::GatewayService {
-    BoxCloneService::new(tower::service_fn(move |req: Request<GatewayBody>| {
-        let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
-            metrics_response(&metrics)
-        } else {
-            json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"}))
+pub fn metrics_only(registry: Arc<Metrics>) -> crate::stack::GatewayService {
+    BoxCloneService::new(service_fn(move |req: Request<GatewayBody>| {
+        let response = match Route::of(&req) {
+            Route::Metrics => metrics(&registry),
+            _ => json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"})),
         };
         std::future::ready(Ok::<_, std::convert::Infallible>(response))
     }))

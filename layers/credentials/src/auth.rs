@@ -24,6 +24,13 @@ pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<AccountInfo>
 pub trait AuthProvider: Send + Sync + 'static {
     /// Authenticates one request.
     fn authenticate<'a>(&'a self, request: &'a Parts) -> AuthFuture<'a>;
+
+    /// Whether the `Authorization` header is this gateway's own credential: then [`Auth`]
+    /// removes it once accepted, so it never reaches an upstream (which gets its own keys).
+    /// `false` by default: the client's header is its provider key and goes on.
+    fn consumes_authorization(&self) -> bool {
+        false
+    }
 }
 
 // === NoAuth ===
@@ -113,6 +120,11 @@ impl StaticApiKeys {
 impl AuthProvider for StaticApiKeys {
     fn authenticate<'a>(&'a self, request: &'a Parts) -> AuthFuture<'a> {
         Box::pin(std::future::ready(self.check(&request.headers).map(Some)))
+    }
+
+    /// The bearer is the gateway's key, not a provider key.
+    fn consumes_authorization(&self) -> bool {
+        true
     }
 }
 
@@ -213,7 +225,9 @@ impl<S> Layer<S> for AuthLayer {
 }
 
 /// Asks the [`AuthProvider`] before calling the inner service; inserts [`AccountInfo`] when
-/// the provider returns one, refuses with the provider's error otherwise.
+/// the provider returns one, refuses with the provider's error otherwise. A provider whose
+/// credential is the gateway's own ([`AuthProvider::consumes_authorization`]) has the
+/// `Authorization` header removed here, so it is never forwarded.
 ///
 /// **Requires:** nothing. **Provides:** `AccountInfo` (when known).
 #[derive(Clone)]
@@ -269,6 +283,9 @@ where
             let account = provider.authenticate(&parts).await?;
             if let Some(account) = account {
                 parts.extensions.insert(account);
+            }
+            if provider.consumes_authorization() {
+                parts.headers.remove(header::AUTHORIZATION);
             }
             ready.call(Request::from_parts(parts, body)).await.map_err(Into::into)
         })
@@ -348,6 +365,19 @@ mod tests {
         }
         let response = svc.oneshot(builder.body(()).unwrap()).await?;
         Ok((response.status(), response.into_body()))
+    }
+
+    #[tokio::test]
+    async fn the_gateways_own_key_is_consumed_a_provider_key_goes_on() {
+        let forwarded = |layer: AuthLayer| async move {
+            let svc = layer.layer(service_fn(|req: Request<()>| async move {
+                Ok::<_, Infallible>(req.headers().contains_key(header::AUTHORIZATION))
+            }));
+            let req = Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer sk-gw").body(()).unwrap();
+            svc.oneshot(req).await.unwrap()
+        };
+        assert!(!forwarded(AuthLayer::new(Arc::new(StaticApiKeys::new(["sk-gw"])))).await);
+        assert!(forwarded(AuthLayer::no_auth()).await);
     }
 
     #[tokio::test]
