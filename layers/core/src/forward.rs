@@ -1,13 +1,15 @@
 //! Forwarding helpers every upstream engine shares: joining a base URL and a request path, the
 //! header hygiene of a proxy hop (hop-by-hop headers dropped in both directions, framing
 //! headers recomputed by the engine rather than forwarded stale; the query string is kept), and
-//! the idle timeout of a streamed response body ([`IdleTimeout`]).
+//! the idle timeout of a streamed response body ([`IdleTimeout`]); and the one reader of a
+//! response's `Retry-After` ([`retry_after`]) that every layer asking an upstream or Langfuse
+//! for a wait uses.
 
 use std::{
     future::Future as _,
     pin::Pin,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -63,6 +65,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// The wait a response asks for: `retry-after-ms` (milliseconds, as OpenAI and Azure send), else
+/// `Retry-After` in seconds or as an HTTP date (relative to `now`; a date in the past is no
+/// wait). `None` when neither is there or readable; callers bound the result.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && let Ok(wait) = Duration::try_from_secs_f64(ms / 1000.0)
+    {
+        return Some(wait);
+    }
+    let value = header(header::RETRY_AFTER.as_str())?;
+    match value.parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).ok(),
+        Err(_) => httpdate::parse_http_date(value).ok().map(|at| at.duration_since(now).unwrap_or(Duration::ZERO)),
+    }
 }
 
 pin_project! {
@@ -135,6 +154,29 @@ mod tests {
                 proptest::prop_assert_eq!(played.data, script.data());
             }
         }
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let read = |pairs: &[(&'static str, &str)]| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in pairs {
+                headers.insert(*k, v.parse().unwrap());
+            }
+            retry_after(&headers, now)
+        };
+        assert_eq!(read(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(read(&[("retry-after", " 1.5 ")]), Some(Duration::from_millis(1500)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(read(&[("retry-after", &date)]), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(read(&[("retry-after", &past)]), Some(Duration::ZERO));
+        assert_eq!(read(&[("retry-after-ms", "250"), ("retry-after", "7")]), Some(Duration::from_millis(250)));
+        for bad in ["-1", "NaN", "1e300", "soon"] {
+            assert_eq!(read(&[("retry-after", bad)]), None, "{bad}");
+        }
+        assert_eq!(read(&[]), None);
     }
 
     #[test]

@@ -51,22 +51,10 @@ pub fn classify_429(body: &[u8]) -> Upstream429 {
 /// provider's `x-ratelimit-reset-requests` / `-tokens` (`1s`, `6m0s`, `20ms`), preferring the
 /// one whose `x-ratelimit-remaining-*` is 0, else the longer one.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(wait) = llmgate_core::forward::retry_after(headers, now) {
+        return Some(wait.min(Duration::from_secs_f64(DAY_SECS)));
+    }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
-    {
-        return Some(Duration::from_secs_f64(ms.min(DAY_SECS * 1000.0) / 1000.0));
-    }
-    if let Some(value) = header("retry-after") {
-        if let Ok(secs) = value.parse::<f64>() {
-            if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs.min(DAY_SECS)));
-            }
-        } else if let Ok(at) = httpdate::parse_http_date(value) {
-            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
-        }
-    }
     let requests = header("x-ratelimit-reset-requests").and_then(parse_go_duration);
     let tokens = header("x-ratelimit-reset-tokens").and_then(parse_go_duration);
     let exhausted = |name: &str| header(name) == Some("0");
