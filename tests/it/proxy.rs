@@ -89,6 +89,36 @@ async fn upstream_down_is_a_502_json_error() {
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
 }
 
+/// A stream whose upstream falls silent past `request_timeout_secs` ends with an error: the client
+/// is never left hanging (the mock waits 30 s before its second chunk; the suite's guard is 20 s).
+#[tokio::test]
+async fn a_stalled_stream_ends_with_an_error_after_the_timeout() {
+    let mock = mock().await;
+    let gw = TestGateway::in_front_of(&mock, "request_timeout_secs: 0.3\n").await;
+    let req = request(
+        Method::POST,
+        &gw.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("x-mock-chunk-delay-ms", "30000")],
+        chat_body("m", true).to_string(),
+    );
+    let response = open(req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    let ended_with_error = within(async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => received.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
+                Err(_) => return true,
+            }
+        }
+        false
+    })
+    .await;
+    assert!(ended_with_error, "the stream ended cleanly: {}", String::from_utf8_lossy(&received));
+    assert!(String::from_utf8_lossy(&received).contains("tok0"), "the first chunk came through");
+}
+
 #[tokio::test]
 async fn upstream_timeout_is_a_504_json_error() {
     let mock = mock().await;
