@@ -105,6 +105,13 @@ pub struct UpstreamLabels {
     pub status: Arc<str>,
 }
 
+/// `end`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    /// `complete`, `error` or `cancelled` (the client went away).
+    pub end: &'static str,
+}
+
 /// `outcome`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -150,6 +157,8 @@ pub struct Metrics {
     pub chat_duration: HistogramFamily<FallbackKindLabels>,
     /// Fallbacks by type, reason and model pair.
     pub fallbacks: Family<FallbackLabels, Counter>,
+    /// Chat response bodies by how they ended.
+    pub chat_responses: Family<EndLabels, Counter>,
     insertion_records: Family<OutcomeLabels, Counter>,
     insertion_pending: Gauge,
     langfuse_spans: Family<OutcomeLabels, Counter>,
@@ -178,6 +187,7 @@ impl Metrics {
             cost_usd: Family::default(),
             chat_duration: Family::new_with_constructor(latency_histogram),
             fallbacks: Family::default(),
+            chat_responses: Family::default(),
             insertion_records: Family::default(),
             insertion_pending: Gauge::default(),
             langfuse_spans: Family::default(),
@@ -213,6 +223,11 @@ impl Metrics {
             m.chat_duration.clone(),
         );
         registry.register("fallbacks", "Fallbacks by type, reason and model pair", m.fallbacks.clone());
+        registry.register(
+            "chat_responses",
+            "Chat response bodies by how they ended (complete, error, cancelled)",
+            m.chat_responses.clone(),
+        );
         registry.register("insertion_records", "Insertion-id records by outcome", m.insertion_records.clone());
         registry.register(
             "insertion_records_pending",

@@ -3,10 +3,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -20,24 +17,7 @@ use llmgate_core::{
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::metrics::{CostLabels, FallbackKindLabels, FallbackLabels, Metrics, TokenLabels};
-
-/// Counters of the reference proxy.
-#[derive(Debug, Default)]
-pub struct GatewayMetrics {
-    /// Chat responses whose usage outcome was reported.
-    pub usage_reports: AtomicU64,
-    /// Input tokens reported by upstreams.
-    pub input_tokens: AtomicU64,
-    /// Output tokens reported by upstreams.
-    pub output_tokens: AtomicU64,
-    /// Chat responses that ended complete, with an error, or cancelled by the client.
-    pub completed: AtomicU64,
-    /// Chat responses whose body failed.
-    pub failed: AtomicU64,
-    /// Chat responses whose client went away before the end.
-    pub cancelled: AtomicU64,
-}
+use crate::metrics::{CostLabels, EndLabels, FallbackKindLabels, FallbackLabels, Metrics, TokenLabels};
 
 /// Layer that applies [`ChatObserve`].
 #[derive(Clone)]
@@ -46,7 +26,6 @@ pub struct ChatObserveLayer {
 }
 
 struct Observer {
-    counters: Arc<GatewayMetrics>,
     metrics: Arc<Metrics>,
     catalog: Arc<Catalog>,
 }
@@ -58,9 +37,9 @@ impl Observer {
 }
 
 impl ChatObserveLayer {
-    /// Counts into `counters` and `metrics`; `catalog` bounds model labels and prices usage.
-    pub fn new(counters: Arc<GatewayMetrics>, metrics: Arc<Metrics>, catalog: Arc<Catalog>) -> Self {
-        Self { observer: Arc::new(Observer { counters, metrics, catalog }) }
+    /// Counts into `metrics`; `catalog` bounds model labels and prices usage.
+    pub fn new(metrics: Arc<Metrics>, catalog: Arc<Catalog>) -> Self {
+        Self { observer: Arc::new(Observer { metrics, catalog }) }
     }
 }
 
@@ -156,7 +135,6 @@ where
                 observer.metrics.open_streams.inc();
             }
             usage::tap(&mut response, 0).subscribe(move |outcome| {
-                let metrics = &observer.counters;
                 let model = served.as_deref().or(model.as_deref());
                 if streaming {
                     observer.metrics.open_streams.dec();
@@ -164,10 +142,7 @@ where
                         observer.metrics.time_to_first_byte.observe(first.duration_since(started).as_secs_f64());
                     }
                 }
-                metrics.usage_reports.fetch_add(1, Ordering::Relaxed);
                 if let Some(usage) = outcome.usage {
-                    metrics.input_tokens.fetch_add(usage.input, Ordering::Relaxed);
-                    metrics.output_tokens.fetch_add(usage.output, Ordering::Relaxed);
                     let label = observer.model_label(model);
                     let tokens = &observer.metrics.tokens;
                     tokens.get_or_create(&TokenLabels { model: label.clone(), direction: "input" }).inc_by(usage.input);
@@ -184,12 +159,12 @@ where
                             .inc_by(cost.total);
                     }
                 }
-                let counter = match outcome.end {
-                    usage::StreamEnd::Complete => &metrics.completed,
-                    usage::StreamEnd::Error(_) => &metrics.failed,
-                    usage::StreamEnd::Cancelled => &metrics.cancelled,
+                let end = match outcome.end {
+                    usage::StreamEnd::Complete => "complete",
+                    usage::StreamEnd::Error(_) => "error",
+                    usage::StreamEnd::Cancelled => "cancelled",
                 };
-                counter.fetch_add(1, Ordering::Relaxed);
+                observer.metrics.chat_responses.get_or_create(&EndLabels { end }).inc();
                 tracing::debug!(
                     model = model.unwrap_or("-"),
                     status,

@@ -40,7 +40,7 @@ use tower::{Layer, ServiceBuilder, util::BoxCloneService};
 use crate::{
     config::{Config, Emit, Engine},
     metrics::{Metrics, MetricsLayer, Sources, UpstreamMetricsLayer},
-    observe::{ChatObserveLayer, GatewayMetrics},
+    observe::ChatObserveLayer,
     redis::RedisConnection,
     routes::{self, BoxStack, Routes},
     target::{ResolveTargetLayer, Targets},
@@ -53,7 +53,6 @@ pub type GatewayService = BoxCloneService<Request<GatewayBody>, Response<Gateway
 /// A built gateway: its service and what it counts.
 pub struct Gateway {
     service: GatewayService,
-    metrics: Arc<GatewayMetrics>,
     background: Arc<Background>,
     insertion_store: Arc<dyn InsertionStore>,
     prometheus: Arc<Metrics>,
@@ -133,7 +132,6 @@ impl Gateway {
         if config.redis_url.is_none() {
             tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
         }
-        let metrics = Arc::new(GatewayMetrics::default());
         let upstream = upstream(&config)?;
         let catalog = Arc::new(config.catalog());
         let targets = Arc::new(Targets {
@@ -246,7 +244,7 @@ impl Gateway {
                 .layer(insertion.clone())
                 .option_layer(langfuse.as_ref().map(|(layer, _)| layer.clone()))
                 .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-                .layer(ChatObserveLayer::new(metrics.clone(), prometheus.clone(), catalog.clone()))
+                .layer(ChatObserveLayer::new(prometheus.clone(), catalog.clone()))
                 .layer(context)
                 .layer(rate_limit)
                 .service(BoxCloneService::new(per_attempt)),
@@ -287,7 +285,6 @@ impl Gateway {
         let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
             service: BoxCloneService::new(service),
-            metrics,
             background: Arc::new(background),
             insertion_store,
             prometheus,
@@ -305,9 +302,9 @@ impl Gateway {
         self.service.clone()
     }
 
-    /// The gateway's counters.
-    pub fn metrics(&self) -> &Arc<GatewayMetrics> {
-        &self.metrics
+    /// The gateway's metrics (what `GET /metrics` renders).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.prometheus
     }
 
     /// The configuration it runs with.

@@ -575,7 +575,10 @@ async fn clients_leaving_mid_stream_cancel_the_upstream_stream_and_nothing_is_re
     }
     drop(clients);
     eventually("the gateway cancelled the four upstream streams", || relay.cancelled() == 4).await;
-    eventually("counted as cancelled by the client", || gw.metrics.cancelled.load(Ordering::SeqCst) == 4).await;
+    eventually("counted as cancelled by the client", || {
+        gw.metric("llmgate_chat_responses_total", &[r#"end="cancelled""#]) == 4
+    })
+    .await;
     let Ended::Completed(ok) = attempt(&gw.url(&path), &[], true).await else { panic!("serving") };
     eventually("only the success is stored", || smembers(&redis, "left-mid") == Some(BTreeSet::from([ok.clone()])))
         .await;

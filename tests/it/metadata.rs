@@ -592,7 +592,10 @@ async fn streams_are_recorded_only_when_they_complete() {
     let first = within(body.frame()).await.unwrap().unwrap().into_data().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("tok0"));
     drop(body);
-    eventually("the dropped stream ends as cancelled", || gw.metrics.cancelled.load(Ordering::SeqCst) == 1).await;
+    eventually("the dropped stream ends as cancelled", || {
+        gw.metric("llmgate_chat_responses_total", &[r#"end="cancelled""#]) == 1
+    })
+    .await;
 
     // The upstream cuts the stream after two chunks.
     let req = request(
@@ -613,13 +616,14 @@ async fn streams_are_recorded_only_when_they_complete() {
     if let Ok(bytes) = &received {
         assert!(!String::from_utf8_lossy(bytes).contains("[DONE]"), "a cut stream must not look complete");
     }
-    eventually("the cut stream ends as failed", || gw.metrics.failed.load(Ordering::SeqCst) == 1).await;
+    eventually("the cut stream ends as failed", || gw.metric("llmgate_chat_responses_total", &[r#"end="error""#]) == 1)
+        .await;
 
     // A stream that completes is recorded; the two others never are.
     let (done_id, _) = streamed(&url, &[("x-mock-chunks", "3")]).await;
     assert_eq!(smembers(&redis, "rc"), Some(set_of(&[&done_id])));
     assert_ne!(dropped_id, cut_id);
-    eventually("one completed stream", || gw.metrics.completed.load(Ordering::SeqCst) == 1).await;
+    eventually("one completed stream", || gw.metric("llmgate_chat_responses_total", &[r#"end="complete""#]) == 1).await;
 }
 
 #[tokio::test]

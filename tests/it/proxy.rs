@@ -1,8 +1,6 @@
 //! The streaming proxy: passthrough, SSE without buffering, usage once, errors, catch-all,
 //! graceful shutdown.
 
-use std::sync::atomic::Ordering;
-
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -34,9 +32,9 @@ async fn json_passthrough_reports_usage_once() {
         assert_eq!(seen.json(), body, "the client's body goes upstream unchanged");
         assert_eq!(seen.headers["authorization"], "Bearer sk-client");
     }
-    eventually("two usage reports", || gw.metrics.usage_reports.load(Ordering::SeqCst) == 2).await;
-    assert_eq!(gw.metrics.input_tokens.load(Ordering::SeqCst), 2 * 3);
-    assert_eq!(gw.metrics.output_tokens.load(Ordering::SeqCst), 2 * 5);
+    eventually("two usage reports", || gw.metric("llmgate_chat_responses_total", &[]) == 2).await;
+    assert_eq!(gw.metric("llmgate_tokens_total", &[r#"direction="input""#]), 2 * 3);
+    assert_eq!(gw.metric("llmgate_tokens_total", &[r#"direction="output""#]), 2 * 5);
 }
 
 #[tokio::test]
@@ -59,8 +57,8 @@ async fn sse_reaches_the_client_before_the_upstream_finishes() {
     assert!(String::from_utf8_lossy(&first).contains("tok0"));
     // The client goes away mid-stream: the outcome fires once, as cancelled.
     drop(body);
-    eventually("a cancelled outcome", || gw.metrics.cancelled.load(Ordering::SeqCst) == 1).await;
-    assert_eq!(gw.metrics.usage_reports.load(Ordering::SeqCst), 1);
+    eventually("a cancelled outcome", || gw.metric("llmgate_chat_responses_total", &[r#"end="cancelled""#]) == 1).await;
+    assert_eq!(gw.metric("llmgate_chat_responses_total", &[]), 1);
 }
 
 #[tokio::test]
@@ -72,9 +70,9 @@ async fn sse_usage_is_reported_once_from_the_final_chunk() {
     assert_eq!(reply.status, StatusCode::OK);
     let text = reply.text();
     assert!(text.contains("tok3") && text.ends_with("data: [DONE]\n\n"), "{text}");
-    eventually("one usage report", || gw.metrics.usage_reports.load(Ordering::SeqCst) == 1).await;
-    assert_eq!(gw.metrics.output_tokens.load(Ordering::SeqCst), 4);
-    assert_eq!(gw.metrics.completed.load(Ordering::SeqCst), 1);
+    eventually("one usage report", || gw.metric("llmgate_chat_responses_total", &[]) == 1).await;
+    assert_eq!(gw.metric("llmgate_tokens_total", &[r#"direction="output""#]), 4);
+    assert_eq!(gw.metric("llmgate_chat_responses_total", &[r#"end="complete""#]), 1);
 }
 
 #[tokio::test]

@@ -15,8 +15,8 @@ use hyper_util::{
 use llmgate::{
     Gateway,
     config::Config,
+    metrics::Metrics,
     mock_upstream::{MockOptions, MockUpstream},
-    observe::GatewayMetrics,
 };
 use serde_json::Value;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -42,7 +42,7 @@ async fn build(yaml: &str, env: &[(&str, &str)]) -> Gateway {
 /// A gateway serving on an ephemeral port.
 pub struct TestGateway {
     pub addr: SocketAddr,
-    pub metrics: Arc<GatewayMetrics>,
+    pub metrics: Arc<Metrics>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -73,6 +73,22 @@ impl TestGateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The sum of the samples of the Prometheus series `name` (as `GET /metrics` renders it)
+    /// whose labels include each of `labels`, e.g. `metric("llmgate_tokens_total",
+    /// &[r#"direction="input""#])`; 0 when there is none.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let text = self.metrics.render();
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter(|(series, _)| {
+                let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+                series_name == name && labels.iter().all(|l| series_labels.contains(l))
+            })
+            .map(|(_, value)| value.parse::<f64>().unwrap_or_else(|_| panic!("not a number in {name}: {value}")) as u64)
+            .sum()
     }
 
     /// Starts graceful shutdown and returns the serving task, which ends after the drain.
