@@ -10,7 +10,6 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -720,9 +719,6 @@ fn locate(text: Option<&(PathBuf, String)>, key: &str, value: &str) -> String {
         None => format!("{}: ", path.display()),
     }
 }
-
-/// The config shared by the running gateway.
-pub type SharedConfig = Arc<Config>;
 
 #[cfg(test)]
 mod tests {
