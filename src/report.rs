@@ -29,8 +29,8 @@ use llmgate_core::BoxError;
 use llmgate_credentials::Projects;
 use llmgate_langfuse::{
     LangfuseClient,
-    reader::{LangfuseReader, ObservationSelector, ReadError, TracedObservation, V3Reader, V4Reader, parse_timestamp},
-    span::iso_millis,
+    reader::{LangfuseReader, ObservationSelector, ReadError, TracedObservation, V3Reader, V4Reader},
+    timestamp::{iso_millis, parse_timestamp},
 };
 use serde::Serialize;
 use serde_json::Value;

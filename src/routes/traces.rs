@@ -38,8 +38,7 @@ use llmgate_core::{
 use llmgate_credentials::Projects;
 use llmgate_insertion_id::InsertionStore;
 use llmgate_langfuse::{
-    LangfuseReader, Observation, ReadError, Trace, TraceQuery,
-    reader::{drop_shadowed_traces, parse_timestamp},
+    LangfuseReader, Observation, ReadError, Trace, TraceQuery, reader::drop_shadowed_traces, timestamp::parse_timestamp,
 };
 use serde_json::{Value, json};
 use tokio::{task::JoinSet, time::Instant};

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
 use llmgate::report::{self, Format};
-use llmgate_langfuse::span::iso_millis;
+use llmgate_langfuse::timestamp::iso_millis;
 use serde_json::{Value, json};
 
 use crate::support::*;

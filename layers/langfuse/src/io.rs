@@ -20,6 +20,18 @@ fn marker(kept: u64, total: u64) -> String {
     format!("…[truncated by llmgate: {kept} of {total} bytes]")
 }
 
+/// A bounded text copy of `bytes`: the longest valid UTF-8 prefix within `limit`, and when
+/// cut, a marker saying how much was kept of how much.
+pub(crate) fn bounded_text(bytes: &[u8], limit: usize, total: u64, already_truncated: bool) -> String {
+    let cut = bytes.len() > limit || already_truncated;
+    let head = &bytes[..bytes.len().min(limit)];
+    let head = match std::str::from_utf8(head) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default(),
+    };
+    if cut { format!("{head}{}", marker(head.len() as u64, total.max(bytes.len() as u64))) } else { head.to_owned() }
+}
+
 /// A request's input, as kept until the exporter writes it.
 pub(crate) enum Input {
     /// No chat request.
@@ -127,6 +139,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn truncation_is_marked_and_utf8_safe() {
+        assert_eq!(bounded_text(b"hello", 10, 5, false), "hello");
+        let s = bounded_text("héllo".as_bytes(), 2, 6, false);
+        assert_eq!(s, "h…[truncated by llmgate: 1 of 6 bytes]");
+    }
 
     #[test]
     fn bounded_keeps_valid_json_and_marks_the_cut() {

@@ -59,7 +59,8 @@ pub(crate) mod io;
 mod layer;
 pub mod reader;
 mod record;
-pub mod span;
+mod span;
+pub mod timestamp;
 mod trace;
 
 pub use client::{BoxFuture, LangfuseClient, SendRequest};

@@ -20,7 +20,10 @@ use llmgate_core::ext::LangfuseKeys;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{BoxFuture, LangfuseClient, client, span::iso_millis};
+use crate::{
+    BoxFuture, LangfuseClient, client,
+    timestamp::{iso_millis, parse_timestamp, rfc3339},
+};
 
 /// Largest response read (Cloud caps responses at 5 MB).
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
@@ -392,119 +395,6 @@ fn observation(v: &Value) -> Observation {
 
 fn strip_dashes(id: &str) -> String {
     id.chars().filter(|c| *c != '-').collect()
-}
-
-/// Parses an ISO-8601 timestamp the way Python's `datetime.fromisoformat` (3.11) takes it:
-/// `YYYY-MM-DD`, then optionally `T` or a space and `HH:MM[:SS[.fraction]]`, then optionally
-/// `Z` or an offset `±HH[:MM]`. A timestamp without an offset is UTC. `None` when malformed.
-pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
-    let s = s.trim();
-    let b = s.as_bytes();
-    let num = |from: usize, len: usize| -> Option<i64> {
-        let part = s.get(from..from + len)?;
-        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
-    };
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return None;
-    }
-    let mut seconds = days_from_civil(year, month, day) * 86_400;
-    let mut nanos: u32 = 0;
-    let mut rest = &s[10..];
-    if let Some(time) = rest.strip_prefix(['T', 't', ' ']) {
-        let tb = time.as_bytes();
-        if tb.len() < 5 || tb[2] != b':' {
-            return None;
-        }
-        let two = |i: usize| -> Option<i64> {
-            let p = time.get(i..i + 2)?;
-            p.bytes().all(|c| c.is_ascii_digit()).then(|| p.parse().ok())?
-        };
-        let (h, m) = (two(0)?, two(3)?);
-        let mut used = 5;
-        let mut sec = 0;
-        if tb.get(5) == Some(&b':') {
-            sec = two(6)?;
-            used = 8;
-            if matches!(tb.get(8), Some(b'.' | b',')) {
-                let digits = time[9..].bytes().take_while(u8::is_ascii_digit).count();
-                if digits == 0 {
-                    return None;
-                }
-                let frac = &time[9..9 + digits];
-                let padded: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-                nanos = padded.parse().ok()?;
-                used = 9 + digits;
-            }
-        }
-        if h > 23 || m > 59 || sec > 59 {
-            return None;
-        }
-        seconds += h * 3600 + m * 60 + sec;
-        rest = &time[used..];
-    } else if !rest.is_empty() {
-        return None;
-    }
-    match rest {
-        "" | "Z" | "z" => {}
-        offset => {
-            let sign = match offset.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let o = &offset[1..];
-            let digits = |p: &str| p.len() == 2 && p.bytes().all(|c| c.is_ascii_digit());
-            let (oh, om) = match o.len() {
-                2 if digits(o) => (o, "00"),
-                4 if digits(&o[..2]) && digits(&o[2..]) => (&o[..2], &o[2..]),
-                5 if o.as_bytes()[2] == b':' && digits(&o[..2]) && digits(&o[3..]) => (&o[..2], &o[3..]),
-                _ => return None,
-            };
-            let (oh, om): (i64, i64) = (oh.parse().ok()?, om.parse().ok()?);
-            if oh > 23 || om > 59 {
-                return None;
-            }
-            seconds -= sign * (oh * 3600 + om * 60);
-        }
-    }
-    let at = if seconds >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_secs(seconds.unsigned_abs()))?
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(seconds.unsigned_abs()))?
-    };
-    at.checked_add(Duration::from_nanos(u64::from(nanos)))
-}
-
-/// A Langfuse timestamp as RFC 3339 UTC with milliseconds (`2026-11-21T16:30:22.000Z`); what
-/// does not parse is kept as it came.
-fn rfc3339(v: Option<String>) -> Option<String> {
-    v.map(|s| match parse_timestamp(&s) {
-        Some(t) if t >= UNIX_EPOCH => iso_millis(t),
-        _ => s,
-    })
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Howard Hinnant's civil date → days since 1970-01-01.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 // === V3Reader ===
@@ -944,42 +834,6 @@ impl LangfuseReader for V4Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn secs(t: Option<SystemTime>) -> Option<u64> {
-        t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs())
-    }
-
-    #[test]
-    fn timestamps_parse_like_fromisoformat() {
-        assert_eq!(secs(parse_timestamp("2026-11-21T16:30:22Z")), Some(1_795_278_622));
-        assert_eq!(secs(parse_timestamp("2026-11-21 16:30:22+00:00")), Some(1_795_278_622));
-        assert_eq!(secs(parse_timestamp("2026-11-21T18:30:22+02:00")), Some(1_795_278_622));
-        assert_eq!(secs(parse_timestamp("2026-11-21T16:30:22.123456")), Some(1_795_278_622));
-        assert_eq!(secs(parse_timestamp("2026-11-21T16:30")), Some(1_795_278_600));
-        assert_eq!(secs(parse_timestamp("2026-11-21")), Some(1_795_219_200));
-        assert_eq!(secs(parse_timestamp("2024-02-29T00:00:00-0130")), Some(1_709_170_200));
-        assert_eq!(
-            parse_timestamp("2026-11-21T16:30:22.123Z").map(iso_millis).as_deref(),
-            Some("2026-11-21T16:30:22.123Z")
-        );
-        for bad in [
-            "",
-            "yesterday",
-            "2026-13-01",
-            "2026-02-30",
-            "2025-02-29",
-            "2026-11-21T25:00",
-            "2026-11-21T16:30:22+2",
-            "2026-11-21X16:30",
-            "2026-11-21T16:30:22.Z",
-            "2026-1-21",
-            "2026-11-21T16:30:22 junk",
-        ] {
-            assert_eq!(parse_timestamp(bad), None, "{bad}");
-        }
-        assert_eq!(rfc3339(Some("2026-11-21 16:30:22+00:00".into())).as_deref(), Some("2026-11-21T16:30:22.000Z"));
-        assert_eq!(rfc3339(Some("not a time".into())).as_deref(), Some("not a time"));
-    }
 
     #[test]
     fn v4_fields_map_the_v3_names() {

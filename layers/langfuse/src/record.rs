@@ -21,7 +21,9 @@ use tokio::time::Instant;
 use crate::{
     exporter::Batch,
     io,
-    span::{Attributes, Level, SpanParts, bounded_text, iso_millis, new_span_id},
+    io::bounded_text,
+    span::{Attributes, Level, SpanParts, new_span_id},
+    timestamp::iso_millis,
     trace::{TraceData, event_metadata},
 };
 

@@ -1,12 +1,16 @@
 //! Writing OTLP spans with Langfuse's attribute mapping (spec `langfuse.md` §4–§6).
 //!
-//! Spans are written straight into the protobuf bytes of an export (the fields prost would
-//! write, in its order), not built as `Span` structs first: the attributes a request's spans
-//! share are encoded once and copied, and no per-attribute `String` is made or dropped.
+//! **Hand-made on purpose.** Spans are written straight into the protobuf bytes of an export
+//! (the fields prost would write, in its order), not built as `Span` structs first: the
+//! attributes a request's spans share are encoded once and copied, and no per-attribute
+//! `String` is made or dropped. The `record` bench measures it, and `spans_are_what_prost_writes`
+//! checks it byte for byte against prost. The wire primitives (varints, keys) are prost's
+//! [`prost::encoding`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 /// A string attribute, for the prost-built parts of an export (resource, scope).
 pub(crate) fn kv_str(key: &str, value: &str) -> KeyValue {
@@ -22,45 +26,6 @@ pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64)
 }
 
-/// `2026-11-21T16:30:22.123Z`.
-pub fn iso_millis(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
-}
-
-/// Howard Hinnant's days → civil date.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// A bounded text copy of `bytes`: the longest valid UTF-8 prefix within `limit`, and when
-/// cut, a marker saying how much was kept of how much.
-pub fn bounded_text(bytes: &[u8], limit: usize, total: u64, already_truncated: bool) -> String {
-    let cut = bytes.len() > limit || already_truncated;
-    let head = &bytes[..bytes.len().min(limit)];
-    let head = match std::str::from_utf8(head) {
-        Ok(s) => s,
-        Err(e) => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default(),
-    };
-    if cut {
-        format!("{head}…[truncated by llmgate: {} of {} bytes]", head.len(), total.max(bytes.len() as u64))
-    } else {
-        head.to_owned()
-    }
-}
-
 /// Random non-zero 8-byte span id.
 pub(crate) fn new_span_id() -> [u8; 8] {
     let uuid = uuid::Uuid::new_v4();
@@ -74,39 +39,21 @@ pub(crate) fn new_span_id() -> [u8; 8] {
 
 // === protobuf ===
 
-const VARINT: u64 = 0;
-const FIXED64: u64 = 1;
-const LEN: u64 = 2;
-
-pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-}
-
-/// A field's key. Every field written here has a number below 16: its key is one byte.
-fn key(out: &mut Vec<u8>, field: u64, wire: u64) {
-    out.push((field << 3 | wire) as u8);
-}
+/// Every field written here has a number below 16: its key is one byte.
+const KEY_LEN: usize = 1;
 
 /// Bytes a length-delimited field with `len` bytes of content takes, key and length included.
 pub(crate) fn field_len(len: usize) -> usize {
-    1 + varint_len(len as u64) + len
+    KEY_LEN + encoded_len_varint(len as u64) + len
 }
 
 /// Writes a length-delimited field's key and length; its `len` bytes of content follow.
-pub(crate) fn len_field_head(out: &mut Vec<u8>, field: u64, len: usize) {
-    key(out, field, LEN);
-    varint(out, len as u64);
+pub(crate) fn len_field_head(out: &mut Vec<u8>, field: u32, len: usize) {
+    encode_key(field, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
 }
 
-pub(crate) fn len_field(out: &mut Vec<u8>, field: u64, content: &[u8]) {
+pub(crate) fn len_field(out: &mut Vec<u8>, field: u32, content: &[u8]) {
     len_field_head(out, field, content.len());
     out.extend_from_slice(content);
 }
@@ -197,14 +144,14 @@ impl SpanParts<'_> {
         // An error's status: { message = 2 (when not empty), code = 3 }.
         let message = self.status_message.as_deref().unwrap_or_default();
         let status = (self.level == Level::Error)
-            .then(|| if message.is_empty() { 0 } else { field_len(message.len()) } + 1 + varint_len(STATUS_ERROR));
+            .then(|| if message.is_empty() { 0 } else { field_len(message.len()) } + KEY_LEN + encoded_len_varint(STATUS_ERROR));
         let (start, end) = (unix_nanos(self.start), unix_nanos(self.end.max(self.start)));
         let len = field_len(16)
             + field_len(8)
             + self.parent.map_or(0, |_| field_len(8))
             + if self.name.is_empty() { 0 } else { field_len(self.name.len()) }
-            + 1
-            + varint_len(KIND_INTERNAL)
+            + KEY_LEN
+            + encoded_len_varint(KIND_INTERNAL)
             + if start == 0 { 0 } else { 9 }
             + if end == 0 { 0 } else { 9 }
             + shared.len()
@@ -220,11 +167,11 @@ impl SpanParts<'_> {
         if !self.name.is_empty() {
             len_field(out, 5, self.name.as_bytes());
         }
-        key(out, 6, VARINT);
-        varint(out, KIND_INTERNAL);
+        encode_key(6, WireType::Varint, out);
+        encode_varint(KIND_INTERNAL, out);
         for (field, nanos) in [(7, start), (8, end)] {
             if nanos != 0 {
-                key(out, field, FIXED64);
+                encode_key(field, WireType::SixtyFourBit, out);
                 out.extend_from_slice(&nanos.to_le_bytes());
             }
         }
@@ -235,8 +182,8 @@ impl SpanParts<'_> {
             if !message.is_empty() {
                 len_field(out, 2, message.as_bytes());
             }
-            key(out, 3, VARINT);
-            varint(out, STATUS_ERROR);
+            encode_key(3, WireType::Varint, out);
+            encode_varint(STATUS_ERROR, out);
         }
     }
 }
@@ -248,30 +195,18 @@ mod tests {
         common::v1::ArrayValue,
         trace::v1::{ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
     };
+    use std::time::Duration;
+
     use prost::Message as _;
 
     use super::*;
 
     #[test]
-    fn iso_formats_millis() {
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_451_422_123);
-        assert_eq!(iso_millis(t), "2026-11-23T16:30:22.123Z");
-        assert_eq!(iso_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-    }
-
-    #[test]
-    fn truncation_is_marked_and_utf8_safe() {
-        assert_eq!(bounded_text(b"hello", 10, 5, false), "hello");
-        let s = bounded_text("héllo".as_bytes(), 2, 6, false);
-        assert_eq!(s, "h…[truncated by llmgate: 1 of 6 bytes]");
-    }
-
-    #[test]
     fn varint_lengths_match_the_encoding() {
         for v in [0, 1, 127, 128, 16_383, 16_384, 1 << 35, u64::MAX] {
             let mut out = Vec::new();
-            varint(&mut out, v);
-            assert_eq!(out.len(), varint_len(v), "{v}");
+            encode_varint(v, &mut out);
+            assert_eq!(out.len(), encoded_len_varint(v), "{v}");
         }
     }
 
