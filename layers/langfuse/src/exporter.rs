@@ -1,7 +1,8 @@
 //! The background OTLP/HTTP exporter: a bounded span queue, per-project batches, gzip, retries.
 //!
 //! Spans are handed over with [`LangfuseExporter::enqueue`] (the layers hand over a request's
-//! record, whose spans the exporter task builds), which never waits: a short lock around a
+//! record, whose spans the exporter task writes: the exporter knows it only as `WriteSpans`, so
+//! it imports nothing of the layers'), which never waits: a short lock around a
 //! push onto a queue bounded in spans (default 2048). **When the queue is full the new spans
 //! are dropped** (like OpenTelemetry's `BatchSpanProcessor`) and counted in `dropped`.
 //!
@@ -42,7 +43,6 @@ use tokio::{
 
 use crate::{
     LangfuseClient, client,
-    record::TraceRecord,
     span::{field_len, kv_str, len_field, len_field_head},
 };
 
@@ -172,23 +172,35 @@ impl Counters {
 
 // === Queue ===
 
-/// Spans bound for one project: one span, or a request's record.
-struct Queued {
-    keys: LangfuseKeys,
-    payload: Payload,
+/// Spans the exporter task writes into a project's [`Batch`]: a request's record, or one
+/// prost-built span.
+pub(crate) trait WriteSpans: Send + 'static {
+    /// How many spans it writes (the queue is bounded in spans).
+    fn span_count(&self) -> usize;
+
+    /// Writes them, each with [`Batch::span`].
+    fn write_spans(self: Box<Self>, batch: &mut Batch);
 }
 
-enum Payload {
-    Span(Span),
-    Trace(TraceRecord),
+impl WriteSpans for Span {
+    fn span_count(&self) -> usize {
+        1
+    }
+
+    fn write_spans(self: Box<Self>, batch: &mut Batch) {
+        batch.span(|out| len_field(out, 2, &self.encode_to_vec()));
+    }
+}
+
+/// Spans bound for one project.
+struct Queued {
+    keys: LangfuseKeys,
+    spans: Box<dyn WriteSpans>,
 }
 
 impl Queued {
     fn spans(&self) -> usize {
-        match &self.payload {
-            Payload::Span(_) => 1,
-            Payload::Trace(record) => record.span_count(),
-        }
+        self.spans.span_count()
     }
 }
 
@@ -314,12 +326,12 @@ impl LangfuseExporter {
     /// Queues `span` for the project of `keys` without waiting. Returns `false` (and counts
     /// it as dropped) when the queue is full or the exporter stopped.
     pub fn enqueue(&self, keys: &LangfuseKeys, span: Span) -> bool {
-        self.push(Queued { keys: keys.clone(), payload: Payload::Span(span) })
+        self.enqueue_spans(keys, Box::new(span))
     }
 
     /// Queues a request's record (all its spans, or none) without waiting.
-    pub(crate) fn enqueue_trace(&self, keys: &LangfuseKeys, record: TraceRecord) -> bool {
-        self.push(Queued { keys: keys.clone(), payload: Payload::Trace(record) })
+    pub(crate) fn enqueue_spans(&self, keys: &LangfuseKeys, spans: Box<dyn WriteSpans>) -> bool {
+        self.push(Queued { keys: keys.clone(), spans })
     }
 
     fn push(&self, queued: Queued) -> bool {
@@ -443,10 +455,7 @@ impl Worker {
             .pending
             .entry(key.clone())
             .or_insert_with(|| Batch::new(config.max_batch_spans, config.max_batch_bytes));
-        match queued.payload {
-            Payload::Span(span) => batch.span(|out| len_field(out, 2, &span.encode_to_vec())),
-            Payload::Trace(record) => record.write(batch),
-        }
+        queued.spans.write_spans(batch);
         for (spans, n) in std::mem::take(&mut batch.full) {
             self.dispatch(key.clone(), spans, n).await;
         }

@@ -5,7 +5,6 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll, ready},
-    time::SystemTime,
 };
 
 use http::{Request, Response};
@@ -20,43 +19,15 @@ use llmgate_core::{
 };
 use pin_project_lite::pin_project;
 use serde_json::Value;
-use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{
     LangfuseExporter,
-    record::{AttemptStart, Ended, GenerationRecord, RootRecord},
+    record::{AttemptStart, Ended, GenerationRecord, RootRecord, Started},
+    settings::{Emit, LayerConfig},
     trace::TraceContext,
 };
-
-/// How much a stack exports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Emit {
-    /// Root span, generations and events.
-    All,
-    /// Root span and events only (LiteLLM records the generations).
-    Events,
-    /// Nothing.
-    Off,
-    /// `All` for attempts to an `openai`-mode upstream, `Events` for `litellm` ones (the
-    /// attempt's [`UpstreamTarget`] decides; no target counts as `openai`).
-    #[default]
-    ByUpstream,
-}
-
-/// Default bound of the recorded input and output (32 KiB each).
-pub const DEFAULT_CAPTURE_LIMIT: usize = 32 * 1024;
-
-/// The layer's settings; the queued records share them.
-pub(crate) struct LayerConfig {
-    pub trace_name: Arc<str>,
-    pub emit: Emit,
-    pub capture_limit: usize,
-    pub environment: Option<Arc<str>>,
-    pub release: Option<Arc<str>>,
-    pub version: Option<Arc<str>>,
-}
 
 // === impl LangfuseLayer ===
 
@@ -77,35 +48,12 @@ impl LangfuseLayer {
     /// Records into `exporter`, with the defaults: trace name `chat-completion`,
     /// [`Emit::ByUpstream`], 32 KiB input/output bounds.
     pub fn new(exporter: LangfuseExporter) -> Self {
-        Self {
-            exporter,
-            config: Arc::new(LayerConfig {
-                trace_name: Arc::from("chat-completion"),
-                emit: Emit::default(),
-                capture_limit: DEFAULT_CAPTURE_LIMIT,
-                environment: None,
-                release: None,
-                version: None,
-            }),
-        }
+        Self { exporter, config: Arc::default() }
     }
 
+    /// Changes the settings (a copy of them when a stack already shares them).
     fn with(mut self, f: impl FnOnce(&mut LayerConfig)) -> Self {
-        if let Some(config) = Arc::get_mut(&mut self.config) {
-            f(config);
-        } else {
-            let c = &self.config;
-            let mut config = LayerConfig {
-                trace_name: c.trace_name.clone(),
-                emit: c.emit,
-                capture_limit: c.capture_limit,
-                environment: c.environment.clone(),
-                release: c.release.clone(),
-                version: c.version.clone(),
-            };
-            f(&mut config);
-            self.config = Arc::new(config);
-        }
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
@@ -346,8 +294,7 @@ fn attempt_info<B>(req: &Request<B>, catalog: Option<&Arc<Catalog>>) -> Option<A
         parameters: request.map_or_else(Vec::new, model_parameters),
         is_primary: choice.is_none_or(ModelChoice::is_primary),
         attempt,
-        started: SystemTime::now(),
-        started_at: Instant::now(),
+        started: Started::now(),
     };
     Some(AttemptInfo { ctx: ctx.clone(), start })
 }

@@ -18,6 +18,14 @@
 //! **Reading.** [`LangfuseReader`] with [`V3Reader`] (`/api/public/traces`) and [`V4Reader`]
 //! (`/api/public/v2/observations`), both returning [`Trace`]s.
 //!
+//! **Modules.** Writing flows one way: `layer` (the two layers) → `trace` (a request's trace,
+//! handed over as one record) → `record` (a root span's or a generation's record) → `span`
+//! (the hand-made OTLP span encoder) → [`exporter`] (queue, per-project batches, gzip,
+//! retries). No module imports one that imports it back: the exporter takes anything that
+//! writes spans and knows nothing of traces or records. [`reader`] (the read back ends),
+//! [`timestamp`], `io` (bounded input and output), `settings` and `client` (the pooled HTTP
+//! client) sit beside them.
+//!
 //! # Example
 //!
 //! ```
@@ -55,10 +63,11 @@
 
 mod client;
 pub mod exporter;
-pub(crate) mod io;
+mod io;
 mod layer;
 pub mod reader;
 mod record;
+mod settings;
 mod span;
 pub mod timestamp;
 mod trace;
@@ -66,8 +75,8 @@ mod trace;
 pub use client::{BoxFuture, LangfuseClient, SendRequest};
 pub use exporter::{Counters, CountersSnapshot, ExporterConfig, LangfuseExporter};
 pub use layer::{
-    AttemptFuture, DEFAULT_CAPTURE_LIMIT, Emit, LangfuseAttemptLayer, LangfuseAttemptService, LangfuseLayer,
-    LangfuseService, RootFuture,
+    AttemptFuture, LangfuseAttemptLayer, LangfuseAttemptService, LangfuseLayer, LangfuseService, RootFuture,
 };
 pub use reader::{LangfuseReader, Observation, ReadError, Trace, TraceQuery, V3Reader, V4Reader};
+pub use settings::{DEFAULT_CAPTURE_LIMIT, Emit};
 pub use trace::TraceContext;

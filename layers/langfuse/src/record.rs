@@ -1,9 +1,11 @@
-//! What the request path hands to the exporter (one [`TraceRecord`] per request, in one queue
-//! message), and the OTLP spans the exporter task builds from it (spec `langfuse.md` §6.2).
+//! What the request path keeps of a root span or a generation until the exporter writes it,
+//! and the OTLP span the exporter task writes from it (spec `langfuse.md` §6.2).
 //!
 //! The request path only copies what it must keep (bounded bodies, a few small strings) and
 //! shares the rest; the attributes, JSON strings, bounded texts and span ids are made here, on
-//! the exporter's task, and written straight into the export's protobuf bytes.
+//! the exporter's task, and written straight into the export's protobuf bytes. A record knows
+//! its trace only through the [`TraceScope`] it is written in: the trace (`crate::trace`)
+//! uses records, not the other way round.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -11,7 +13,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use llmgate_core::{
     catalog::Catalog,
-    ext::{FallbackEvent, ServedBy},
+    ext::ServedBy,
     usage::{AssembledMessage, Outcome, StreamEnd, Usage},
 };
 use serde::Serialize;
@@ -19,18 +21,49 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    exporter::Batch,
-    io,
-    io::bounded_text,
+    io::{self, bounded_text},
     span::{Attributes, Level, SpanParts, new_span_id},
     timestamp::iso_millis,
-    trace::{TraceData, event_metadata},
 };
 
 /// Bytes of an error body quoted in a status message.
 const STATUS_DETAIL: usize = 512;
 /// First guess of a span's own attributes besides the input: an output and the metadata.
 const OWN_ROOM: usize = 4096;
+
+/// When something started, on both clocks: the wall clock for the span, the monotonic one to
+/// measure from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Started {
+    pub wall: SystemTime,
+    pub at: Instant,
+}
+
+impl Started {
+    pub(crate) fn now() -> Self {
+        Self { wall: SystemTime::now(), at: Instant::now() }
+    }
+
+    /// The wall-clock time of `at`, an instant after the start.
+    pub(crate) fn wall(&self, at: Instant) -> SystemTime {
+        self.wall + at.saturating_duration_since(self.at)
+    }
+}
+
+/// What a record's span takes from its trace.
+pub(crate) struct TraceScope<'a> {
+    pub trace_id: &'a [u8; 16],
+    pub root_span_id: &'a [u8; 8],
+    /// The trace's (and root span's) name.
+    pub name: &'a str,
+    /// When the request, and so the root span, started.
+    pub started: Started,
+    /// The attributes every span of the trace carries.
+    pub shared: &'a Attributes,
+    /// The `input` attribute's text.
+    pub input: &'a str,
+    pub capture_limit: usize,
+}
 
 /// The head of a body, kept as bytes: text is made from it on the exporter's task.
 #[derive(Default)]
@@ -155,8 +188,7 @@ pub(crate) struct AttemptStart {
     pub parameters: Vec<(&'static str, Value)>,
     pub is_primary: bool,
     pub attempt: u32,
-    pub started: SystemTime,
-    pub started_at: Instant,
+    pub started: Started,
 }
 
 /// One generation's record.
@@ -165,60 +197,16 @@ pub(crate) struct GenerationRecord {
     pub ended: Ended,
 }
 
-/// A request's spans, as one queue message: the root (absent for a generation that finished
-/// after it), the generations and the fallback events.
-pub(crate) struct TraceRecord {
-    pub data: Arc<TraceData>,
-    pub root: Option<RootRecord>,
-    pub generations: Vec<GenerationRecord>,
-    pub events: Vec<(FallbackEvent, SystemTime)>,
-}
-
-impl TraceRecord {
-    /// Spans this record becomes (the queue counts spans).
-    pub(crate) fn span_count(&self) -> usize {
-        usize::from(self.root.is_some()) + self.generations.len() + self.events.len()
-    }
-
-    /// Writes the spans into `batch`: generations, root, events (the order they finished in).
-    pub(crate) fn write(self, batch: &mut Batch) {
-        let data = &self.data;
-        let shared = data.attributes();
-        let input = data.input.text(data.config.capture_limit);
-        for generation in &self.generations {
-            batch.span(|out| generation.write(data, &shared, &input, out));
-        }
-        if let Some(root) = &self.root {
-            batch.span(|out| root.write(data, &shared, &input, out));
-        }
-        for (event, at) in &self.events {
-            let mut own = Attributes::default();
-            own.str("langfuse.observation.type", "event");
-            own.str("langfuse.observation.metadata", &event_metadata(event).to_string());
-            let parts = SpanParts {
-                trace_id: &data.trace_id,
-                span_id: &new_span_id(),
-                parent: Some(data.root_span_id()),
-                name: event.name(),
-                start: *at,
-                end: *at,
-                level: Level::Warning,
-                status_message: None,
-            };
-            batch.span(|out| parts.write(&shared, own, out));
-        }
-    }
-}
-
 impl RootRecord {
-    fn write(&self, data: &TraceData, shared: &Attributes, input: &str, out: &mut Vec<u8>) {
+    /// Appends the root span.
+    pub(crate) fn write(&self, scope: &TraceScope<'_>, out: &mut Vec<u8>) {
         let ended = &self.ended;
         let (level, status_message) = ended.judge(true);
-        let mut own = Attributes::with_capacity(OWN_ROOM + input.len());
+        let mut own = Attributes::with_capacity(OWN_ROOM + scope.input.len());
         own.str("langfuse.observation.type", "span");
-        own.str("langfuse.observation.input", input);
+        own.str("langfuse.observation.input", scope.input);
         if let Some(o) = &ended.outcome {
-            own.str("langfuse.observation.output", &o.output(data.config.capture_limit));
+            own.str("langfuse.observation.output", &o.output(scope.capture_limit));
         }
         if ended.status.is_some() || self.served.is_some() {
             let served = self.served.as_ref();
@@ -231,33 +219,34 @@ impl RootRecord {
             own.str("langfuse.observation.metadata", &json_string(&metadata));
         }
         let parts = SpanParts {
-            trace_id: &data.trace_id,
-            span_id: data.root_span_id(),
+            trace_id: scope.trace_id,
+            span_id: scope.root_span_id,
             parent: None,
-            name: &data.config.trace_name,
-            start: data.started,
-            end: data.wall(ended.at),
+            name: scope.name,
+            start: scope.started.wall,
+            end: scope.started.wall(ended.at),
             level,
             status_message,
         };
-        parts.write(shared, own, out);
+        parts.write(scope.shared, own, out);
     }
 }
 
 impl GenerationRecord {
-    fn write(&self, data: &TraceData, shared: &Attributes, input: &str, out: &mut Vec<u8>) {
+    /// Appends the generation's span, a child of the root.
+    pub(crate) fn write(&self, scope: &TraceScope<'_>, out: &mut Vec<u8>) {
         let (start, ended) = (&self.start, &self.ended);
         let spec = start.catalog.as_deref().and_then(|c| c.get(&start.model));
         let upstream_model = spec.and_then(|s| s.upstream_model.as_deref()).unwrap_or(&start.model);
         let (level, status_message) = ended.judge(false);
-        let mut own = Attributes::with_capacity(OWN_ROOM + input.len());
+        let mut own = Attributes::with_capacity(OWN_ROOM + scope.input.len());
         own.str("langfuse.observation.type", "generation");
         own.str("langfuse.observation.model.name", upstream_model);
         own.str("langfuse.observation.model.parameters", &json_string(&Parameters(&start.parameters)));
-        own.str("langfuse.observation.input", input);
+        own.str("langfuse.observation.input", scope.input);
         let mut cost = None;
         if let Some(o) = &ended.outcome {
-            own.str("langfuse.observation.output", &o.output(data.config.capture_limit));
+            own.str("langfuse.observation.output", &o.output(scope.capture_limit));
             if let Some(u) = o.usage {
                 let usage = Details { input: u.input, output: u.output, total: u.total };
                 own.str("langfuse.observation.usage_details", &json_string(&usage));
@@ -271,8 +260,7 @@ impl GenerationRecord {
             if o.sse
                 && let Some(first) = o.first_frame_at
             {
-                let first = start.started + first.saturating_duration_since(start.started_at);
-                own.str("langfuse.observation.completion_start_time", &iso_millis(first));
+                own.str("langfuse.observation.completion_start_time", &iso_millis(start.started.wall(first)));
             }
         }
         let metadata = GenerationMetadata {
@@ -280,23 +268,23 @@ impl GenerationRecord {
             input_cost_usd: cost.as_ref().map(|c| c.input),
             output_cost_usd: cost.as_ref().map(|c| c.output),
             is_primary: start.is_primary,
-            latency_seconds: ended.at.saturating_duration_since(start.started_at).as_secs_f64(),
+            latency_seconds: ended.at.saturating_duration_since(start.started.at).as_secs_f64(),
             http_status: ended.status.map(|s| s.as_u16()),
             attempt: start.attempt,
             model: &start.model,
         };
         own.str("langfuse.observation.metadata", &json_string(&metadata));
         let parts = SpanParts {
-            trace_id: &data.trace_id,
+            trace_id: scope.trace_id,
             span_id: &new_span_id(),
-            parent: Some(data.root_span_id()),
+            parent: Some(scope.root_span_id),
             name: &format!("llm_call_{}", start.model.replace('/', "_")),
-            start: start.started,
-            end: start.started + ended.at.saturating_duration_since(start.started_at),
+            start: start.started.wall,
+            end: start.started.wall(ended.at),
             level,
             status_message,
         };
-        parts.write(shared, own, out);
+        parts.write(scope.shared, own, out);
     }
 }
 

@@ -1,6 +1,10 @@
 //! The per-request trace: what the request path keeps (ids, the trace-level values, the
-//! fallback events and the generations that finished before the root), and the trace-level
-//! attributes the exporter task builds from it.
+//! fallback events and the generations that finished before the root), the [`TraceRecord`] it
+//! hands to the exporter in one queue message, and the spans the exporter task writes from it:
+//! the trace-level attributes, the records' spans (`crate::record`) and the fallback events.
+//!
+//! The flow is one way: the layers write a trace, the trace is made of records, records are
+//! written as spans (`crate::span`), and the exporter only sees [`WriteSpans`].
 
 use std::{
     sync::{Arc, Mutex, OnceLock, atomic::AtomicU32},
@@ -9,14 +13,14 @@ use std::{
 
 use llmgate_core::ext::{FallbackEvent, FallbackEventSink, InsertionId, LangfuseKeys, LlmRequest, RolloutTags};
 use serde_json::Value;
-use tokio::time::Instant;
 
 use crate::{
     LangfuseExporter,
+    exporter::{Batch, WriteSpans},
     io::Input,
-    layer::LayerConfig,
-    record::{GenerationRecord, RootRecord, TraceRecord},
-    span::{Attributes, new_span_id},
+    record::{GenerationRecord, RootRecord, Started, TraceScope},
+    settings::LayerConfig,
+    span::{Attributes, Level, SpanParts, new_span_id},
 };
 
 /// Request extension written by [`LangfuseLayer`](crate::LangfuseLayer) and read by
@@ -61,8 +65,7 @@ pub(crate) struct TraceData {
     session: Option<String>,
     /// The request's messages, bounded when written.
     pub input: Input,
-    pub started: SystemTime,
-    pub started_at: Instant,
+    pub started: Started,
 }
 
 impl std::fmt::Debug for TraceContext {
@@ -111,8 +114,7 @@ impl TraceContext {
             user: short(json.and_then(|j| j.get("user"))),
             session: short(json.and_then(|j| j.get("metadata")).and_then(|m| m.get("session_id"))),
             input: Input::capture(request, config.capture_limit),
-            started: SystemTime::now(),
-            started_at: Instant::now(),
+            started: Started::now(),
         };
         Self(Arc::new(TraceInner {
             data: Arc::new(data),
@@ -154,7 +156,7 @@ impl TraceInner {
         events: Vec<(FallbackEvent, SystemTime)>,
     ) {
         let record = TraceRecord { data: self.data.clone(), root, generations, events };
-        self.exporter.enqueue_trace(&self.keys, record);
+        self.exporter.enqueue_spans(&self.keys, Box::new(record));
     }
 }
 
@@ -182,11 +184,6 @@ impl FallbackEventSink for TraceInner {
 }
 
 impl TraceData {
-    /// Converts a monotonic instant of this request into wall-clock time.
-    pub(crate) fn wall(&self, at: Instant) -> SystemTime {
-        self.started + at.saturating_duration_since(self.started_at)
-    }
-
     /// The root span's id, the same for every message of this trace.
     pub(crate) fn root_span_id(&self) -> &[u8; 8] {
         self.root_span_id.get_or_init(new_span_id)
@@ -231,6 +228,61 @@ impl TraceData {
     }
 }
 
+// === impl TraceRecord ===
+
+/// A request's spans, as one queue message: the root (absent for a generation that finished
+/// after it), the generations and the fallback events.
+pub(crate) struct TraceRecord {
+    data: Arc<TraceData>,
+    root: Option<RootRecord>,
+    generations: Vec<GenerationRecord>,
+    events: Vec<(FallbackEvent, SystemTime)>,
+}
+
+impl WriteSpans for TraceRecord {
+    fn span_count(&self) -> usize {
+        usize::from(self.root.is_some()) + self.generations.len() + self.events.len()
+    }
+
+    /// Generations, root, events (the order they finished in).
+    fn write_spans(self: Box<Self>, batch: &mut Batch) {
+        let data = &self.data;
+        let shared = data.attributes();
+        let input = data.input.text(data.config.capture_limit);
+        let scope = TraceScope {
+            trace_id: &data.trace_id,
+            root_span_id: data.root_span_id(),
+            name: &data.config.trace_name,
+            started: data.started,
+            shared: &shared,
+            input: &input,
+            capture_limit: data.config.capture_limit,
+        };
+        for generation in &self.generations {
+            batch.span(|out| generation.write(&scope, out));
+        }
+        if let Some(root) = &self.root {
+            batch.span(|out| root.write(&scope, out));
+        }
+        for (event, at) in &self.events {
+            let mut own = Attributes::default();
+            own.str("langfuse.observation.type", "event");
+            own.str("langfuse.observation.metadata", &event_metadata(event).to_string());
+            let parts = SpanParts {
+                trace_id: scope.trace_id,
+                span_id: &new_span_id(),
+                parent: Some(scope.root_span_id),
+                name: event.name(),
+                start: *at,
+                end: *at,
+                level: Level::Warning,
+                status_message: None,
+            };
+            batch.span(|out| parts.write(&shared, own, out));
+        }
+    }
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -245,7 +297,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 const MAX_TAG_LEN: usize = 200;
 
 /// The metadata JSON of a fallback event, with exactly the keys of fallback-tracking.md §8.
-pub(crate) fn event_metadata(event: &FallbackEvent) -> Value {
+fn event_metadata(event: &FallbackEvent) -> Value {
     match event {
         FallbackEvent::RateLimit { original_model, fallback_model, reason } => serde_json::json!({
             "original_model": original_model,
