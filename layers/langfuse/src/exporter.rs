@@ -11,7 +11,7 @@
 //! spans into one batch per project (credentials are per project, so spans of different
 //! projects never share an export), and exports a project's batch when it reaches
 //! `max_batch_spans` (512) or every `schedule_delay` (5 s). An export is an
-//! `ExportTraceServiceRequest` (the spans written as protobuf by [`crate::span`]), gzipped, POSTed to
+//! `ExportTraceServiceRequest` (the spans written as protobuf by the `span` module), gzipped, POSTed to
 //! `{host}/api/public/otel/v1/traces` with the project's Basic auth and
 //! `x-langfuse-ingestion-version: 4`. 429/500/502/503/504, timeouts and connection errors are
 //! retried with exponential backoff that honours `Retry-After` (Langfuse answers 500 for a
