@@ -636,7 +636,8 @@ impl Export {
         let sent = tokio::time::timeout(self.config.export_timeout, async {
             let response = self.client.send(request).await?;
             let status = response.status();
-            let retry_after = retry_after(response.headers());
+            // Capped by `max_backoff` where it is used.
+            let retry_after = llmgate_core::forward::retry_after(response.headers(), std::time::SystemTime::now());
             // Read the (small) body so the connection goes back to the pool.
             let body = client::read_capped(response.into_body(), 64 * 1024).await.unwrap_or_default();
             Ok::<_, llmgate_core::BoxError>((status, retry_after, body))
@@ -662,26 +663,10 @@ impl Export {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is not used by Langfuse).
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: f64 = value.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_parses_seconds() {
-        let mut h = http::HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&h), None);
-    }
 
     fn span(name: &str) -> Span {
         Span { trace_id: vec![1; 16], span_id: vec![2; 8], name: name.into(), ..Default::default() }
