@@ -7,7 +7,7 @@
 //! | Extension | Written by | Read by |
 //! |---|---|---|
 //! | [`RouteMeta`] | path-metadata | credentials, insertion-id, routes |
-//! | [`AccountInfo`] | auth (credentials) | routes, logging |
+//! | [`AccountInfo`] | auth (credentials) | an embedder's own services (the reference proxy reads none yet) |
 //! | [`LlmRequest`] | `DecodeJson` | every chat layer, `EncodeJson` |
 //! | [`BodyEdits`] | credentials, insertion-id, routing layers | `EncodeJson` |
 //! | [`Project`] | credentials | langfuse |
