@@ -11,9 +11,9 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use llmgate_core::{GatewayBody, body};
+use llmgate_core::{GatewayBody, body, body::HostedService};
 use tokio::net::{TcpListener, TcpSocket};
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
 /// Serves `service` on `listener` until `shutdown` resolves, then drains for up to `drain`.
 ///
@@ -22,8 +22,7 @@ use tower::{Service, ServiceExt};
 /// Returns once every connection has finished or the drain timeout passed.
 pub async fn serve<S>(listener: TcpListener, service: S, shutdown: impl Future<Output = ()>, drain: Duration)
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: HostedService,
 {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -65,8 +64,7 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, 
 /// `tokio::spawn` checks `Send` (which otherwise trips over the `dyn Error` lifetime).
 fn call<S>(service: &S, req: Request<Incoming>) -> ResponseFuture
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: HostedService,
 {
     Box::pin(service.clone().oneshot(req.map(body::boxed)))
 }

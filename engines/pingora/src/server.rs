@@ -49,10 +49,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llmgate_core::{BoxError, GatewayBody, body};
+use llmgate_core::{BoxError, GatewayBody, body, body::HostedService};
 use pingora_core::{
     apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream},
     protocols::http::ServerSession,
@@ -69,7 +69,6 @@ use tokio::{
 use tower::ServiceExt;
 
 use llmgate_core::forward::strip_hop_by_hop;
-use tower::Service;
 
 /// Serves `service` on `listener` with a Pingora server until `shutdown` resolves, then drains
 /// in-flight requests and streams for up to `drain`.
@@ -83,8 +82,7 @@ pub async fn serve_pingora<S>(
     drain: Duration,
 ) -> io::Result<()>
 where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: HostedService,
 {
     PingoraHost::new().serve(listener, service, shutdown, drain).await
 }
@@ -132,8 +130,7 @@ impl PingoraHost {
         drain: Duration,
     ) -> io::Result<()>
     where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Clone + Send + 'static,
-        S::Future: Send + 'static,
+        S: HostedService,
     {
         // Pingora binds its own listeners; hand it ours through its fd table (the mechanism of
         // its zero-downtime upgrades), so an ephemeral port works and nothing is bound twice.
@@ -324,11 +321,7 @@ enum Msg {
 
 impl Job {
     /// Calls the stack and pumps the response body to the Pingora side (on the caller's runtime).
-    async fn run<S>(self, service: S)
-    where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible> + Send + 'static,
-        S::Future: Send + 'static,
-    {
+    async fn run<S: HostedService>(self, service: S) {
         let Job { request, mut head, frames } = self;
         // Boxed so that `tokio::spawn`'s `Send` check sees no `dyn Error` lifetimes (as in the
         // hyper host).

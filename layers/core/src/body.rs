@@ -52,3 +52,30 @@ pub fn json_response(status: http::StatusCode, value: &serde_json::Value) -> htt
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     response
 }
+
+/// What a host serves: a clonable Tower service over [`GatewayBody`] that never fails (errors
+/// are the stack's to render, e.g. with [`RescueLayer`](crate::RescueLayer)) and whose futures
+/// can move between threads. Any such service is one; the engines' `serve` functions take it.
+pub trait HostedService:
+    tower_service::Service<
+        http::Request<GatewayBody>,
+        Response = http::Response<GatewayBody>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> HostedService for S where
+    S: tower_service::Service<
+            http::Request<GatewayBody>,
+            Response = http::Response<GatewayBody>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
