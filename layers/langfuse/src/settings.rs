@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
-/// How much a stack exports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How much a stack exports (in a config: `all`, `events`, `off`; leaving it out means
+/// [`Emit::ByUpstream`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Emit {
     /// Root span, generations and events.
     All,
@@ -13,8 +15,10 @@ pub enum Emit {
     /// Nothing.
     Off,
     /// `All` for attempts to an `openai`-mode upstream, `Events` for `litellm` ones (the
-    /// attempt's `UpstreamTarget` decides; no target counts as `openai`).
+    /// attempt's `UpstreamTarget` decides; no target counts as `openai`). Not a config
+    /// value: it is what no `emit` means.
     #[default]
+    #[serde(skip)]
     ByUpstream,
 }
 

@@ -123,8 +123,10 @@ static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(CHECK_LUA));
 static CORRECT: LazyLock<Script> = LazyLock::new(|| Script::new(CORRECT_LUA));
 static COOL: LazyLock<Script> = LazyLock::new(|| Script::new(COOL_LUA));
 
-/// What a [`RedisRateStore`] does while Redis is unreachable.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a [`RedisRateStore`] does while Redis is unreachable (in a config: `fail_open`,
+/// `fail_closed`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OutagePolicy {
     /// Keep serving on per-process budgets: the limits divided by the replica count.
     #[default]
