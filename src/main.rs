@@ -113,9 +113,9 @@ fn load_for_serving(
 ) -> Result<(Config, tracing_appender::non_blocking::WorkerGuard), llmgate::config::ConfigError> {
     let mut config = load(config)?;
     if let Some(engine) = engine {
-        config.engine = engine;
+        config.server.engine = engine;
     }
-    let guard = init_logging(&config.log_filter);
+    let guard = init_logging(&config.log.filter);
     Ok((config, guard))
 }
 
@@ -159,7 +159,7 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
         }
         Command::Serve(args) => {
             let (config, _log) = load_for_serving(args)?;
-            let listen = config.listen;
+            let listen = config.server.listen;
             let gateway = Gateway::from_config(config).await?;
             let listener = bind(listen).await?;
             tracing::info!("llmgate listening on http://{}", listener.local_addr()?);
@@ -169,13 +169,14 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
         Command::BareProxy(args) => {
             let (config, _log) = load_for_serving(args)?;
             let service = llmgate::stack::bare_service(&config)?;
-            let listener = bind(config.listen).await?;
+            let listener = bind(config.server.listen).await?;
             tracing::info!(
                 "bare proxy hop (no layers) listening on http://{} → {}",
                 listener.local_addr()?,
                 config.default_target().base_url
             );
-            llmgate::stack::serve_on(config.engine, listener, service, shutdown_signal(), config.drain_timeout).await;
+            let server = &config.server;
+            llmgate::stack::serve_on(server.engine, listener, service, shutdown_signal(), server.drain_timeout).await;
             Ok(())
         }
         Command::MockUpstream { port, host, delay_ms, chunks, chunk_delay_ms, rate_limit_every } => {

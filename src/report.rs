@@ -19,7 +19,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -29,13 +28,13 @@ use llmgate_core::BoxError;
 use llmgate_credentials::Projects;
 use llmgate_langfuse::{
     LangfuseClient,
-    reader::{LangfuseReader, ObservationSelector, ReadError, TracedObservation, V3Reader, V4Reader},
+    reader::{LangfuseReader, ObservationSelector, ReadError, TracedObservation},
     timestamp::{iso_millis, parse_timestamp},
 };
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{Config, LangfuseApi};
+use crate::config::Config;
 
 /// The rate-limit fallback event name.
 pub const RATE_LIMIT_EVENT: &str = "rate_limit_fallback";
@@ -404,16 +403,13 @@ pub async fn build(
 
 /// The report of `project` over the last `since`, read from the Langfuse of `config`.
 pub async fn collect(config: &Config, project: Option<&str>, since: Duration) -> Result<Report, BoxError> {
-    let host = config.langfuse_host.as_deref().ok_or("no Langfuse host configured (langfuse.host or LANGFUSE_HOST)")?;
+    let langfuse = &config.langfuse;
+    let client = LangfuseClient::new(llmgate_hyper::http_client::<Full<Bytes>>(config.server.request_timeout));
+    let reader = langfuse.reader(client).ok_or("no Langfuse host configured (langfuse.host or LANGFUSE_HOST)")?;
     let secrets =
-        config.secrets_path.as_deref().ok_or("no secrets file configured (langfuse.secrets_path or SECRETS_PATH)")?;
+        langfuse.secrets_path.as_deref().ok_or("no secrets file configured (langfuse.secrets_path or SECRETS_PATH)")?;
     let projects = Projects::load(secrets).map_err(|e| format!("secrets file {}: {e}", secrets.display()))?;
     let project = projects.resolve(project)?.ok_or("no project: name one with --project")?;
-    let client = LangfuseClient::new(llmgate_hyper::http_client::<Full<Bytes>>(config.request_timeout));
-    let reader: Arc<dyn LangfuseReader> = match config.langfuse_api {
-        LangfuseApi::V3 => Arc::new(V3Reader::new(client, host)),
-        LangfuseApi::V4 => Arc::new(V4Reader::new(client, host)),
-    };
     let now = SystemTime::now();
     let window = (now.checked_sub(since).unwrap_or(SystemTime::UNIX_EPOCH), now + Duration::from_secs(60));
     let tty = std::io::stderr().is_terminal();

@@ -24,26 +24,19 @@ use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer,
     rescue::{CatchPanicBody, PanicHook},
 };
-use llmgate_credentials::{
-    AuthLayer, AuthProvider, BaseUrlAllowlist, NoAuth, ProjectLayer, Projects, Secrets, StaticApiKeys,
-    UpstreamAuthLayer,
-};
-use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, RedisStore};
-use llmgate_langfuse::{
-    self as langfuse, ExporterConfig, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer,
-};
+use llmgate_credentials::{AuthLayer, ProjectLayer, UpstreamAuthLayer};
+use llmgate_insertion_id::{InsertionIdLayer, InsertionStore};
+use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter};
 use llmgate_path_metadata::PathMetadataLayer;
-use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceBuilder, util::BoxCloneService};
 
 use crate::{
-    config::{Config, Emit, Engine},
+    config::{Config, Engine},
     metrics::{Metrics, MetricsLayer, Sources, UpstreamMetricsLayer},
     observe::ChatObserveLayer,
-    redis::RedisConnection,
     routes::{self, BoxStack, Routes},
-    target::{ResolveTargetLayer, Targets},
+    target::ResolveTargetLayer,
 };
 use llmgate_hyper::{HyperUpstream, http_client};
 
@@ -83,42 +76,13 @@ impl Background {
 /// The configured engine's upstream.
 fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
     let target = config.default_target().clone();
-    Ok(match config.engine {
-        Engine::Hyper => BoxCloneService::new(HyperUpstream::with_client(
-            http_client(config.request_timeout),
-            target,
-            config.request_timeout,
-        )),
+    let timeout = config.server.request_timeout;
+    Ok(match config.server.engine {
+        Engine::Hyper => BoxCloneService::new(HyperUpstream::with_client(http_client(timeout), target, timeout)),
         #[cfg(feature = "pingora")]
-        Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, config.request_timeout)),
+        Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, timeout)),
         #[cfg(not(feature = "pingora"))]
         Engine::Pingora => return Err("engine pingora needs a build with the `pingora` feature".into()),
-    })
-}
-
-/// The insertion-id store and the rate store.
-type Stores = (Arc<dyn InsertionStore>, Arc<dyn RateStore>);
-
-/// The stores: Redis (one shared connection) when configured, else in memory.
-fn stores(config: &Config) -> Result<Stores, BoxError> {
-    let ttl = config.insertion_ttl;
-    let prefix = config.insertion_prefix.clone();
-    let Some(url) = &config.redis_url else {
-        return Ok((Arc::new(MemoryStore::new().ttl(ttl)), Arc::new(MemoryRateStore::new())));
-    };
-    let policy = match config.on_redis_outage {
-        crate::config::OutagePolicy::FailOpen => OutagePolicy::FailOpen,
-        crate::config::OutagePolicy::FailClosed => OutagePolicy::FailClosed,
-    };
-    Ok(match RedisConnection::open(url.expose())? {
-        RedisConnection::Single(conn) => (
-            Arc::new(RedisStore::new(conn.clone()).prefix(prefix).ttl(ttl)),
-            Arc::new(RedisRateStore::new(conn).policy(policy).replicas(config.replicas)),
-        ),
-        RedisConnection::Cluster(conn) => (
-            Arc::new(RedisStore::new(conn.clone()).prefix(prefix).ttl(ttl)),
-            Arc::new(RedisRateStore::new(conn).policy(policy).replicas(config.replicas)),
-        ),
     })
 }
 
@@ -126,96 +90,45 @@ impl Gateway {
     /// Builds the canonical stack for `config`.
     pub async fn from_config(config: Config) -> Result<Self, BoxError> {
         let config = Arc::new(config);
-        if config.langfuse_host.is_none() {
+        if config.langfuse.host.is_none() {
             tracing::info!("Langfuse export is off: no LANGFUSE_HOST or langfuse.host configured");
         }
-        if config.redis_url.is_none() {
+        if config.redis.url.is_none() {
             tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
         }
         let upstream = upstream(&config)?;
-        let catalog = Arc::new(config.catalog());
-        let targets = Arc::new(Targets {
-            upstreams: config.upstreams.clone(),
-            default_upstream: config.default_upstream.clone(),
-            catalog: catalog.clone(),
-        });
+        let catalog = Arc::new(config.models.catalog());
+        let targets = Arc::new(config.upstreams.targets(catalog.clone()));
 
-        let projects = Arc::new(match &config.secrets_path {
-            Some(path) => {
-                Projects::from(Secrets::load(path).map_err(|e| format!("secrets file {}: {e}", path.display()))?)
-            }
-            None => Projects::empty(),
-        });
-        let allowlist = BaseUrlAllowlist::parse(config.encoded_base_url_allow.iter())
-            .map_err(|e| format!("encoded_base_url.allow: {e}"))?;
-        let mut project = ProjectLayer::new(projects.clone()).allowlist(allowlist);
-        if let Some(host) = &config.langfuse_host {
+        let projects = Arc::new(config.langfuse.projects()?);
+        let mut project = ProjectLayer::new(projects.clone()).allowlist(config.encoded_base_url.allowlist());
+        if let Some(host) = &config.langfuse.host {
             project = project.langfuse_host(host.as_str());
         }
-        let (insertion_store, rate_store) = stores(&config)?;
-        let insertion = InsertionIdLayer::new(insertion_store.clone()).record_timeout(config.record_timeout);
-        let auth: Arc<dyn AuthProvider> = if config.api_keys.is_empty() {
-            Arc::new(NoAuth)
-        } else {
-            Arc::new(StaticApiKeys::new(config.api_keys.iter().map(|k| k.expose().to_string())))
-        };
+        let redis = config.redis.connect()?;
+        let insertion_store = config.insertion_id.store(redis.as_ref());
+        let rate_store = config.rate_limit.store(redis.as_ref());
+        let insertion = config.insertion_id.layer(insertion_store.clone());
+        let auth = config.auth.provider();
 
         // One pooled Langfuse client for export and reads.
         let langfuse_client = config
-            .langfuse_host
+            .langfuse
+            .host
             .as_ref()
-            .map(|_| LangfuseClient::new(http_client::<Full<Bytes>>(config.request_timeout)));
-        let traces: Option<BoxStack> = match (&config.langfuse_host, &langfuse_client) {
-            (Some(host), Some(client)) => {
-                let reader: Arc<dyn langfuse::LangfuseReader> = match config.langfuse_api {
-                    crate::config::LangfuseApi::V3 => Arc::new(langfuse::V3Reader::new(client.clone(), host.as_str())),
-                    crate::config::LangfuseApi::V4 => Arc::new(langfuse::V4Reader::new(client.clone(), host.as_str())),
-                };
+            .map(|_| LangfuseClient::new(http_client::<Full<Bytes>>(config.server.request_timeout)));
+        let traces: Option<BoxStack> =
+            langfuse_client.clone().and_then(|client| config.langfuse.reader(client)).map(|reader| {
                 let service =
                     crate::routes::traces::TracesService::new(reader, projects.clone(), insertion_store.clone())
-                        .require_generation(config.emit != Some(Emit::Events));
-                Some(BoxCloneService::new(service))
-            }
-            _ => None,
-        };
-        let langfuse = match (&config.langfuse_host, langfuse_client) {
-            (Some(host), Some(client)) if config.emit != Some(Emit::Off) => {
-                let settings = config.langfuse_export;
-                let exporter_config = ExporterConfig::new(host.as_str())
-                    .max_batch_spans(settings.batch_max_spans)
-                    .schedule_delay(Duration::from_millis(settings.batch_delay_ms))
-                    .max_queue_spans(settings.queue_max_spans)
-                    .export_timeout(Duration::from_millis(settings.timeout_ms));
-                let exporter = LangfuseExporter::spawn(exporter_config, client);
-                let emit = match config.emit {
-                    Some(Emit::All) => langfuse::Emit::All,
-                    Some(Emit::Events) => langfuse::Emit::Events,
-                    Some(Emit::Off) => langfuse::Emit::Off,
-                    None => langfuse::Emit::ByUpstream,
-                };
-                let trace = &config.langfuse_trace;
-                let mut layer = LangfuseLayer::new(exporter.clone()).emit(emit);
-                if let Some(name) = &trace.trace_name {
-                    layer = layer.trace_name(name.as_str());
-                }
-                if let Some(environment) = &trace.environment {
-                    layer = layer.environment(environment.as_str());
-                }
-                if let Some(release) = &trace.release {
-                    layer = layer.release(release.as_str());
-                }
-                if let Some(version) = &trace.version {
-                    layer = layer.version(version.as_str());
-                }
-                if let Some(bytes) = trace.capture_bytes {
-                    layer = layer.capture_limit(bytes);
-                }
-                Some((layer, exporter))
-            }
-            _ => None,
-        };
+                        .require_generation(config.langfuse.emit != Emit::Events);
+                BoxCloneService::new(service)
+            });
+        let langfuse = langfuse_client
+            .and_then(|client| config.langfuse.exporter(client))
+            .map(|exporter| (config.langfuse.layer(exporter.clone()), exporter));
         let context = ContextRoutingLayer::new(catalog.clone());
-        let rate_limit = RateLimitFallbackLayer::new(catalog.clone(), rate_store).max_wait(config.max_wait);
+        let rate_limit = config.rate_limit.layer(catalog.clone(), rate_store);
         let stats = rate_limit.stats();
         let prometheus = Arc::new(Metrics::new(
             Sources {
@@ -226,7 +139,7 @@ impl Gateway {
             },
             catalog.clone(),
         ));
-        let upstream_metrics = UpstreamMetricsLayer::new(prometheus.clone(), config.default_upstream.as_str().into());
+        let upstream_metrics = UpstreamMetricsLayer::new(prometheus.clone(), config.upstreams.default.as_str().into());
 
         let per_attempt = ServiceBuilder::new()
             .layer(ResolveTargetLayer::new(targets))
@@ -238,7 +151,7 @@ impl Gateway {
             .service(upstream.clone());
         let chat: BoxStack = BoxCloneService::new(
             ServiceBuilder::new()
-                .layer(DecodeJsonLayer::new().limit(config.body_limit))
+                .layer(DecodeJsonLayer::new().limit(config.server.body_limit))
                 .layer(project)
                 .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
                 .layer(insertion.clone())
@@ -316,7 +229,7 @@ impl Gateway {
     /// configured drain timeout, then flushes background work.
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         let Gateway { service, background, config, prometheus, .. } = self;
-        let metrics_server = match config.metrics_listen {
+        let metrics_server = match config.server.metrics_listen {
             Some(addr) => match llmgate_hyper::bind(addr).await {
                 Ok(listener) => Some(tokio::spawn(llmgate_hyper::serve(
                     listener,
@@ -331,11 +244,11 @@ impl Gateway {
             },
             None => None,
         };
-        serve_on(config.engine, listener, service, shutdown, config.drain_timeout).await;
+        serve_on(config.server.engine, listener, service, shutdown, config.server.drain_timeout).await;
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }
-        background.flush(config.drain_timeout).await;
+        background.flush(config.server.drain_timeout).await;
     }
 }
 

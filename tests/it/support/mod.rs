@@ -35,7 +35,7 @@ async fn build(yaml: &str, env: &[(&str, &str)]) -> Gateway {
     let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut config = Config::from_yaml(yaml, Path::new("test.yaml"), &lookup).expect("valid test config");
-    config.engine = test_engine();
+    config.server.engine = test_engine();
     Gateway::from_config(config).await.expect("gateway builds")
 }
 

@@ -1,0 +1,398 @@
+//! The resolved sections of a [`Config`](super::Config), each building the component the stack
+//! needs from the layer crates' own types.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use llmgate_core::{
+    BoxError,
+    catalog::{Catalog, Limits, ModelSpec},
+    ext::{Secret, UpstreamTarget},
+};
+use llmgate_credentials::{AuthProvider, BaseUrlAllowlist, NoAuth, Projects, Secrets, StaticApiKeys};
+use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, RedisStore};
+use llmgate_langfuse::{
+    Emit, ExporterConfig, LangfuseClient, LangfuseExporter, LangfuseLayer, LangfuseReader, V3Reader, V4Reader,
+};
+use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
+use serde::Deserialize;
+
+use crate::{redis::RedisConnection, target::Targets};
+
+/// Which engine hosts the stack and talks to the upstreams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// hyper host and hyper upstream.
+    #[default]
+    Hyper,
+    /// Pingora host and Pingora upstream (feature `pingora`).
+    Pingora,
+}
+
+/// The server: `listen`, `engine`, `request_timeout_secs`, `drain_timeout_secs`,
+/// `body_limit_bytes`, `metrics.listen`.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The engine (`engine`, or `llmgate serve --engine`).
+    pub engine: Engine,
+    /// Connect and response-head timeout for upstream calls, and the longest silence inside a
+    /// stream (`REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// How long graceful shutdown waits for in-flight requests and streams.
+    pub drain_timeout: Duration,
+    /// The chat request body limit.
+    pub body_limit: usize,
+    /// A second listener serving only `GET /metrics`, without auth (`metrics.listen`).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The upstreams (`upstreams`, `default_upstream`, and the `LITELLM_URL`/`UPSTREAM_URL`/
+/// `UPSTREAM_MODE` environment).
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    /// Upstreams by name.
+    pub targets: BTreeMap<String, UpstreamTarget>,
+    /// The upstream used for unknown models and the catch-all; always one of `targets`.
+    pub default: String,
+}
+
+impl UpstreamSettings {
+    /// The default upstream's target.
+    pub fn default_target(&self) -> &UpstreamTarget {
+        // `Config::load` guarantees the default upstream exists.
+        &self.targets[&self.default]
+    }
+
+    /// What `ResolveTarget` resolves a model's upstream with.
+    pub fn targets(&self, catalog: Arc<Catalog>) -> Targets {
+        Targets { upstreams: self.targets.clone(), default_upstream: self.default.clone(), catalog }
+    }
+}
+
+/// Where an entry of the effective catalogue comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelOrigin {
+    /// Built into llmgate (`llmgate-context-routing`'s default catalogue): window, output cap
+    /// and price only; never a fallback chain or a limit.
+    BuiltIn,
+    /// The config's `models` list, a name the built-in catalogue does not have.
+    Config,
+    /// The config's `models` list, replacing the built-in entry of the same name whole.
+    ConfigOverridesBuiltIn,
+}
+
+impl fmt::Display for ModelOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BuiltIn => "built-in",
+            Self::Config => "config",
+            Self::ConfigOverridesBuiltIn => "config, overrides built-in",
+        })
+    }
+}
+
+/// The models: the config's `models` list over the built-in catalogue.
+#[derive(Clone, Debug, Default)]
+pub struct ModelSettings {
+    /// Models configured in the file (extending the built-in catalogue; see
+    /// [`catalog`](Self::catalog)).
+    pub configured: Vec<ModelSpec>,
+}
+
+impl ModelSettings {
+    /// The effective catalogue, each entry with its origin: the built-in entries (in their
+    /// order; a config entry of the same name replaces one whole), then the config's other
+    /// entries in file order.
+    ///
+    /// Built-in entries carry facts only (window, output cap, price): their `fallbacks` and
+    /// `limits` are always empty, so no built-in entry reroutes, refuses or limits a request by
+    /// itself. Only a configured `fallbacks` list moves a request to another model.
+    pub fn entries(&self) -> Vec<(ModelSpec, ModelOrigin)> {
+        let configured = |name: &str| self.configured.iter().find(|m| m.name == name);
+        let mut entries: Vec<(ModelSpec, ModelOrigin)> = llmgate_context_routing::default_catalog()
+            .into_iter()
+            .map(|builtin| match configured(&builtin.name) {
+                Some(model) => (model.clone(), ModelOrigin::ConfigOverridesBuiltIn),
+                None => {
+                    (ModelSpec { fallbacks: Vec::new(), limits: Limits::default(), ..builtin }, ModelOrigin::BuiltIn)
+                }
+            })
+            .collect();
+        for model in &self.configured {
+            if !entries.iter().any(|(m, _)| m.name == model.name) {
+                entries.push((model.clone(), ModelOrigin::Config));
+            }
+        }
+        entries
+    }
+
+    /// The catalogue the routing layers, the cost calculation and the metrics use
+    /// ([`entries`](Self::entries) without the origins).
+    pub fn catalog(&self) -> Catalog {
+        Catalog::new(self.entries().into_iter().map(|(model, _)| model))
+    }
+}
+
+/// Redis (`redis.url`, or `REDIS_URL`, or `REDIS_HOST`/`REDIS_PORT`/`REDIS_PASSWORD`).
+#[derive(Clone, Debug, Default)]
+pub struct RedisSettings {
+    /// The Redis URL, if any (else in-memory stores).
+    pub url: Option<Secret>,
+}
+
+impl RedisSettings {
+    /// One shared connection (lazy: a Redis that is down at start fails no request), or `None`
+    /// without Redis.
+    pub fn connect(&self) -> Result<Option<RedisConnection>, BoxError> {
+        match &self.url {
+            Some(url) => Ok(Some(RedisConnection::open(url.expose())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Insertion ids (`insertion_id`).
+#[derive(Clone, Debug)]
+pub struct InsertionIdSettings {
+    /// The key prefix in Redis.
+    pub prefix: String,
+    /// How long an id stays recorded.
+    pub ttl: Duration,
+    /// How long a response waits for its insertion record before going on.
+    pub record_timeout: Duration,
+}
+
+impl Default for InsertionIdSettings {
+    fn default() -> Self {
+        Self { prefix: String::new(), ttl: Duration::from_secs(86_400), record_timeout: Duration::from_millis(250) }
+    }
+}
+
+impl InsertionIdSettings {
+    /// The insertion store: in Redis over `redis`, else in memory.
+    pub fn store(&self, redis: Option<&RedisConnection>) -> Arc<dyn InsertionStore> {
+        let prefix = self.prefix.as_str();
+        match redis {
+            None => Arc::new(MemoryStore::new().ttl(self.ttl)),
+            Some(RedisConnection::Single(conn)) => Arc::new(RedisStore::new(conn.clone()).prefix(prefix).ttl(self.ttl)),
+            Some(RedisConnection::Cluster(conn)) => {
+                Arc::new(RedisStore::new(conn.clone()).prefix(prefix).ttl(self.ttl))
+            }
+        }
+    }
+
+    /// The insertion-id layer over `store`.
+    pub fn layer(&self, store: Arc<dyn InsertionStore>) -> InsertionIdLayer {
+        InsertionIdLayer::new(store).record_timeout(self.record_timeout)
+    }
+}
+
+/// Rate limiting (`rate_limit`).
+#[derive(Clone, Debug)]
+pub struct RateLimitSettings {
+    /// The longest wait for a rate limit before falling back.
+    pub max_wait: Duration,
+    /// What rate limiting does while Redis is unreachable.
+    pub on_redis_outage: OutagePolicy,
+    /// How many gateway replicas share the limits (divides them under `fail_open`).
+    pub replicas: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self { max_wait: Duration::ZERO, on_redis_outage: OutagePolicy::default(), replicas: 1 }
+    }
+}
+
+impl RateLimitSettings {
+    /// The rate store: in Redis over `redis` (shared by the replicas), else in process.
+    pub fn store(&self, redis: Option<&RedisConnection>) -> Arc<dyn RateStore> {
+        let (policy, replicas) = (self.on_redis_outage, self.replicas);
+        match redis {
+            None => Arc::new(MemoryRateStore::new()),
+            Some(RedisConnection::Single(conn)) => {
+                Arc::new(RedisRateStore::new(conn.clone()).policy(policy).replicas(replicas))
+            }
+            Some(RedisConnection::Cluster(conn)) => {
+                Arc::new(RedisRateStore::new(conn.clone()).policy(policy).replicas(replicas))
+            }
+        }
+    }
+
+    /// The rate-limit and fallback layer over `catalog` and `store`.
+    pub fn layer(&self, catalog: Arc<Catalog>, store: Arc<dyn RateStore>) -> RateLimitFallbackLayer {
+        RateLimitFallbackLayer::new(catalog, store).max_wait(self.max_wait)
+    }
+}
+
+/// Which Langfuse read API the traces endpoints and `llmgate report` use (`langfuse.api`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LangfuseApi {
+    /// The legacy `/api/public/traces` API.
+    V3,
+    /// `/api/public/v2/observations`.
+    #[default]
+    V4,
+}
+
+/// What every exported trace carries (`langfuse.trace_name`, `environment`, `release`,
+/// `version`, `capture_bytes`).
+#[derive(Clone, Debug, Default)]
+pub struct TraceSettings {
+    /// The trace name (default `chat-completion`).
+    pub trace_name: Option<String>,
+    /// Langfuse `environment` (lower-case letters, digits, `-`, `_`).
+    pub environment: Option<String>,
+    /// Langfuse `release`.
+    pub release: Option<String>,
+    /// Langfuse `version`.
+    pub version: Option<String>,
+    /// How much of a request's input and output a span keeps (bytes; default 32 KiB; the cut is
+    /// marked).
+    pub capture_bytes: Option<usize>,
+}
+
+/// How the Langfuse exporter batches (`langfuse.export`; defaults like the official SDKs).
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSettings {
+    /// Spans per export request.
+    pub batch_max_spans: usize,
+    /// The longest a span waits for its batch, in milliseconds.
+    pub batch_delay_ms: u64,
+    /// Spans queued at most; past it new spans are dropped and counted.
+    pub queue_max_spans: usize,
+    /// How long one export request may take before it counts as failed and is retried.
+    pub timeout_ms: u64,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self { batch_max_spans: 512, batch_delay_ms: 5000, queue_max_spans: 2048, timeout_ms: 30_000 }
+    }
+}
+
+/// Langfuse (`langfuse`, `LANGFUSE_HOST`, `SECRETS_PATH`).
+#[derive(Clone, Debug, Default)]
+pub struct LangfuseSettings {
+    /// The Langfuse host, if any (export and the traces endpoints off without).
+    pub host: Option<String>,
+    /// The secrets file with the projects and their Langfuse keys.
+    pub secrets_path: Option<PathBuf>,
+    /// The read API.
+    pub api: LangfuseApi,
+    /// What to export ([`Emit::ByUpstream`] when the config says nothing).
+    pub emit: Emit,
+    /// How the exporter batches.
+    pub export: ExportSettings,
+    /// What every exported trace carries.
+    pub trace: TraceSettings,
+}
+
+impl LangfuseSettings {
+    /// The projects of the secrets file (none without one).
+    pub fn projects(&self) -> Result<Projects, BoxError> {
+        Ok(match &self.secrets_path {
+            Some(path) => {
+                Projects::from(Secrets::load(path).map_err(|e| format!("secrets file {}: {e}", path.display()))?)
+            }
+            None => Projects::empty(),
+        })
+    }
+
+    /// The exporter, sending through `client`; `None` without a host or with `emit: off`.
+    pub fn exporter(&self, client: LangfuseClient) -> Option<LangfuseExporter> {
+        let host = self.host.as_deref().filter(|_| self.emit != Emit::Off)?;
+        let export = self.export;
+        let config = ExporterConfig::new(host)
+            .max_batch_spans(export.batch_max_spans)
+            .schedule_delay(Duration::from_millis(export.batch_delay_ms))
+            .max_queue_spans(export.queue_max_spans)
+            .export_timeout(Duration::from_millis(export.timeout_ms));
+        Some(LangfuseExporter::spawn(config, client))
+    }
+
+    /// The Langfuse layer exporting to `exporter`, with what every trace carries.
+    pub fn layer(&self, exporter: LangfuseExporter) -> LangfuseLayer {
+        let trace = &self.trace;
+        let mut layer = LangfuseLayer::new(exporter).emit(self.emit);
+        if let Some(name) = &trace.trace_name {
+            layer = layer.trace_name(name.as_str());
+        }
+        if let Some(environment) = &trace.environment {
+            layer = layer.environment(environment.as_str());
+        }
+        if let Some(release) = &trace.release {
+            layer = layer.release(release.as_str());
+        }
+        if let Some(version) = &trace.version {
+            layer = layer.version(version.as_str());
+        }
+        if let Some(bytes) = trace.capture_bytes {
+            layer = layer.capture_limit(bytes);
+        }
+        layer
+    }
+
+    /// The read back end of the configured API, reading through `client`; `None` without a
+    /// host.
+    pub fn reader(&self, client: LangfuseClient) -> Option<Arc<dyn LangfuseReader>> {
+        let host = self.host.as_deref()?;
+        Some(match self.api {
+            LangfuseApi::V3 => Arc::new(V3Reader::new(client, host)),
+            LangfuseApi::V4 => Arc::new(V4Reader::new(client, host)),
+        })
+    }
+}
+
+/// The `encoded_base_url` allowlist.
+#[derive(Clone, Debug, Default)]
+pub struct EncodedBaseUrlSettings {
+    /// The allowed base URLs as configured.
+    pub allow: Vec<String>,
+    /// The same, parsed (checked when the config is loaded).
+    allowlist: BaseUrlAllowlist,
+}
+
+impl EncodedBaseUrlSettings {
+    /// Parses `allow`; an error names the index of the entry at fault.
+    pub(super) fn new(allow: Vec<String>) -> Result<Self, (usize, String)> {
+        let allowlist = BaseUrlAllowlist::parse(allow.iter()).map_err(|error| {
+            (allow.iter().position(|entry| *entry == error.entry).unwrap_or_default(), error.to_string())
+        })?;
+        Ok(Self { allow, allowlist })
+    }
+
+    /// The allowlist the project layer checks `encoded_base_url` against.
+    pub fn allowlist(&self) -> BaseUrlAllowlist {
+        self.allowlist.clone()
+    }
+}
+
+/// The gateway's own API keys (`auth.api_keys`).
+#[derive(Clone, Debug, Default)]
+pub struct AuthSettings {
+    /// Static API keys; empty means no auth.
+    pub api_keys: Vec<Secret>,
+}
+
+impl AuthSettings {
+    /// The auth provider: the static keys, or none at all.
+    pub fn provider(&self) -> Arc<dyn AuthProvider> {
+        if self.api_keys.is_empty() {
+            Arc::new(NoAuth)
+        } else {
+            Arc::new(StaticApiKeys::new(self.api_keys.iter().map(|k| k.expose().to_string())))
+        }
+    }
+}
+
+/// Logging (`LOG_LEVEL`, `RUST_LOG`; `LOG_FORMAT` is read where logging starts).
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// The log filter (`LOG_LEVEL`, or `RUST_LOG` when set; default `info`).
+    pub filter: String,
+}
