@@ -2,9 +2,10 @@
 //!
 //! The layers live in their own crates (`llmgate-*`) and speak only through the typed
 //! extensions of [`llmgate_core`]; the engines (`llmgate-hyper`, `llmgate-pingora`) forward to
-//! the providers and host a stack. This crate composes them: [`stack`] builds the canonical
-//! stack from a [`config::Config`] and serves it on the configured engine, and [`mock_upstream`]
-//! is the OpenAI-compatible fake the tests and benchmarks use.
+//! the providers and host a stack. This crate composes them: each [`config`] section builds its
+//! component, [`stack`] composes the canonical stack in one function, [`serve`] runs it on the
+//! configured engine, [`routes`] classifies and dispatches the proxy's routes, and
+//! [`mock_upstream`] is the OpenAI-compatible fake the tests and benchmarks use.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
@@ -14,6 +15,7 @@ pub mod observe;
 pub mod redis;
 pub mod report;
 pub mod routes;
+pub mod serve;
 pub mod stack;
 pub mod target;
 

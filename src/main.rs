@@ -168,7 +168,7 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
         }
         Command::BareProxy(args) => {
             let (config, _log) = load_for_serving(args)?;
-            let service = llmgate::stack::bare_service(&config)?;
+            let service = llmgate::serve::bare_service(&config)?;
             let listener = bind(config.server.listen).await?;
             tracing::info!(
                 "bare proxy hop (no layers) listening on http://{} → {}",
@@ -176,7 +176,7 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
                 config.default_target().base_url
             );
             let server = &config.server;
-            llmgate::stack::serve_on(server.engine, listener, service, shutdown_signal(), server.drain_timeout).await;
+            llmgate::serve::serve_on(server.engine, listener, service, shutdown_signal(), server.drain_timeout).await;
             Ok(())
         }
         Command::MockUpstream { port, host, delay_ms, chunks, chunk_delay_ms, rate_limit_every } => {

@@ -1,4 +1,6 @@
-//! The canonical stack, built once from the configuration.
+//! The canonical stack, built once from the configuration: the config's sections build their
+//! components ([`Parts`]), and one function, [`compose`], puts the whole request path together,
+//! readable in one place. Serving it is `serve.rs`'s.
 //!
 //! Outer → inner (the first layer listed sees the request first):
 //!
@@ -22,34 +24,34 @@ use http_body_util::Full;
 use llmgate_context_routing::ContextRoutingLayer;
 use llmgate_core::{
     BoxError, DecodeJsonLayer, EncodeJsonLayer, GatewayBody, GatewayError, RescueLayer,
+    catalog::Catalog,
     rescue::{CatchPanicBody, PanicHook},
 };
-use llmgate_credentials::{AuthLayer, ProjectLayer, UpstreamAuthLayer};
+use llmgate_credentials::{AuthLayer, AuthProvider, ProjectLayer, UpstreamAuthLayer};
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore};
-use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter};
+use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer};
 use llmgate_path_metadata::PathMetadataLayer;
-use tokio::net::TcpListener;
+use llmgate_rate_limit_fallback::RateLimitFallbackLayer;
 use tower::{Layer, ServiceBuilder, util::BoxCloneService};
 
 use crate::{
-    config::{Config, Engine},
+    config::Config,
     metrics::{Metrics, MetricsLayer, Sources, UpstreamMetricsLayer},
     observe::ChatObserveLayer,
     routes::{self, BoxStack, Routes},
-    target::ResolveTargetLayer,
+    target::{ResolveTargetLayer, Targets},
 };
-use llmgate_hyper::{HyperUpstream, http_client};
 
 /// The whole gateway as one infallible service.
 pub type GatewayService = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, Infallible>;
 
 /// A built gateway: its service and what it counts.
 pub struct Gateway {
-    service: GatewayService,
-    background: Arc<Background>,
+    pub(crate) service: GatewayService,
+    pub(crate) background: Arc<Background>,
     insertion_store: Arc<dyn InsertionStore>,
-    prometheus: Arc<Metrics>,
-    config: Arc<Config>,
+    pub(crate) prometheus: Arc<Metrics>,
+    pub(crate) config: Arc<Config>,
 }
 
 /// Work that goes on after responses: flushed on graceful shutdown.
@@ -73,33 +75,36 @@ impl Background {
     }
 }
 
-/// The configured engine's upstream.
-fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
-    let target = config.default_target().clone();
-    let timeout = config.server.request_timeout;
-    Ok(match config.server.engine {
-        Engine::Hyper => BoxCloneService::new(HyperUpstream::with_client(http_client(timeout), target, timeout)),
-        #[cfg(feature = "pingora")]
-        Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, timeout)),
-        #[cfg(not(feature = "pingora"))]
-        Engine::Pingora => return Err("engine pingora needs a build with the `pingora` feature".into()),
-    })
+/// What the config's sections build, before anything is composed.
+pub struct Parts {
+    catalog: Arc<Catalog>,
+    targets: Arc<Targets>,
+    upstream: BoxStack,
+    body_limit: usize,
+    project: ProjectLayer,
+    insertion: InsertionIdLayer,
+    insertion_store: Arc<dyn InsertionStore>,
+    /// The Langfuse layer and its exporter, when export is on.
+    langfuse: Option<(LangfuseLayer, LangfuseExporter)>,
+    /// The traces routes, when Langfuse is configured.
+    traces: Option<BoxStack>,
+    context: ContextRoutingLayer,
+    rate_limit: RateLimitFallbackLayer,
+    auth: Arc<dyn AuthProvider>,
+    metrics: Arc<Metrics>,
+    default_upstream: Arc<str>,
 }
 
-impl Gateway {
-    /// Builds the canonical stack for `config`.
-    pub async fn from_config(config: Config) -> Result<Self, BoxError> {
-        let config = Arc::new(config);
+impl Parts {
+    /// Builds every component from its config section.
+    pub fn build(config: &Config) -> Result<Self, BoxError> {
         if config.langfuse.host.is_none() {
             tracing::info!("Langfuse export is off: no LANGFUSE_HOST or langfuse.host configured");
         }
         if config.redis.url.is_none() {
             tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
         }
-        let upstream = upstream(&config)?;
         let catalog = Arc::new(config.models.catalog());
-        let targets = Arc::new(config.upstreams.targets(catalog.clone()));
-
         let projects = Arc::new(config.langfuse.projects()?);
         let mut project = ProjectLayer::new(projects.clone()).allowlist(config.encoded_base_url.allowlist());
         if let Some(host) = &config.langfuse.host {
@@ -107,82 +112,103 @@ impl Gateway {
         }
         let redis = config.redis.connect()?;
         let insertion_store = config.insertion_id.store(redis.as_ref());
-        let rate_store = config.rate_limit.store(redis.as_ref());
         let insertion = config.insertion_id.layer(insertion_store.clone());
-        let auth = config.auth.provider();
+        let rate_limit = config.rate_limit.layer(catalog.clone(), config.rate_limit.store(redis.as_ref()));
 
         // One pooled Langfuse client for export and reads.
         let langfuse_client = config
             .langfuse
             .host
             .as_ref()
-            .map(|_| LangfuseClient::new(http_client::<Full<Bytes>>(config.server.request_timeout)));
-        let traces: Option<BoxStack> =
-            langfuse_client.clone().and_then(|client| config.langfuse.reader(client)).map(|reader| {
-                let service =
-                    crate::routes::traces::TracesService::new(reader, projects.clone(), insertion_store.clone())
-                        .require_generation(config.langfuse.emit != Emit::Events);
-                BoxCloneService::new(service)
-            });
+            .map(|_| LangfuseClient::new(llmgate_hyper::http_client::<Full<Bytes>>(config.server.request_timeout)));
+        let traces = langfuse_client.clone().and_then(|client| config.langfuse.reader(client)).map(|reader| {
+            let service = routes::traces::TracesService::new(reader, projects, insertion_store.clone())
+                .require_generation(config.langfuse.emit != Emit::Events);
+            BoxStack::new(service)
+        });
         let langfuse = langfuse_client
             .and_then(|client| config.langfuse.exporter(client))
             .map(|exporter| (config.langfuse.layer(exporter.clone()), exporter));
+
         let context = ContextRoutingLayer::new(catalog.clone());
-        let rate_limit = config.rate_limit.layer(catalog.clone(), rate_store);
-        let stats = rate_limit.stats();
-        let prometheus = Arc::new(Metrics::new(
+        let metrics = Arc::new(Metrics::new(
             Sources {
                 insertion: Some(insertion.counters()),
                 langfuse: langfuse.as_ref().map(|(_, exporter)| exporter.clone()),
-                rate_limit: Some(stats.clone()),
+                rate_limit: Some(rate_limit.stats()),
                 context: Some(context.stats()),
             },
             catalog.clone(),
         ));
-        let upstream_metrics = UpstreamMetricsLayer::new(prometheus.clone(), config.upstreams.default.as_str().into());
+        Ok(Self {
+            targets: Arc::new(config.upstreams.targets(catalog.clone())),
+            catalog,
+            upstream: crate::serve::upstream(config)?,
+            body_limit: config.server.body_limit,
+            project,
+            insertion,
+            insertion_store,
+            langfuse,
+            traces,
+            context,
+            rate_limit,
+            auth: config.auth.provider(),
+            metrics,
+            default_upstream: config.upstreams.default.as_str().into(),
+        })
+    }
+}
 
-        let per_attempt = ServiceBuilder::new()
-            .layer(ResolveTargetLayer::new(targets))
-            .layer(UpstreamAuthLayer::new())
-            .option_layer(langfuse.as_ref().map(|_| LangfuseAttemptLayer::new().catalog(catalog.clone())))
+/// The request path, outer → inner, in one place (the diagram in the module doc).
+pub fn compose(parts: &Parts) -> GatewayService {
+    let Parts { catalog, targets, upstream, metrics, langfuse, .. } = parts;
+    let upstream_metrics = UpstreamMetricsLayer::new(metrics.clone(), parts.default_upstream.clone());
+
+    // Per upstream attempt, inside the routing layers.
+    let per_attempt = ServiceBuilder::new()
+        .layer(ResolveTargetLayer::new(targets.clone()))
+        .layer(UpstreamAuthLayer::new())
+        .option_layer(langfuse.as_ref().map(|_| LangfuseAttemptLayer::new().catalog(catalog.clone())))
+        .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
+        .layer(EncodeJsonLayer::new())
+        .layer(upstream_metrics.clone())
+        .service(upstream.clone());
+    let chat = BoxStack::new(
+        ServiceBuilder::new()
+            .layer(DecodeJsonLayer::new().limit(parts.body_limit))
+            .layer(parts.project.clone())
             .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-            .layer(EncodeJsonLayer::new())
-            .layer(upstream_metrics.clone())
-            .service(upstream.clone());
-        let chat: BoxStack = BoxCloneService::new(
-            ServiceBuilder::new()
-                .layer(DecodeJsonLayer::new().limit(config.server.body_limit))
-                .layer(project)
-                .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-                .layer(insertion.clone())
-                .option_layer(langfuse.as_ref().map(|(layer, _)| layer.clone()))
-                .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
-                .layer(ChatObserveLayer::new(prometheus.clone(), catalog.clone()))
-                .layer(context)
-                .layer(rate_limit)
-                .service(BoxCloneService::new(per_attempt)),
-        );
-        let catch_all: BoxStack = BoxCloneService::new(upstream_metrics.layer(upstream));
-        // Every branch but `/health` behind the gateway's auth (which also consumes the
-        // gateway's own key: it never reaches an upstream).
-        let guard = AuthLayer::new(auth);
-        let guarded = |branch: BoxStack| -> BoxStack { BoxCloneService::new(guard.layer(branch)) };
-        let registry = prometheus.clone();
-        let routes = Routes {
-            health: routes::answer(routes::health),
-            metrics: guarded(routes::answer(move || routes::metrics(&registry))),
-            stats: guarded(routes::answer(move || routes::stats(Some(&stats)))),
-            chat: guarded(chat),
-            traces: guarded(traces.unwrap_or_else(|| routes::answer(routes::traces_off))),
-            catch_all: guarded(catch_all),
-        };
+            .layer(parts.insertion.clone())
+            .option_layer(langfuse.as_ref().map(|(layer, _)| layer.clone()))
+            .map_response(|r: Response<_>| r.map(llmgate_core::body::boxed))
+            .layer(ChatObserveLayer::new(metrics.clone(), catalog.clone()))
+            .layer(parts.context.clone())
+            .layer(parts.rate_limit.clone())
+            .service(BoxCloneService::new(per_attempt)),
+    );
+    let catch_all = BoxStack::new(upstream_metrics.layer(upstream.clone()));
 
-        let body_panics: PanicHook = {
-            let prometheus = prometheus.clone();
-            Arc::new(move || prometheus.count_panic("body"))
-        };
-        let handler_panics = prometheus.clone();
-        let service = ServiceBuilder::new()
+    // Every branch but `/health` behind the gateway's auth (which also consumes the gateway's
+    // own key: it never reaches an upstream).
+    let guard = AuthLayer::new(parts.auth.clone());
+    let guarded = |branch: BoxStack| -> BoxStack { BoxCloneService::new(guard.layer(branch)) };
+    let (registry, stats) = (metrics.clone(), parts.rate_limit.stats());
+    let routes = Routes {
+        health: routes::answer(routes::health),
+        metrics: guarded(routes::answer(move || routes::metrics(&registry))),
+        stats: guarded(routes::answer(move || routes::stats(Some(&stats)))),
+        chat: guarded(chat),
+        traces: guarded(parts.traces.clone().unwrap_or_else(|| routes::answer(routes::traces_off))),
+        catch_all: guarded(catch_all),
+    };
+
+    let body_panics: PanicHook = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.count_panic("body"))
+    };
+    let handler_panics = metrics.clone();
+    GatewayService::new(
+        ServiceBuilder::new()
             .map_response(move |r: Response<_>| {
                 r.map(|body| llmgate_core::body::boxed(CatchPanicBody::new(body, body_panics.clone())))
             })
@@ -193,15 +219,26 @@ impl Gateway {
             }))
             .layer(RescueLayer::new())
             .layer(PathMetadataLayer::new())
-            .layer(MetricsLayer::new(prometheus.clone()))
-            .service(routes);
+            .layer(MetricsLayer::new(metrics.clone()))
+            .service(routes),
+    )
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// Builds the canonical stack for `config`.
+    pub async fn from_config(config: Config) -> Result<Self, BoxError> {
+        let parts = Parts::build(&config)?;
+        let service = compose(&parts);
+        let Parts { insertion, insertion_store, langfuse, metrics, .. } = parts;
         let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
-            service: BoxCloneService::new(service),
+            service,
             background: Arc::new(background),
             insertion_store,
-            prometheus,
-            config,
+            prometheus: metrics,
+            config: Arc::new(config),
         })
     }
 
@@ -223,60 +260,5 @@ impl Gateway {
     /// The configuration it runs with.
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for up to the
-    /// configured drain timeout, then flushes background work.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        let Gateway { service, background, config, prometheus, .. } = self;
-        let metrics_server = match config.server.metrics_listen {
-            Some(addr) => match llmgate_hyper::bind(addr).await {
-                Ok(listener) => Some(tokio::spawn(llmgate_hyper::serve(
-                    listener,
-                    crate::routes::metrics_only(prometheus),
-                    std::future::pending(),
-                    Duration::ZERO,
-                ))),
-                Err(error) => {
-                    tracing::error!(%addr, %error, "cannot listen for /metrics");
-                    None
-                }
-            },
-            None => None,
-        };
-        serve_on(config.server.engine, listener, service, shutdown, config.server.drain_timeout).await;
-        if let Some(metrics_server) = metrics_server {
-            metrics_server.abort();
-        }
-        background.flush(config.server.drain_timeout).await;
-    }
-}
-
-/// A bare proxy hop: the configured engine's upstream, no layers (a transport error becomes
-/// the same JSON error the gateway gives). The baseline of the end-to-end benchmark
-/// (`llmgate bare-proxy`, `scripts/bench.sh`).
-pub fn bare_service(config: &Config) -> Result<GatewayService, BoxError> {
-    Ok(BoxCloneService::new(RescueLayer::new().layer(upstream(config)?)))
-}
-
-/// Serves `service` on `listener` with `engine`'s host until `shutdown`, then drains for up to
-/// `drain`.
-pub async fn serve_on(
-    engine: Engine,
-    listener: TcpListener,
-    service: GatewayService,
-    shutdown: impl std::future::Future<Output = ()>,
-    drain: Duration,
-) {
-    match engine {
-        Engine::Hyper => llmgate_hyper::serve(listener, service, shutdown, drain).await,
-        #[cfg(feature = "pingora")]
-        Engine::Pingora => {
-            if let Err(error) = llmgate_pingora::serve_pingora(listener, service, shutdown, drain).await {
-                tracing::error!(%error, "the Pingora host failed");
-            }
-        }
-        #[cfg(not(feature = "pingora"))]
-        Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
     }
 }

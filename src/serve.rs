@@ -1,0 +1,87 @@
+//! Serving: the configured engine's two halves (its upstream, innermost in every stack, and its
+//! host), the separate metrics listener, and the drain and flush at shutdown.
+
+use std::time::Duration;
+
+use llmgate_core::{BoxError, RescueLayer};
+use llmgate_hyper::{HyperUpstream, http_client};
+use tokio::net::TcpListener;
+use tower::{Layer, util::BoxCloneService};
+
+use crate::{
+    config::{Config, Engine},
+    routes::BoxStack,
+    stack::{Gateway, GatewayService},
+};
+
+/// The configured engine's upstream.
+pub(crate) fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
+    let target = config.default_target().clone();
+    let timeout = config.server.request_timeout;
+    Ok(match config.server.engine {
+        Engine::Hyper => BoxCloneService::new(HyperUpstream::with_client(http_client(timeout), target, timeout)),
+        #[cfg(feature = "pingora")]
+        Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, timeout)),
+        #[cfg(not(feature = "pingora"))]
+        Engine::Pingora => return Err("engine pingora needs a build with the `pingora` feature".into()),
+    })
+}
+
+/// A bare proxy hop: the configured engine's upstream, no layers (a transport error becomes
+/// the same JSON error the gateway gives). The baseline of the end-to-end benchmark
+/// (`llmgate bare-proxy`, `scripts/bench.sh`).
+pub fn bare_service(config: &Config) -> Result<GatewayService, BoxError> {
+    Ok(BoxCloneService::new(RescueLayer::new().layer(upstream(config)?)))
+}
+
+/// Serves `service` on `listener` with `engine`'s host until `shutdown`, then drains for up to
+/// `drain`.
+pub async fn serve_on(
+    engine: Engine,
+    listener: TcpListener,
+    service: GatewayService,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    match engine {
+        Engine::Hyper => llmgate_hyper::serve(listener, service, shutdown, drain).await,
+        #[cfg(feature = "pingora")]
+        Engine::Pingora => {
+            if let Err(error) = llmgate_pingora::serve_pingora(listener, service, shutdown, drain).await {
+                tracing::error!(%error, "the Pingora host failed");
+            }
+        }
+        #[cfg(not(feature = "pingora"))]
+        Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
+    }
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for up to the
+    /// configured drain timeout, then flushes background work.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        let Gateway { service, background, config, prometheus, .. } = self;
+        let metrics_server = match config.server.metrics_listen {
+            Some(addr) => match llmgate_hyper::bind(addr).await {
+                Ok(listener) => Some(tokio::spawn(llmgate_hyper::serve(
+                    listener,
+                    crate::routes::metrics_only(prometheus),
+                    std::future::pending(),
+                    Duration::ZERO,
+                ))),
+                Err(error) => {
+                    tracing::error!(%addr, %error, "cannot listen for /metrics");
+                    None
+                }
+            },
+            None => None,
+        };
+        serve_on(config.server.engine, listener, service, shutdown, config.server.drain_timeout).await;
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
+        background.flush(config.server.drain_timeout).await;
+    }
+}
