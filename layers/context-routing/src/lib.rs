@@ -103,7 +103,7 @@ pub use layer::{
 /// The default catalogue file, as shipped.
 pub const DEFAULT_MODELS_YAML: &str = include_str!("../default_models.yaml");
 
-static DEFAULT_MODELS: LazyLock<Vec<ModelSpec>> = LazyLock::new(|| match serde_yaml::from_str(DEFAULT_MODELS_YAML) {
+static DEFAULT_MODELS: LazyLock<Vec<ModelSpec>> = LazyLock::new(|| match serde_saphyr::from_str(DEFAULT_MODELS_YAML) {
     Ok(models) => models,
     Err(error) => {
         // A test parses the shipped file, so this cannot happen in a released build.
