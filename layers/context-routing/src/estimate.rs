@@ -614,11 +614,12 @@ mod tests {
 
     /// Varied prose-like text of about `bytes` bytes (a fixed pseudo-random word order).
     fn prose(bytes: usize) -> String {
+        use rand::{Rng, SeedableRng};
         let words = ["the", "model", "routes", "a", "prompt", "to", "Übergröße", "where", "it", "fits,", "数据", "\n"];
-        let (mut text, mut state) = (String::with_capacity(bytes + 16), 7u64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut text = String::with_capacity(bytes + 16);
         while text.len() < bytes {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            text.push_str(words[(state >> 33) as usize % words.len()]);
+            text.push_str(words[rng.random_range(0..words.len())]);
             text.push(' ');
         }
         text
