@@ -56,10 +56,25 @@ impl Input {
     pub(crate) fn text(&self, limit: usize) -> String {
         match self {
             Self::None => String::new(),
-            Self::Shared(request) => messages_text(request.json(), limit),
+            Self::Shared(request) => {
+                raw_messages(request.raw()).unwrap_or_else(|| messages_text(request.json(), limit))
+            }
             Self::Bounded(text) => text.clone(),
         }
     }
+}
+
+/// The client's own `messages` text, sliced out of a body within the limit: a scan of the bytes,
+/// no copy of the parsed tree and no re-encoding (the bench's full stack spent its exporter's
+/// CPU there). `None` when the body has no `messages` to slice.
+fn raw_messages(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Messages<'a> {
+        #[serde(borrow)]
+        messages: Option<&'a serde_json::value::RawValue>,
+    }
+    let parsed: Messages<'_> = serde_json::from_slice(body).ok()?;
+    parsed.messages.map(|raw| raw.get().to_owned())
 }
 
 /// `messages` as a JSON array, its strings bounded to `limit` bytes in all.
@@ -157,6 +172,16 @@ mod tests {
             json!([{"role": "system", "content": format!("ab{}", marker(2, 6))},
                    {"role": "user", "content": marker(0, 4)}])
         );
+    }
+
+    #[test]
+    fn raw_messages_are_the_clients_own_text() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"a \"quoted\" \u00e9"}],"stream":true}"#;
+        let text = raw_messages(body).unwrap();
+        assert_eq!(text, r#"[{"role":"user","content":"a \"quoted\" \u00e9"}]"#);
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap()[0]["content"], "a \"quoted\" é");
+        assert_eq!(raw_messages(br#"{"model":"m"}"#), None);
+        assert_eq!(raw_messages(b"not json"), None);
     }
 
     #[test]
