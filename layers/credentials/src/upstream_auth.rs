@@ -259,6 +259,20 @@ mod tests {
         LlmRequest::new(Bytes::from_static(body.as_bytes()), serde_json::from_str(body).unwrap())
     }
 
+    /// A chat request with the client's `Authorization`, the parsed body and the attempt's target.
+    fn chat_request(target: Option<UpstreamTarget>, client_auth: Option<&str>, body: &'static str) -> Request<()> {
+        let mut builder = Request::post("/chat/completions");
+        if let Some(value) = client_auth {
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        let mut req = builder.body(()).unwrap();
+        req.extensions_mut().insert(llm(body));
+        if let Some(target) = target {
+            req.extensions_mut().insert(target);
+        }
+        req
+    }
+
     /// Runs the layer; returns (Authorization seen, body for the target's mode).
     async fn run(
         target: Option<UpstreamTarget>,
@@ -273,15 +287,7 @@ mod tests {
             let sent = encode(request, req.extensions().get::<BodyEdits>(), mode);
             Ok::<_, Infallible>(Response::new((auth, String::from_utf8(sent.to_vec()).unwrap())))
         }));
-        let mut builder = Request::post("/chat/completions");
-        if let Some(value) = client_auth {
-            builder = builder.header(header::AUTHORIZATION, value);
-        }
-        let mut req = builder.body(()).unwrap();
-        req.extensions_mut().insert(llm(body));
-        if let Some(target) = target {
-            req.extensions_mut().insert(target);
-        }
+        let mut req = chat_request(target, client_auth, body);
         if let Some(edits) = edits {
             req.extensions_mut().insert(edits);
         }
@@ -378,15 +384,7 @@ mod tests {
     ) -> Option<CredentialScope> {
         let svc = UpstreamAuthLayer::new()
             .layer(service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
-        let mut builder = Request::post("/chat/completions");
-        if let Some(value) = client_auth {
-            builder = builder.header(header::AUTHORIZATION, value);
-        }
-        let mut req = builder.body(()).unwrap();
-        req.extensions_mut().insert(llm(body));
-        if let Some(target) = target {
-            req.extensions_mut().insert(target);
-        }
+        let mut req = chat_request(target, client_auth, body);
         if let Some(url) = base_url {
             let url = BaseUrlOverride(url.into());
             let scope = client_scope(req.headers(), Some(&url)).unwrap();
