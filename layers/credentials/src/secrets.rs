@@ -9,8 +9,13 @@
 //! default_project_id: project_1_id
 //! ```
 //!
-//! Error messages name keys and projects, never key values: the YAML is walked by hand
-//! rather than deserialised, because serde's type errors quote the offending value.
+//! Error messages name keys and projects, never key values: the YAML is read into an untyped
+//! tree (`serde-saphyr`, which refuses duplicate keys and is told to show no source snippet) and
+//! walked by hand rather than deserialised into a typed struct, because serde's type errors quote
+//! the offending value.
+//!
+//! Project ids are YAML scalars read as text: `12345:` and `"12345":` name the same project, as
+//! they do in a `/project_id/12345/…` path.
 
 use std::{
     collections::HashMap,
@@ -23,7 +28,7 @@ use llmgate_core::{
     GatewayError,
     ext::{LangfuseKeys, Project, Secret},
 };
-use serde_yaml::{Mapping, Value};
+use serde_json::Value;
 
 // === SecretsError ===
 
@@ -124,16 +129,17 @@ impl Secrets {
 
     fn parse(yaml: &str, path: &Path) -> Result<Self, SecretsError> {
         let invalid = |message: String| SecretsError::InvalidFormat { path: path.to_owned(), message };
-        let root: Value = serde_yaml::from_str(yaml).map_err(|error| invalid(syntax_message(&error)))?;
+        let root: Value =
+            serde_saphyr::from_str_with_options(yaml, options()).map_err(|error| invalid(syntax_message(&error)))?;
         let root = match &root {
-            Value::Mapping(map) => map,
+            Value::Object(map) => map,
             Value::Null => {
                 return Err(SecretsError::MissingKey { key: "langfuse_keys".into() });
             }
             _ => return Err(invalid("the document must be a mapping".into())),
         };
-        let keys = match get(root, "langfuse_keys") {
-            Some(Value::Mapping(keys)) => keys,
+        let keys = match root.get("langfuse_keys") {
+            Some(Value::Object(keys)) => keys,
             Some(_) => {
                 return Err(invalid("'langfuse_keys' must be a mapping of project ids".into()));
             }
@@ -141,22 +147,20 @@ impl Secrets {
                 return Err(SecretsError::MissingKey { key: "langfuse_keys".into() });
             }
         };
-        let default_project_id: Arc<str> = match get(root, "default_project_id") {
+        let default_project_id: Arc<str> = match root.get("default_project_id") {
             Some(Value::String(id)) => id.as_str().into(),
-            Some(_) => return Err(invalid("'default_project_id' must be a string".into())),
+            Some(Value::Number(id)) => id.to_string().into(),
+            Some(_) => return Err(invalid("'default_project_id' must be a project id".into())),
             None => {
                 return Err(SecretsError::MissingKey { key: "default_project_id".into() });
             }
         };
         let mut projects = Vec::with_capacity(keys.len());
         for (id, entry) in keys {
-            let Value::String(id) = id else {
-                return Err(invalid("the project ids under 'langfuse_keys' must be strings".into()));
-            };
-            let Value::Mapping(entry) = entry else {
+            let Value::Object(entry) = entry else {
                 return Err(invalid(format!("'langfuse_keys.{id}' must be a mapping with public_key and secret_key")));
             };
-            let field = |name: &str| match get(entry, name) {
+            let field = |name: &str| match entry.get(name) {
                 Some(Value::String(value)) if !value.is_empty() => Ok(value.as_str()),
                 Some(_) => Err(invalid(format!("'langfuse_keys.{id}.{name}' must be a non-empty string"))),
                 None => Err(SecretsError::MissingKey { key: format!("langfuse_keys.{id}.{name}") }),
@@ -194,18 +198,19 @@ impl fmt::Debug for Secrets {
     }
 }
 
-fn get<'a>(map: &'a Mapping, key: &str) -> Option<&'a Value> {
-    map.get(Value::String(key.to_owned()))
+/// Duplicate keys refused; no source snippet in messages (it could show a key).
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! { with_snippet: false }
 }
 
-/// A YAML syntax error without any quoted input: the location and the scanner's complaint.
-fn syntax_message(error: &serde_yaml::Error) -> String {
-    // serde_yaml's syntax errors describe the grammar problem and its position; they do not
-    // quote the input. Keep only the text before any quote to be safe.
+/// A YAML syntax error without any quoted input: the location and the parser's complaint.
+fn syntax_message(error: &serde_saphyr::Error) -> String {
+    // The parser's messages describe the grammar problem; keep only the text before any quote,
+    // so that no fragment of the input can reach a log.
     let text = error.to_string();
     let safe = text.split(['"', '\'', '`']).next().unwrap_or_default().trim_end();
     match error.location() {
-        Some(at) if !safe.contains(" at line ") => {
+        Some(at) if at.line() > 0 && !safe.contains(" line ") => {
             format!("{safe} at line {} column {}", at.line(), at.column())
         }
         _ => safe.to_owned(),
@@ -400,13 +405,22 @@ mod tests {
             "langfuse_keys: {p1: {public_key: pk, secret_key: [sk-lf-SECRET]}}\ndefault_project_id: p1\n",
             "langfuse_keys: {p1: {public_key: pk, secret_key: ''}}\ndefault_project_id: p1\n",
             "langfuse_keys: {p1: {public_key: pk, secret_key: sk}}\ndefault_project_id: [p1]\n",
-            "langfuse_keys: {1: {public_key: pk, secret_key: sk-lf-SECRET}}\ndefault_project_id: p1\n",
+            "langfuse_keys: {p1: {public_key: pk, secret_key: 12345}}\ndefault_project_id: p1\n",
+            "langfuse_keys: {p1: {public_key: pk, secret_key: sk-lf-SECRET}, p1: {public_key: pk, secret_key: sk-lf-SECRET}}\ndefault_project_id: p1\n",
         ] {
             let error = Secrets::from_yaml_str(yaml).unwrap_err();
             assert!(matches!(error, SecretsError::InvalidFormat { .. }), "{yaml}: {error}");
             assert!(!error.to_string().contains("SECRET"), "{error}");
             assert!(!format!("{error:?}").contains("SECRET"), "{error:?}");
         }
+    }
+
+    #[test]
+    fn numeric_project_ids_are_text() {
+        let yaml = "langfuse_keys:\n  12345: {public_key: pk, secret_key: sk}\n  \"007\": {public_key: pk, secret_key: sk}\ndefault_project_id: 12345\n";
+        let projects = Projects::from(Secrets::from_yaml_str(yaml).unwrap());
+        assert_eq!(projects.default_project().map(|p| &*p.id), Some("12345"));
+        assert!(projects.get("007").is_some());
     }
 
     #[test]
