@@ -52,6 +52,10 @@ pub enum RouteKind {
     Traces,
     /// `…/traces/pointwise`.
     TracesPointwise,
+    /// `…/logs`: a rollout's log entries (`POST` writes one, `GET` searches them).
+    Logs,
+    /// `…/status`: a rollout's newest status.
+    Status,
 }
 
 /// The five ids of an Eval Protocol rollout route.

@@ -159,16 +159,24 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let raw = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if crate::rescue::caused_by::<http_body_util::LengthLimitError>(&error) => {
-            return Err(GatewayError::PayloadTooLarge { limit: Some(limit) });
-        }
-        Err(error) => {
-            return Err(GatewayError::bad_request(format!("Could not read the request body: {error}")));
-        }
-    };
+    let raw = read_body(body, limit).await?;
     Ok((raw.clone(), parse_chat_body(&raw)?))
+}
+
+/// Reads a whole request body: 413 past `limit` (nothing more is read), 400 when the body
+/// breaks.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if crate::rescue::caused_by::<http_body_util::LengthLimitError>(&error) => {
+            Err(GatewayError::PayloadTooLarge { limit: Some(limit) })
+        }
+        Err(error) => Err(GatewayError::bad_request(format!("Could not read the request body: {error}"))),
+    }
 }
 
 /// Parses a chat body into a JSON object and checks the fields every layer relies on.

@@ -87,10 +87,14 @@ const ROLLOUT: Part = Opt(&[
 /// | chat | `[/v1][/project_id/{p}][/rollout_id/{r}/invocation_id/{i}/experiment_id/{e}/run_id/{u}/row_id/{w}[/encoded_base_url/{b}]]/chat/completions` |
 /// | traces | `[/v1][/project_id/{p}]/traces` |
 /// | pointwise | `[/v1][/project_id/{p}]/traces/pointwise` |
+/// | logs | `[/v1][/project_id/{p}]/logs` |
+/// | status | `[/v1][/project_id/{p}]/status` |
 const ROUTES: &[Route] = &[
     Route { kind: RouteKind::ChatCompletions, pattern: &[V1, PROJECT, ROLLOUT, Lit("chat"), Lit("completions")] },
     Route { kind: RouteKind::Traces, pattern: &[V1, PROJECT, Lit("traces")] },
     Route { kind: RouteKind::TracesPointwise, pattern: &[V1, PROJECT, Lit("traces"), Lit("pointwise")] },
+    Route { kind: RouteKind::Logs, pattern: &[V1, PROJECT, Lit("logs")] },
+    Route { kind: RouteKind::Status, pattern: &[V1, PROJECT, Lit("status")] },
 ];
 
 /// The most segments any route has: `v1`, project (2), ids (10), base URL (2), `chat/completions`.
@@ -288,7 +292,8 @@ fn hex(b: u8) -> Option<u8> {
 /// (e.g. in an axum `map_request`).
 ///
 /// If the request has no [`RouteMeta`] yet and its path is a route: checks the method (chat
-/// routes take `POST`, trace routes `GET`; otherwise `MethodNotAllowed`), inserts the
+/// routes take `POST`, trace and status routes `GET`, log routes `GET` or `POST`; otherwise
+/// `MethodNotAllowed`), inserts the
 /// [`RouteMeta`] and, for chat routes, rewrites the URI path to `/chat/completions` keeping
 /// the query string. Anything else is left untouched. A request that already carries a
 /// [`RouteMeta`] is left untouched too, so applying it twice is harmless.
@@ -306,9 +311,14 @@ pub fn apply<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
             }
             *req.uri_mut() = rewrite_to_chat(req.uri())?;
         }
-        RouteKind::Traces | RouteKind::TracesPointwise => {
+        RouteKind::Traces | RouteKind::TracesPointwise | RouteKind::Status => {
             if req.method() != Method::GET {
                 return Err(GatewayError::MethodNotAllowed { allow: "GET" });
+            }
+        }
+        RouteKind::Logs => {
+            if req.method() != Method::GET && req.method() != Method::POST {
+                return Err(GatewayError::MethodNotAllowed { allow: "GET, POST" });
             }
         }
     }
@@ -391,17 +401,21 @@ mod tests {
     }
 
     #[test]
-    fn every_traces_spelling() {
+    fn every_traces_logs_and_status_spelling() {
         for v1 in ["", "/v1"] {
             for project in [None, Some("p1")] {
                 let prefix = format!("{v1}{}", project.map(|p| format!("/project_id/{p}")).unwrap_or_default());
-                let meta = ok(&format!("{prefix}/traces"));
-                assert_eq!(meta.kind, RouteKind::Traces);
-                assert_eq!(meta.project.as_deref(), project);
-                assert_eq!(meta.rollout, None);
-                let meta = ok(&format!("{prefix}/traces/pointwise"));
-                assert_eq!(meta.kind, RouteKind::TracesPointwise);
-                assert_eq!(meta.project.as_deref(), project);
+                for (suffix, kind) in [
+                    ("traces", RouteKind::Traces),
+                    ("traces/pointwise", RouteKind::TracesPointwise),
+                    ("logs", RouteKind::Logs),
+                    ("status", RouteKind::Status),
+                ] {
+                    let meta = ok(&format!("{prefix}/{suffix}"));
+                    assert_eq!(meta.kind, kind);
+                    assert_eq!(meta.project.as_deref(), project);
+                    assert_eq!(meta.rollout, None);
+                }
             }
         }
     }
@@ -540,6 +554,16 @@ mod tests {
         assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
         let mut req = Request::head("/v1/traces/pointwise").body(()).unwrap_or_default();
         assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
+        let mut req = Request::post("/status").body(()).unwrap_or_default();
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
+        let mut req = Request::delete("/v1/logs").body(()).unwrap_or_default();
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET, POST" }));
+        for mut req in [Request::get("/logs"), Request::post("/project_id/p/logs"), Request::get("/v1/status")]
+            .map(|r| r.body(()).unwrap_or_default())
+        {
+            apply(&mut req).unwrap();
+            assert!(req.extensions().get::<RouteMeta>().is_some());
+        }
 
         // Trace routes keep their path.
         let mut req = Request::get("/v1/traces?tags=rollout_id:r").body(()).unwrap_or_default();

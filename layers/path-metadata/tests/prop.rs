@@ -36,7 +36,13 @@ struct Route {
 fn route() -> impl Strategy<Value = Route> {
     let ids = prop::option::of([value(), value(), value(), value(), value()]);
     let base = prop::option::of("[A-Za-z0-9_=-]{1,60}");
-    let kind = prop_oneof![Just(RouteKind::ChatCompletions), Just(RouteKind::Traces), Just(RouteKind::TracesPointwise)];
+    let kind = prop_oneof![
+        Just(RouteKind::ChatCompletions),
+        Just(RouteKind::Traces),
+        Just(RouteKind::TracesPointwise),
+        Just(RouteKind::Logs),
+        Just(RouteKind::Status),
+    ];
     (any::<bool>(), prop::option::of(value()), ids, base, kind, any::<bool>()).prop_map(
         |(v1, project, ids, base, kind, encode_all)| {
             // Trace routes have no ids; the base URL needs the ids.
@@ -68,6 +74,8 @@ impl Route {
             RouteKind::ChatCompletions => "/chat/completions",
             RouteKind::Traces => "/traces",
             RouteKind::TracesPointwise => "/traces/pointwise",
+            RouteKind::Logs => "/logs",
+            RouteKind::Status => "/status",
         });
         path
     }
