@@ -9,7 +9,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll},
 };
 
@@ -23,6 +26,7 @@ use llmgate_core::{
 use llmgate_insertion_id::Counters as InsertionCounters;
 use llmgate_langfuse::LangfuseExporter;
 use llmgate_rate_limit_fallback::Stats;
+use llmgate_rollout_logs::{Counters as RolloutLogCounters, PollOutcome};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -136,6 +140,8 @@ pub struct Sources {
     pub rate_limit: Option<Arc<Stats>>,
     /// Context estimates.
     pub context: Option<Arc<ContextRoutingStats>>,
+    /// Rollout logs and status polls.
+    pub rollout_logs: Option<Arc<RolloutLogCounters>>,
 }
 
 /// Every metric the gateway exports.
@@ -167,6 +173,8 @@ pub struct Metrics {
     cooldowns_active: Gauge,
     redis_errors: Counter,
     context_estimates: Family<OutcomeLabels, Counter>,
+    rollout_log_entries: Family<OutcomeLabels, Counter>,
+    rollout_status_polls: Family<OutcomeLabels, Counter>,
     panics: Family<PanicLabels, Counter>,
     sources: Sources,
     catalog: Arc<Catalog>,
@@ -196,6 +204,8 @@ impl Metrics {
             cooldowns_active: Gauge::default(),
             redis_errors: Counter::default(),
             context_estimates: Family::default(),
+            rollout_log_entries: Family::default(),
+            rollout_status_polls: Family::default(),
             panics: Family::default(),
             sources,
             catalog,
@@ -240,6 +250,16 @@ impl Metrics {
         registry.register("cooldowns_active", "Models cooling down after a 429", m.cooldowns_active.clone());
         registry.register("redis_errors", "Rate-limit store errors", m.redis_errors.clone());
         registry.register("context_estimates", "Context estimates by path", m.context_estimates.clone());
+        registry.register(
+            "rollout_log_entries",
+            "Rollout log entries by outcome (written, rejected, evicted, failed)",
+            m.rollout_log_entries.clone(),
+        );
+        registry.register(
+            "rollout_status_polls",
+            "Rollout status polls by outcome (none, running, ended, failed)",
+            m.rollout_status_polls.clone(),
+        );
         registry.register("panics", "Panics caught, by place (handler or response body)", m.panics.clone());
         Self { registry, ..m }
     }
@@ -303,6 +323,16 @@ impl Metrics {
             outcome(&self.context_estimates, "fast_path", s.fast_path);
             outcome(&self.context_estimates, "tokenized", s.tokenized);
         }
+        if let Some(c) = &self.sources.rollout_logs {
+            let entries =
+                [("written", &c.written), ("rejected", &c.rejected), ("evicted", &c.evicted), ("failed", &c.failed)];
+            for (label, count) in entries {
+                outcome(&self.rollout_log_entries, label, count.load(Relaxed));
+            }
+            for (poll, count) in PollOutcome::ALL.iter().zip(&c.polls) {
+                outcome(&self.rollout_status_polls, poll.label(), count.load(Relaxed));
+            }
+        }
     }
 }
 
@@ -312,6 +342,8 @@ fn route_label<B>(req: &Request<B>) -> &'static str {
         Some(RouteKind::ChatCompletions) => "chat",
         Some(RouteKind::Traces) => "traces",
         Some(RouteKind::TracesPointwise) => "traces_pointwise",
+        Some(RouteKind::Logs) => "logs",
+        Some(RouteKind::Status) => "status",
         None if req.method() == Method::GET => match req.uri().path() {
             "/health" => "health",
             "/metrics" => "metrics",

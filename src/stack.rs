@@ -13,6 +13,7 @@
 //!   │             → [per attempt] ResolveTarget → UpstreamAuth → [LangfuseAttempt] → EncodeJson
 //!   │             → UpstreamMetrics → Upstream (llmgate-hyper or llmgate-pingora)
 //!   ├─ traces:    Auth → TracesService (Langfuse read back end; 404 without Langfuse)
+//!   ├─ logs, status: Auth → RolloutLogService (rollout logs and status, memory or Redis)
 //!   └─ catch-all: Auth → UpstreamMetrics → Upstream (body streamed, nothing injected)
 //! ```
 
@@ -32,7 +33,8 @@ use llmgate_insertion_id::{InsertionIdLayer, InsertionStore};
 use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer};
 use llmgate_path_metadata::PathMetadataLayer;
 use llmgate_rate_limit_fallback::RateLimitFallbackLayer;
-use tower::{Layer, ServiceBuilder, util::BoxCloneService};
+use llmgate_rollout_logs::RolloutLogService;
+use tower::{Layer, ServiceBuilder, ServiceExt, util::BoxCloneService};
 
 use crate::{
     config::Config,
@@ -88,6 +90,8 @@ pub struct Parts {
     langfuse: Option<(LangfuseLayer, LangfuseExporter)>,
     /// The traces routes, when Langfuse is configured.
     traces: Option<BoxStack>,
+    /// The rollout log and status routes.
+    rollout_logs: RolloutLogService,
     context: ContextRoutingLayer,
     rate_limit: RateLimitFallbackLayer,
     auth: Arc<dyn AuthProvider>,
@@ -114,6 +118,11 @@ impl Parts {
         let insertion_store = config.insertion_id.store(redis.as_ref());
         let insertion = config.insertion_id.layer(insertion_store.clone());
         let rate_limit = config.rate_limit.layer(catalog.clone(), config.rate_limit.store(redis.as_ref()));
+        let rollout_logs = config.rollout_logs.service(
+            config.rollout_logs.store(redis.as_ref()),
+            config.server.body_limit,
+            projects.default_project().map(|p| &*p.id),
+        );
 
         // One pooled Langfuse client for export and reads.
         let langfuse_client = config
@@ -137,6 +146,7 @@ impl Parts {
                 langfuse: langfuse.as_ref().map(|(_, exporter)| exporter.clone()),
                 rate_limit: Some(rate_limit.stats()),
                 context: Some(context.stats()),
+                rollout_logs: Some(rollout_logs.counters()),
             },
             catalog.clone(),
         ));
@@ -150,6 +160,7 @@ impl Parts {
             insertion_store,
             langfuse,
             traces,
+            rollout_logs,
             context,
             rate_limit,
             auth: config.auth.provider(),
@@ -199,6 +210,7 @@ pub fn compose(parts: &Parts) -> GatewayService {
         stats: guarded(routes::answer(move || routes::stats(Some(&stats)))),
         chat: guarded(chat),
         traces: guarded(parts.traces.clone().unwrap_or_else(|| routes::answer(routes::traces_off))),
+        rollout_logs: guarded(BoxStack::new(parts.rollout_logs.clone().map_err(|never| match never {}))),
         catch_all: guarded(catch_all),
     };
 

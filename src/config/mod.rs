@@ -49,8 +49,8 @@ use serde::Deserialize;
 
 pub use sections::{
     AuthSettings, EncodedBaseUrlSettings, Engine, ExportSettings, InsertionIdSettings, LangfuseApi, LangfuseSettings,
-    LogSettings, ModelOrigin, ModelSettings, RateLimitSettings, RedisSettings, ServerSettings, TraceSettings,
-    UpstreamSettings,
+    LogSettings, ModelOrigin, ModelSettings, RateLimitSettings, RedisSettings, RolloutLogSettings, ServerSettings,
+    TraceSettings, UpstreamSettings,
 };
 use source::Source;
 
@@ -90,6 +90,7 @@ struct FileConfig {
     auth: Option<AuthFile>,
     rate_limit: Option<RateLimitFile>,
     insertion_id: Option<InsertionIdFile>,
+    rollout_logs: Option<RolloutLogsFile>,
     metrics: Option<MetricsFile>,
 }
 
@@ -160,6 +161,15 @@ struct InsertionIdFile {
     record_timeout_ms: Option<u64>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutLogsFile {
+    prefix: Option<String>,
+    ttl_secs: Option<u64>,
+    max_entries: Option<usize>,
+    max_entry_bytes: Option<usize>,
+}
+
 // === The resolved configuration ===
 
 /// The configuration the gateway runs with, by section.
@@ -179,6 +189,8 @@ pub struct Config {
     pub rate_limit: RateLimitSettings,
     /// Insertion ids.
     pub insertion_id: InsertionIdSettings,
+    /// Rollout logs and status (`/logs`, `/status`).
+    pub rollout_logs: RolloutLogSettings,
     /// The gateway's own API keys.
     pub auth: AuthSettings,
     /// The `encoded_base_url` allowlist.
@@ -216,14 +228,17 @@ impl Config {
     fn resolve(file: FileConfig, src: &Source<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let upstreams = upstreams(file.upstreams.as_ref(), file.default_upstream.as_deref(), src, &env)?;
+        let server = server(&file, src, &env)?;
+        let insertion_id = insertion_id(file.insertion_id);
         Ok(Config {
-            server: server(&file, src, &env)?,
+            server,
             models: models(file.models, &upstreams, src)?,
             upstreams,
             redis: RedisSettings { url: redis_url(file.redis, &env).map(Secret::new) },
             langfuse: langfuse(file.langfuse, &env),
             rate_limit: rate_limit(file.rate_limit, src)?,
-            insertion_id: insertion_id(file.insertion_id),
+            rollout_logs: rollout_logs(file.rollout_logs, &insertion_id, src)?,
+            insertion_id,
             auth: AuthSettings {
                 api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
             },
@@ -275,6 +290,11 @@ impl Config {
         ));
         line(format!("encoded_base_url allowlist: {:?}", self.encoded_base_url.allow));
         line(format!("rate_limit.max_wait_seconds: {}", self.rate_limit.max_wait.as_secs_f64()));
+        let logs = &self.rollout_logs;
+        line(format!(
+            "rollout_logs: {} entries per rollout, {} bytes per entry, ttl {:?}",
+            logs.max_entries, logs.max_entry_bytes, logs.ttl
+        ));
         out
     }
 
@@ -558,6 +578,29 @@ fn insertion_id(file: Option<InsertionIdFile>) -> InsertionIdSettings {
         ttl: file.ttl_secs.map(Duration::from_secs).unwrap_or(default.ttl),
         record_timeout: file.record_timeout_ms.map(Duration::from_millis).unwrap_or(default.record_timeout),
     }
+}
+
+/// `rollout_logs`; the TTL follows `insertion_id.ttl_secs` unless set.
+fn rollout_logs(
+    file: Option<RolloutLogsFile>,
+    insertion_id: &InsertionIdSettings,
+    src: &Source<'_>,
+) -> Result<RolloutLogSettings, ConfigError> {
+    let default = RolloutLogSettings { ttl: insertion_id.ttl, ..RolloutLogSettings::default() };
+    let Some(file) = file else {
+        return Ok(default);
+    };
+    let positive = |key: &str, value: Option<usize>, default: usize| match value {
+        Some(0) => Err(src.error(&format!("rollout_logs.{key}"), "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(RolloutLogSettings {
+        prefix: file.prefix.unwrap_or(default.prefix),
+        ttl: file.ttl_secs.map(Duration::from_secs).unwrap_or(default.ttl),
+        max_entries: positive("max_entries", file.max_entries, default.max_entries)?,
+        max_entry_bytes: positive("max_entry_bytes", file.max_entry_bytes, default.max_entry_bytes)?,
+    })
 }
 
 fn bracket(host: &str) -> String {

@@ -14,6 +14,10 @@ use llmgate_langfuse::{
     Emit, ExporterConfig, LangfuseClient, LangfuseExporter, LangfuseLayer, LangfuseReader, V3Reader, V4Reader,
 };
 use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
+use llmgate_rollout_logs::{
+    DEFAULT_MAX_ENTRIES, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_PREFIX, LogStore, MemoryLogStore, RedisLogStore,
+    RolloutLogService,
+};
 use serde::Deserialize;
 
 use crate::{redis::RedisConnection, target::Targets};
@@ -186,6 +190,61 @@ impl InsertionIdSettings {
     /// The insertion-id layer over `store`.
     pub fn layer(&self, store: Arc<dyn InsertionStore>) -> InsertionIdLayer {
         InsertionIdLayer::new(store).record_timeout(self.record_timeout)
+    }
+}
+
+/// Rollout logs and status (`rollout_logs`).
+#[derive(Clone, Debug)]
+pub struct RolloutLogSettings {
+    /// The key prefix in Redis.
+    pub prefix: String,
+    /// How long a rollout's log lives after its last write (default: `insertion_id.ttl_secs`).
+    pub ttl: Duration,
+    /// Entries kept per rollout (the oldest go first; the latest status stays).
+    pub max_entries: usize,
+    /// The bound on one stored entry (400 past it).
+    pub max_entry_bytes: usize,
+}
+
+impl Default for RolloutLogSettings {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.into(),
+            ttl: Duration::from_secs(86_400),
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+        }
+    }
+}
+
+impl RolloutLogSettings {
+    /// The log store: in Redis over `redis` (shared by the replicas), else in memory.
+    pub fn store(&self, redis: Option<&RedisConnection>) -> Arc<dyn LogStore> {
+        let (prefix, ttl, max_entries) = (self.prefix.as_str(), self.ttl, self.max_entries);
+        match redis {
+            None => Arc::new(MemoryLogStore::new().ttl(ttl).max_entries(max_entries)),
+            Some(RedisConnection::Single(conn)) => {
+                Arc::new(RedisLogStore::new(conn.clone()).prefix(prefix).ttl(ttl).max_entries(max_entries))
+            }
+            Some(RedisConnection::Cluster(conn)) => {
+                Arc::new(RedisLogStore::new(conn.clone()).prefix(prefix).ttl(ttl).max_entries(max_entries))
+            }
+        }
+    }
+
+    /// The `/logs` and `/status` service over `store`: request bodies up to `body_limit`, and
+    /// requests without a project in their path in the scope of `default_project`.
+    pub fn service(
+        &self,
+        store: Arc<dyn LogStore>,
+        body_limit: usize,
+        default_project: Option<&str>,
+    ) -> RolloutLogService {
+        let service = RolloutLogService::new(store).max_entry_bytes(self.max_entry_bytes).body_limit(body_limit);
+        match default_project {
+            Some(project) => service.default_scope(project),
+            None => service,
+        }
     }
 }
 

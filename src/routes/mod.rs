@@ -1,5 +1,5 @@
 //! The reference proxy's routes, classified in one place ([`Route::of`]) and dispatched by one
-//! service ([`Routes`]): `/health`, `/metrics`, `/stats`, the chat and traces routes (which the
+//! service ([`Routes`]): `/health`, `/metrics`, `/stats`, the chat, traces, logs and status routes (which the
 //! path-metadata layer recognised and described in [`RouteMeta`]) and the catch-all, which
 //! forwards anything else unchanged. Authentication is applied per branch where the routes are
 //! composed (`stack.rs`): every branch but `/health` is guarded.
@@ -41,6 +41,8 @@ pub enum Route {
     Chat,
     /// `…/traces` and `…/traces/pointwise`.
     Traces,
+    /// `…/logs` and `…/status`.
+    RolloutLogs,
     /// Anything else: forwarded unchanged.
     CatchAll,
 }
@@ -52,6 +54,7 @@ impl Route {
         match req.extensions().get::<RouteMeta>().map(|m| m.kind) {
             Some(RouteKind::ChatCompletions) => Route::Chat,
             Some(RouteKind::Traces | RouteKind::TracesPointwise) => Route::Traces,
+            Some(RouteKind::Logs | RouteKind::Status) => Route::RolloutLogs,
             None if req.method() != Method::GET => Route::CatchAll,
             None => match req.uri().path() {
                 "/health" => Route::Health,
@@ -76,6 +79,8 @@ pub struct Routes {
     pub chat: BoxStack,
     /// `/traces` and `/traces/pointwise`.
     pub traces: BoxStack,
+    /// `/logs` and `/status`.
+    pub rollout_logs: BoxStack,
     /// Everything else.
     pub catch_all: BoxStack,
 }
@@ -98,6 +103,7 @@ impl Service<Request<GatewayBody>> for Routes {
             Route::Stats => &self.stats,
             Route::Chat => &self.chat,
             Route::Traces => &self.traces,
+            Route::RolloutLogs => &self.rollout_logs,
             Route::CatchAll => &self.catch_all,
         };
         Box::pin(branch.clone().oneshot(req))

@@ -339,12 +339,15 @@ class GatewayFactory:
         models: Optional[list] = None,
         allow_base_urls: tuple = (),
         extra_config: Optional[dict] = None,
+        redis_url: Optional[str] = None,
     ) -> Gateway:
         """`openai` mode: `UPSTREAM_URL` at the mock. `litellm` mode: `LITELLM_URL` at the LiteLLM
         proxy; with `litellm_key` the upstream's `api_key_env` puts LiteLLM's master key in
-        `Authorization` (else the client's own key is forwarded, as in the original gateway)."""
+        `Authorization` (else the client's own key is forwarded, as in the original gateway).
+        `redis_url` shares another gateway's Redis database (replicas); by default each gateway
+        gets one of its own."""
         config: dict = {"langfuse": {"export": {"batch_delay_ms": 200}}}
-        redis_url = self.redis.fresh_db_url()
+        redis_url = redis_url or self.redis.fresh_db_url()
         env = {
             "HOST": "127.0.0.1",
             "PORT": "0",

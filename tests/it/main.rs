@@ -13,6 +13,7 @@ mod metrics;
 mod operations;
 mod proxy;
 mod report;
+mod rollout_logs;
 mod routing;
 mod secrets;
 mod support;

@@ -70,4 +70,4 @@ pub mod store;
 
 pub use redis_store::{DEFAULT_PREFIX, RedisLogStore};
 pub use service::{Counters, DEFAULT_BODY_LIMIT, DEFAULT_MAX_ENTRY_BYTES, PollOutcome, RolloutLogService};
-pub use store::{LogStore, MemoryLogStore, RolloutKey, RolloutLog};
+pub use store::{DEFAULT_MAX_ENTRIES, DEFAULT_TTL, LogStore, MemoryLogStore, RolloutKey, RolloutLog};
