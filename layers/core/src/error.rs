@@ -57,6 +57,9 @@ pub enum GatewayError {
     UpstreamUnavailable(String),
     /// The upstream did not answer in time (the timeout, where known).
     UpstreamTimeout(Option<Duration>),
+    /// A service the gateway needs (e.g. an external authentication service) cannot answer
+    /// now; the request is refused rather than let through.
+    ServiceUnavailable(String),
     /// A layer that needs a request extension did not find it (a stack assembled wrongly).
     MissingContext(&'static str),
     /// Anything else; the message is safe to show.
@@ -84,6 +87,7 @@ impl GatewayError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MissingContext(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,7 +99,7 @@ impl GatewayError {
             Self::Forbidden(_) => "permission_error",
             Self::RateLimited { .. } => "rate_limit_error",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) => "upstream_error",
-            Self::MissingContext(_) | Self::Internal(_) => "server_error",
+            Self::ServiceUnavailable(_) | Self::MissingContext(_) | Self::Internal(_) => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -114,6 +118,7 @@ impl GatewayError {
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::ServiceUnavailable(_) => "service_unavailable",
             Self::MissingContext(_) | Self::Internal(_) => "internal_error",
         }
     }
@@ -162,6 +167,7 @@ impl fmt::Display for GatewayError {
             | Self::Unauthorized(m)
             | Self::Forbidden(m)
             | Self::NotFound(m)
+            | Self::ServiceUnavailable(m)
             | Self::Internal(m) => f.write_str(m),
             Self::PayloadTooLarge { limit: Some(limit) } => {
                 write!(f, "Request body is larger than the limit of {limit} bytes")

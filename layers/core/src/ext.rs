@@ -7,7 +7,7 @@
 //! | Extension | Written by | Read by |
 //! |---|---|---|
 //! | [`RouteMeta`] | path-metadata | credentials, insertion-id, routes |
-//! | [`AccountInfo`] | auth (credentials) | an embedder's own services (the reference proxy reads none yet) |
+//! | [`AccountInfo`] (also on the response) | auth (credentials) | auth (project checks), rate-limit-fallback (per-key limits), metrics and logs (the key's name) |
 //! | [`LlmRequest`] | `DecodeJson` | every chat layer, `EncodeJson` |
 //! | [`BodyEdits`] | credentials, insertion-id, routing layers | `EncodeJson` |
 //! | [`Project`] | credentials | langfuse |
@@ -75,11 +75,62 @@ pub struct RolloutIds {
 
 // === AccountInfo ===
 
-/// Who the auth provider says the caller is.
+/// Who the auth provider says the caller is, and what it may use. Never holds a credential.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccountInfo {
-    /// The account id.
+    /// The account id: a gateway key's configured name, or the identity an external provider
+    /// gave. Shown in logs and metrics.
     pub account_id: String,
+    /// The projects it may use.
+    pub projects: ProjectAccess,
+    /// Its own rate limits, over every model, if any.
+    pub limits: Option<AccountLimits>,
+}
+
+impl AccountInfo {
+    /// An account that may use every project, without limits of its own.
+    pub fn unrestricted(account_id: impl Into<String>) -> Self {
+        Self { account_id: account_id.into(), projects: ProjectAccess::All, limits: None }
+    }
+}
+
+/// The projects an account may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProjectAccess {
+    /// Every project (`projects: ["*"]`, and every `auth.api_keys` key).
+    All,
+    /// These projects only.
+    Only(Arc<[String]>),
+}
+
+impl ProjectAccess {
+    /// Whether `project` may be used.
+    pub fn allows(&self, project: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(projects) => projects.iter().any(|p| p == project),
+        }
+    }
+
+    /// The one project of an account bound to exactly one.
+    pub fn single(&self) -> Option<&str> {
+        match self {
+            Self::Only(projects) if projects.len() == 1 => projects.first().map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+/// An account's own limits (requests and tokens per minute, requests per day), counted over
+/// every model it uses; `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountLimits {
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+    /// Requests per day.
+    pub rpd: Option<u64>,
 }
 
 // === Secret ===

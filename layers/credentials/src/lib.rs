@@ -4,7 +4,8 @@
 //!   ([`Secrets`], [`Projects`]); the `encoded_base_url` override, decoded and checked against
 //!   an allowlist ([`BaseUrlAllowlist`]).
 //! - [`AuthLayer`]: client authentication through an [`AuthProvider`] ([`NoAuth`] by default,
-//!   [`StaticApiKeys`] for `auth.api_keys`).
+//!   [`StaticApiKeys`] for `auth.keys` and `auth.api_keys`, [`ExternalAuth`] for an identity
+//!   service), and the projects an account may use (403 for another's).
 //! - [`UpstreamAuthLayer`]: per upstream attempt, the `Authorization` header (the client's, or
 //!   the upstream's server-side key) and, in `litellm` mode for `fireworks_ai*` models, the
 //!   `api_key` body field; the response says whose credentials the attempt used
@@ -68,13 +69,17 @@
 
 mod auth;
 mod base_url;
+mod external;
 mod project;
 mod scope;
 mod secrets;
 mod upstream_auth;
 
-pub use auth::{Auth, AuthFuture, AuthLayer, AuthProvider, NoAuth, StaticApiKeys, bearer_token};
+pub use auth::{
+    Auth, AuthFuture, AuthLayer, AuthProvider, GatewayKey, KeyDigest, NoAuth, Refusals, StaticApiKeys, bearer_token,
+};
 pub use base_url::{AllowlistError, BaseUrlAllowlist, decode_base_url};
+pub use external::{DEFAULT_CACHE_TTL, DEFAULT_TIMEOUT, ExternalAuth, FirstOf};
 pub use llmgate_core::future::ResponseFuture;
 pub use project::{DEFAULT_LANGFUSE_HOST, ProjectLayer, ProjectService};
 pub use scope::client_scope;
