@@ -56,6 +56,9 @@ enum Command {
         #[arg(long)]
         rate_limit_every: Option<u64>,
     },
+    /// Read a gateway key on standard input and print the `key_sha256` value that holds it in
+    /// the config (`auth.keys[].key_sha256`; `sha256:<value>` in `auth.api_keys`).
+    HashKey,
     /// Print the fallback report of a project, read back from Langfuse.
     Report {
         /// The project (the secrets file's default when omitted).
@@ -190,6 +193,15 @@ async fn run(command: Command) -> Result<(), llmgate::core::BoxError> {
             let mock = MockUpstream::start_on(SocketAddr::new(host, port), options).await?;
             println!("mock upstream listening on {}", mock.url());
             shutdown_signal().await;
+            Ok(())
+        }
+        Command::HashKey => {
+            let mut key = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
+            if key.trim().is_empty() {
+                return Err("hash-key: no key on standard input (e.g. `printf %s \"$KEY\" | llmgate hash-key`)".into());
+            }
+            println!("{}", llmgate_credentials::KeyDigest::of(&key).to_hex());
             Ok(())
         }
         Command::Report { project, since, format, config } => {

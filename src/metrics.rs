@@ -7,6 +7,7 @@
 //! else is `other`), and no rollout ids or raw paths are used.
 
 use std::{
+    collections::{HashMap, HashSet},
     future::Future,
     pin::Pin,
     sync::{
@@ -21,8 +22,9 @@ use llmgate_context_routing::ContextRoutingStats;
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError,
     catalog::Catalog,
-    ext::{RouteKind, RouteMeta, ServedBy},
+    ext::{AccountInfo, RouteKind, RouteMeta, ServedBy},
 };
+use llmgate_credentials::Refusals;
 use llmgate_insertion_id::Counters as InsertionCounters;
 use llmgate_langfuse::LangfuseExporter;
 use llmgate_rate_limit_fallback::Stats;
@@ -54,6 +56,15 @@ pub struct RequestLabels {
     /// The model that answered a chat request (a catalogue name or `other`), `-` elsewhere.
     model: String,
     status: u16,
+    /// The gateway key's name (`external` for an identity service's account, `-` without one).
+    key: String,
+}
+
+/// `key`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    key: String,
+    reason: &'static str,
 }
 
 /// `route`.
@@ -142,6 +153,10 @@ pub struct Sources {
     pub context: Option<Arc<ContextRoutingStats>>,
     /// Rollout logs and status polls.
     pub rollout_logs: Option<Arc<RolloutLogCounters>>,
+    /// Requests the auth layer refused.
+    pub auth_refusals: Option<Arc<Refusals>>,
+    /// The configured gateway keys' names: the `key` label's values (others are `external`).
+    pub key_names: HashSet<String>,
 }
 
 /// Every metric the gateway exports.
@@ -175,6 +190,7 @@ pub struct Metrics {
     context_estimates: Family<OutcomeLabels, Counter>,
     rollout_log_entries: Family<OutcomeLabels, Counter>,
     rollout_status_polls: Family<OutcomeLabels, Counter>,
+    auth_refusals: Family<RefusalLabels, Counter>,
     panics: Family<PanicLabels, Counter>,
     sources: Sources,
     catalog: Arc<Catalog>,
@@ -206,6 +222,7 @@ impl Metrics {
             context_estimates: Family::default(),
             rollout_log_entries: Family::default(),
             rollout_status_polls: Family::default(),
+            auth_refusals: Family::default(),
             panics: Family::default(),
             sources,
             catalog,
@@ -260,6 +277,11 @@ impl Metrics {
             "Rollout status polls by outcome (none, running, ended, failed)",
             m.rollout_status_polls.clone(),
         );
+        registry.register(
+            "auth_refusals",
+            "Requests refused by the gateway's auth, by key name and reason",
+            m.auth_refusals.clone(),
+        );
         registry.register("panics", "Panics caught, by place (handler or response body)", m.panics.clone());
         Self { registry, ..m }
     }
@@ -267,6 +289,16 @@ impl Metrics {
     /// Counts a panic caught in a request handler (`handler`) or a response body (`body`).
     pub fn count_panic(&self, place: &'static str) {
         self.panics.get_or_create(&PanicLabels { place }).inc();
+    }
+
+    /// A bounded key label: a configured key's name, `external` for another account (an
+    /// identity service's, whose names are not bounded), `-` for none.
+    fn key_label(&self, account: Option<&AccountInfo>) -> String {
+        match account {
+            Some(a) if self.sources.key_names.contains(&a.account_id) => a.account_id.clone(),
+            Some(_) => "external".to_string(),
+            None => "-".to_string(),
+        }
     }
 
     /// A bounded model label: a catalogue name, else `other`.
@@ -331,6 +363,18 @@ impl Metrics {
             }
             for (poll, count) in PollOutcome::ALL.iter().zip(&c.polls) {
                 outcome(&self.rollout_status_polls, poll.label(), count.load(Relaxed));
+            }
+        }
+        if let Some(refusals) = &self.sources.auth_refusals {
+            // External names fold into one series: summed before it is advanced.
+            let mut totals: HashMap<RefusalLabels, u64> = HashMap::new();
+            for ((key, reason), count) in refusals.snapshot() {
+                let key =
+                    if key == "unknown" || self.sources.key_names.contains(&key) { key } else { "external".into() };
+                *totals.entry(RefusalLabels { key, reason }).or_default() += count;
+            }
+            for (labels, total) in totals {
+                advance(&self.auth_refusals.get_or_create(&labels), total);
             }
         }
     }
@@ -425,11 +469,13 @@ where
             };
             let latency = started.elapsed();
             let served = result.as_ref().ok().and_then(|r| r.extensions().get::<ServedBy>());
+            let account = result.as_ref().ok().and_then(|r| r.extensions().get::<AccountInfo>());
             let model = match route {
                 "chat" => metrics.model_label(served.map(|s| &*s.model)),
                 _ => "-".to_string(),
             };
-            metrics.requests.get_or_create(&RequestLabels { route, model, status }).inc();
+            let key = metrics.key_label(account);
+            metrics.requests.get_or_create(&RequestLabels { route, model, status, key }).inc();
             metrics.request_duration.get_or_create(&RouteLabels { route }).observe(latency.as_secs_f64());
             drop(guard);
             // One line per request (probes of /health and /metrics aside): no keys, no prompt text.
@@ -446,6 +492,7 @@ where
                 model = served.map(|s| &*s.model),
                 fallback = served.is_some_and(|s| s.attempts > 1),
                 insertion_id,
+                key = account.map(|a| &*a.account_id),
                 "request"
             );
             result

@@ -7,7 +7,7 @@
 //! ```text
 //! CatchPanic (handler and response bodies) → Rescue → PathMetadata → Metrics → Routes (Route::of)
 //!   ├─ GET /health
-//!   ├─ GET /metrics, GET /stats:  Auth → answer
+//!   ├─ GET /metrics, GET /stats:  Auth (keys for every project only) → answer
 //!   ├─ chat:      Auth → DecodeJson → Project → InsertionId → [Langfuse] → ChatObserve
 //!   │             → ContextRouting → RateLimitFallback
 //!   │             → [per attempt] ResolveTarget → UpstreamAuth → [LangfuseAttempt] → EncodeJson
@@ -28,7 +28,7 @@ use llmgate_core::{
     catalog::Catalog,
     rescue::{CatchPanicBody, PanicHook},
 };
-use llmgate_credentials::{AuthLayer, AuthProvider, ProjectLayer, UpstreamAuthLayer};
+use llmgate_credentials::{AuthLayer, ProjectLayer, UpstreamAuthLayer};
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore};
 use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer};
 use llmgate_path_metadata::PathMetadataLayer;
@@ -94,7 +94,8 @@ pub struct Parts {
     rollout_logs: RolloutLogService,
     context: ContextRoutingLayer,
     rate_limit: RateLimitFallbackLayer,
-    auth: Arc<dyn AuthProvider>,
+    /// The gateway's auth, with the projects whose default a one-project-less request uses.
+    auth: AuthLayer,
     metrics: Arc<Metrics>,
     default_upstream: Arc<str>,
 }
@@ -131,7 +132,7 @@ impl Parts {
             .as_ref()
             .map(|_| LangfuseClient::new(llmgate_hyper::http_client::<Full<Bytes>>(config.server.request_timeout)));
         let traces = langfuse_client.clone().and_then(|client| config.langfuse.reader(client)).map(|reader| {
-            let service = routes::traces::TracesService::new(reader, projects, insertion_store.clone())
+            let service = routes::traces::TracesService::new(reader, projects.clone(), insertion_store.clone())
                 .require_generation(config.langfuse.emit != Emit::Events);
             BoxStack::new(service)
         });
@@ -140,6 +141,7 @@ impl Parts {
             .map(|exporter| (config.langfuse.layer(exporter.clone()), exporter));
 
         let context = ContextRoutingLayer::new(catalog.clone());
+        let auth = AuthLayer::new(config.auth.provider()).projects(projects.clone());
         let metrics = Arc::new(Metrics::new(
             Sources {
                 insertion: Some(insertion.counters()),
@@ -147,6 +149,8 @@ impl Parts {
                 rate_limit: Some(rate_limit.stats()),
                 context: Some(context.stats()),
                 rollout_logs: Some(rollout_logs.counters()),
+                auth_refusals: Some(auth.refusals()),
+                key_names: config.auth.keys.iter().map(|k| k.account.account_id.clone()).collect(),
             },
             catalog.clone(),
         ));
@@ -163,7 +167,7 @@ impl Parts {
             rollout_logs,
             context,
             rate_limit,
-            auth: config.auth.provider(),
+            auth,
             metrics,
             default_upstream: config.upstreams.default.as_str().into(),
         })
@@ -200,14 +204,16 @@ pub fn compose(parts: &Parts) -> GatewayService {
     let catch_all = BoxStack::new(upstream_metrics.layer(upstream.clone()));
 
     // Every branch but `/health` behind the gateway's auth (which also consumes the gateway's
-    // own key: it never reaches an upstream).
-    let guard = AuthLayer::new(parts.auth.clone());
-    let guarded = |branch: BoxStack| -> BoxStack { BoxCloneService::new(guard.layer(branch)) };
+    // own key: it never reaches an upstream, and applies the key's projects); `/metrics` and
+    // `/stats` show every project's data at once, so only keys for every project see them.
+    let guarded = |branch: BoxStack| -> BoxStack { BoxCloneService::new(parts.auth.layer(branch)) };
+    let whole_gateway = parts.auth.clone().whole_gateway();
+    let guarded_whole = |branch: BoxStack| -> BoxStack { BoxCloneService::new(whole_gateway.layer(branch)) };
     let (registry, stats) = (metrics.clone(), parts.rate_limit.stats());
     let routes = Routes {
         health: routes::answer(routes::health),
-        metrics: guarded(routes::answer(move || routes::metrics(&registry))),
-        stats: guarded(routes::answer(move || routes::stats(Some(&stats)))),
+        metrics: guarded_whole(routes::answer(move || routes::metrics(&registry))),
+        stats: guarded_whole(routes::answer(move || routes::stats(Some(&stats)))),
         chat: guarded(chat),
         traces: guarded(parts.traces.clone().unwrap_or_else(|| routes::answer(routes::traces_off))),
         rollout_logs: guarded(BoxStack::new(parts.rollout_logs.clone().map_err(|never| match never {}))),

@@ -40,17 +40,18 @@ use std::{
 };
 
 use llmgate_core::{
-    catalog::ModelSpec,
-    ext::{Secret, UpstreamMode, UpstreamTarget},
+    catalog::{Limits, ModelSpec},
+    ext::{AccountInfo, ProjectAccess, Secret, UpstreamMode, UpstreamTarget},
 };
+use llmgate_credentials::{GatewayKey, KeyDigest};
 use llmgate_langfuse::Emit;
 use llmgate_rate_limit_fallback::OutagePolicy;
 use serde::Deserialize;
 
 pub use sections::{
-    AuthSettings, EncodedBaseUrlSettings, Engine, ExportSettings, InsertionIdSettings, LangfuseApi, LangfuseSettings,
-    LogSettings, ModelOrigin, ModelSettings, RateLimitSettings, RedisSettings, RolloutLogSettings, ServerSettings,
-    TraceSettings, UpstreamSettings,
+    AuthSettings, EncodedBaseUrlSettings, Engine, ExportSettings, ExternalAuthSettings, InsertionIdSettings,
+    LangfuseApi, LangfuseSettings, LogSettings, ModelOrigin, ModelSettings, RateLimitSettings, RedisSettings,
+    RolloutLogSettings, ServerSettings, TraceSettings, UpstreamSettings,
 };
 use source::Source;
 
@@ -143,6 +144,27 @@ struct EncodedBaseUrlFile {
 struct AuthFile {
     #[serde(default)]
     api_keys: Vec<String>,
+    #[serde(default)]
+    keys: Vec<KeyFile>,
+    external: Option<ExternalAuthFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    name: String,
+    key: Option<String>,
+    key_sha256: Option<String>,
+    projects: Option<Vec<String>>,
+    limits: Option<Limits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExternalAuthFile {
+    url: String,
+    timeout_ms: Option<u64>,
+    cache_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,9 +261,7 @@ impl Config {
             rate_limit: rate_limit(file.rate_limit, src)?,
             rollout_logs: rollout_logs(file.rollout_logs, &insertion_id, src)?,
             insertion_id,
-            auth: AuthSettings {
-                api_keys: file.auth.map(|a| a.api_keys.into_iter().map(Secret::new).collect()).unwrap_or_default(),
-            },
+            auth: auth(file.auth, src)?,
             encoded_base_url: EncodedBaseUrlSettings::new(file.encoded_base_url.map(|e| e.allow).unwrap_or_default())
                 .map_err(|(index, error)| {
                 src.error(&format!("encoded_base_url.allow[{index}]"), error)
@@ -282,12 +302,23 @@ impl Config {
         });
         line(format!(
             "auth: {}",
-            if self.auth.api_keys.is_empty() {
-                "none".to_string()
-            } else {
-                format!("{} static API key(s)", self.auth.api_keys.len())
+            match (self.auth.keys.len(), &self.auth.external) {
+                (0, None) => "none".to_string(),
+                (n, None) => format!("{n} gateway key(s)"),
+                (n, Some(external)) => format!("{n} gateway key(s), then the identity service {}", external.url),
             }
         ));
+        for key in &self.auth.keys {
+            let projects = match &key.account.projects {
+                ProjectAccess::All => "every project".to_string(),
+                ProjectAccess::Only(projects) => format!("projects {}", projects.join(", ")),
+            };
+            line(format!(
+                "  key {}: {projects}{}",
+                key.account.account_id,
+                if key.account.limits.is_some() { ", own limits" } else { "" }
+            ));
+        }
         line(format!("encoded_base_url allowlist: {:?}", self.encoded_base_url.allow));
         line(format!("rate_limit.max_wait_seconds: {}", self.rate_limit.max_wait.as_secs_f64()));
         let logs = &self.rollout_logs;
@@ -578,6 +609,64 @@ fn insertion_id(file: Option<InsertionIdFile>) -> InsertionIdSettings {
         ttl: file.ttl_secs.map(Duration::from_secs).unwrap_or(default.ttl),
         record_timeout: file.record_timeout_ms.map(Duration::from_millis).unwrap_or(default.record_timeout),
     }
+}
+
+/// `auth`: `api_keys` (every project, named `api-key-<n>`) and `keys` become one key table of
+/// digests (a plain key is digested here and not kept); `external` the identity service.
+fn auth(file: Option<AuthFile>, src: &Source<'_>) -> Result<AuthSettings, ConfigError> {
+    let Some(file) = file else {
+        return Ok(AuthSettings::default());
+    };
+    let mut keys = Vec::new();
+    for (i, entry) in file.api_keys.iter().enumerate() {
+        let path = format!("auth.api_keys[{i}]");
+        let digest = match entry.trim().strip_prefix("sha256:") {
+            Some(hex) => KeyDigest::from_hex(hex).map_err(|e| src.error(&path, e))?,
+            None if entry.trim().is_empty() => continue,
+            None => KeyDigest::of(entry),
+        };
+        keys.push(GatewayKey { account: AccountInfo::unrestricted(format!("api-key-{}", i + 1)), digest });
+    }
+    for (i, entry) in file.keys.into_iter().enumerate() {
+        let path = |key: &str| format!("auth.keys[{i}].{key}");
+        if entry.name.trim().is_empty() {
+            return Err(src.error(&path("name"), "must not be empty"));
+        }
+        if keys.iter().any(|k: &GatewayKey| k.account.account_id == entry.name) {
+            return Err(src.error(&path("name"), format!("'{}' names two keys", entry.name)));
+        }
+        let digest = match (&entry.key, &entry.key_sha256) {
+            (Some(key), None) if !key.trim().is_empty() => KeyDigest::of(key),
+            (None, Some(hex)) => KeyDigest::from_hex(hex.trim().trim_start_matches("sha256:"))
+                .map_err(|e| src.error(&path("key_sha256"), e))?,
+            (Some(_), None) => return Err(src.error(&path("key"), "must not be empty")),
+            _ => return Err(src.error(&format!("auth.keys[{i}]"), "give exactly one of `key` and `key_sha256`")),
+        };
+        let projects = match entry.projects {
+            Some(projects) if projects.iter().any(|p| p == "*") => ProjectAccess::All,
+            Some(projects) if !projects.is_empty() => ProjectAccess::Only(projects.into()),
+            _ => return Err(src.error(&path("projects"), "list the projects the key may use, or [\"*\"] for all")),
+        };
+        let account = AccountInfo { account_id: entry.name, projects, limits: entry.limits };
+        keys.push(GatewayKey { account, digest });
+    }
+    if let Some(dup) = keys.iter().enumerate().find_map(|(i, k)| keys[..i].iter().find(|o| o.digest == k.digest)) {
+        return Err(src.error("auth", format!("two entries hold the same key (one is '{}')", dup.account.account_id)));
+    }
+    let external = match file.external {
+        Some(external) => Some(ExternalAuthSettings {
+            url: external
+                .url
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+                .ok_or_else(|| src.error("auth.external.url", "must be an http(s) URL"))?,
+            timeout: external.timeout_ms.map_or(llmgate_credentials::DEFAULT_TIMEOUT, Duration::from_millis),
+            cache_ttl: external.cache_secs.map_or(llmgate_credentials::DEFAULT_CACHE_TTL, Duration::from_secs),
+        }),
+        None => None,
+    };
+    Ok(AuthSettings { keys, external })
 }
 
 /// `rollout_logs`; the TTL follows `insertion_id.ttl_secs` unless set.

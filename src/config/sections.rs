@@ -4,11 +4,13 @@
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use llmgate_core::{
-    BoxError,
+    BoxError, GatewayBody,
     catalog::{Catalog, Limits, ModelSpec},
     ext::{Secret, UpstreamTarget},
 };
-use llmgate_credentials::{AuthProvider, BaseUrlAllowlist, NoAuth, Projects, Secrets, StaticApiKeys};
+use llmgate_credentials::{
+    AuthProvider, BaseUrlAllowlist, ExternalAuth, FirstOf, GatewayKey, NoAuth, Projects, Secrets, StaticApiKeys,
+};
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, RedisStore};
 use llmgate_langfuse::{
     Emit, ExporterConfig, LangfuseClient, LangfuseExporter, LangfuseLayer, LangfuseReader, V3Reader, V4Reader,
@@ -431,20 +433,40 @@ impl EncodedBaseUrlSettings {
     }
 }
 
-/// The gateway's own API keys (`auth.api_keys`).
+/// The gateway's own API keys and identity service (`auth`).
 #[derive(Clone, Debug, Default)]
 pub struct AuthSettings {
-    /// Static API keys; empty means no auth.
-    pub api_keys: Vec<Secret>,
+    /// `auth.api_keys` (every project) then `auth.keys`, as digests; empty means no keys.
+    pub keys: Vec<GatewayKey>,
+    /// `auth.external`: the identity service asked for tokens that are not gateway keys.
+    pub external: Option<ExternalAuthSettings>,
+}
+
+/// `auth.external`.
+#[derive(Clone, Debug)]
+pub struct ExternalAuthSettings {
+    /// Where tokens are checked (`GET`, the client's `Authorization`).
+    pub url: http::Uri,
+    /// The longest one check may take (then 503).
+    pub timeout: Duration,
+    /// How long an answer is reused.
+    pub cache_ttl: Duration,
 }
 
 impl AuthSettings {
-    /// The auth provider: the static keys, or none at all.
+    /// The auth provider: the gateway keys, then the identity service; nobody checked when
+    /// neither is configured.
     pub fn provider(&self) -> Arc<dyn AuthProvider> {
-        if self.api_keys.is_empty() {
-            Arc::new(NoAuth)
-        } else {
-            Arc::new(StaticApiKeys::new(self.api_keys.iter().map(|k| k.expose().to_string())))
+        let keys: Option<Arc<dyn AuthProvider>> =
+            (!self.keys.is_empty()).then(|| Arc::new(StaticApiKeys::from_keys(self.keys.clone())) as _);
+        let external: Option<Arc<dyn AuthProvider>> = self.external.as_ref().map(|e| {
+            let client = llmgate_hyper::http_client::<GatewayBody>(e.timeout);
+            Arc::new(ExternalAuth::new(client, e.url.clone()).timeout(e.timeout).cache_ttl(e.cache_ttl)) as _
+        });
+        match (keys, external) {
+            (None, None) => Arc::new(NoAuth),
+            (Some(one), None) | (None, Some(one)) => one,
+            (Some(keys), Some(external)) => Arc::new(FirstOf::new(vec![keys, external])),
         }
     }
 }

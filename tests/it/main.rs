@@ -16,5 +16,6 @@ mod report;
 mod rollout_logs;
 mod routing;
 mod secrets;
+mod security;
 mod support;
 mod traces;

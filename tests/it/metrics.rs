@@ -27,10 +27,10 @@ async fn metrics_expose_requests_tokens_cost_fallbacks_and_records() {
     assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = reply.text();
     for line in [
-        r#"llmgate_requests_total{route="chat",model="gpt-a",status="200"} 1"#,
-        r#"llmgate_requests_total{route="chat",model="gpt-b",status="200"} 1"#,
-        r#"llmgate_requests_total{route="chat",model="other",status="200"} 1"#,
-        r#"llmgate_requests_total{route="catch_all",model="-",status="200"} 1"#,
+        r#"llmgate_requests_total{route="chat",model="gpt-a",status="200",key="-"} 1"#,
+        r#"llmgate_requests_total{route="chat",model="gpt-b",status="200",key="-"} 1"#,
+        r#"llmgate_requests_total{route="chat",model="other",status="200",key="-"} 1"#,
+        r#"llmgate_requests_total{route="catch_all",model="-",status="200",key="-"} 1"#,
         r#"llmgate_upstream_duration_seconds_count{upstream="mock",status="429"} 1"#,
         r#"llmgate_upstream_duration_seconds_count{upstream="mock",status="200"} 4"#,
         r#"llmgate_tokens_total{model="gpt-a",direction="input"} 3"#,

@@ -28,6 +28,8 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::catalog::Limits;
+
 // === RouteMeta ===
 
 /// What the path says about a request, parsed once by the path-metadata layer.
@@ -83,8 +85,8 @@ pub struct AccountInfo {
     pub account_id: String,
     /// The projects it may use.
     pub projects: ProjectAccess,
-    /// Its own rate limits, over every model, if any.
-    pub limits: Option<AccountLimits>,
+    /// Its own rate limits, counted over every model it uses, if any.
+    pub limits: Option<Limits>,
 }
 
 impl AccountInfo {
@@ -119,18 +121,6 @@ impl ProjectAccess {
             _ => None,
         }
     }
-}
-
-/// An account's own limits (requests and tokens per minute, requests per day), counted over
-/// every model it uses; `None` is unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AccountLimits {
-    /// Requests per minute.
-    pub rpm: Option<u64>,
-    /// Tokens per minute.
-    pub tpm: Option<u64>,
-    /// Requests per day.
-    pub rpd: Option<u64>,
 }
 
 // === Secret ===

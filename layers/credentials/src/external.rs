@@ -33,7 +33,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header, requ
 use http_body::Body;
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError,
-    ext::{AccountInfo, AccountLimits, ProjectAccess},
+    catalog::Limits,
+    ext::{AccountInfo, ProjectAccess},
     json::read_body,
 };
 use serde::Deserialize;
@@ -75,14 +76,7 @@ struct Identity {
     name: String,
     projects: Vec<String>,
     #[serde(default)]
-    limits: Option<IdentityLimits>,
-}
-
-#[derive(Deserialize)]
-struct IdentityLimits {
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    rpd: Option<u64>,
+    limits: Option<Limits>,
 }
 
 impl<C> ExternalAuth<C> {
@@ -179,8 +173,7 @@ impl Identity {
         } else {
             ProjectAccess::Only(self.projects.into())
         };
-        let limits = self.limits.map(|l| AccountLimits { rpm: l.rpm, tpm: l.tpm, rpd: l.rpd });
-        AccountInfo { account_id: self.name, projects, limits }
+        AccountInfo { account_id: self.name, projects, limits: self.limits }
     }
 }
 
@@ -343,7 +336,7 @@ mod tests {
         let account = auth.authenticate(&head("admit-solo")).await.unwrap().unwrap();
         assert_eq!(account.account_id, "team-a");
         assert_eq!(account.projects, ProjectAccess::Only(vec!["p1".to_string()].into()));
-        assert_eq!(account.limits, Some(AccountLimits { rpm: Some(5), tpm: None, rpd: None }));
+        assert_eq!(account.limits, Some(Limits { rpm: Some(5), tpm: None, rpd: None }));
         assert_eq!(auth.authenticate(&head("admit-all")).await.unwrap().unwrap().projects, ProjectAccess::All);
         let status = |r: Result<Option<AccountInfo>, GatewayError>| r.unwrap_err().status();
         assert_eq!(status(auth.authenticate(&head("wrong")).await), StatusCode::UNAUTHORIZED);
