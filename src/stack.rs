@@ -215,8 +215,12 @@ pub fn compose(parts: &Parts) -> GatewayService {
         metrics: guarded_whole(routes::answer(move || routes::metrics(&registry))),
         stats: guarded_whole(routes::answer(move || routes::stats(Some(&stats)))),
         chat: guarded(chat),
-        traces: guarded(parts.traces.clone().unwrap_or_else(|| routes::answer(routes::traces_off))),
-        rollout_logs: guarded(BoxStack::new(parts.rollout_logs.clone().map_err(|never| match never {}))),
+        traces: routes::detail_errors(guarded(
+            parts.traces.clone().unwrap_or_else(|| routes::answer(routes::traces_off)),
+        )),
+        rollout_logs: routes::detail_errors(guarded(BoxStack::new(
+            parts.rollout_logs.clone().map_err(|never| match never {}),
+        ))),
         catch_all: guarded(catch_all),
     };
 

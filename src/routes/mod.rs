@@ -13,7 +13,7 @@ use std::{
 
 use http::{Method, Request, Response, StatusCode};
 use llmgate_core::{
-    BoxError, GatewayBody,
+    BoxError, GatewayBody, GatewayError,
     body::json_response,
     ext::{RouteKind, RouteMeta},
 };
@@ -113,6 +113,19 @@ impl Service<Request<GatewayBody>> for Routes {
 /// A branch that answers every request with `respond()`.
 pub fn answer(respond: impl Fn() -> Response<GatewayBody> + Clone + Send + Sync + 'static) -> BoxStack {
     BoxCloneService::new(service_fn(move |_req: Request<GatewayBody>| std::future::ready(Ok(respond()))))
+}
+
+/// `branch` with its refusals (auth's 401, 403 and 503) answered `{"detail": "…"}`, the shape
+/// the traces, logs and status routes answer in (the original's, which clients parse); any
+/// other error goes on to the rescue layer.
+pub fn detail_errors(branch: BoxStack) -> BoxStack {
+    BoxCloneService::new(branch.map_result(|result| match result {
+        Err(error) => match GatewayError::find(&*error) {
+            Some(refusal) => Ok(json_response(refusal.status(), &json!({"detail": refusal.to_string()}))),
+            None => Err(error),
+        },
+        ok => ok,
+    }))
 }
 
 /// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.

@@ -222,6 +222,7 @@ async fn the_gateway_keys_guard_the_routes_and_projects_keep_their_own_logs() {
         for headers in [vec![], vec![("authorization", "Bearer wrong")]] {
             let reply = send(method.clone(), &gw.url(path), &headers, record("r", "m", None).to_string()).await;
             assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{method} {path} {headers:?}");
+            assert!(reply.json()["detail"].as_str().is_some_and(|d| d.contains("API key")), "{}", reply.text());
         }
     }
     assert_eq!(get(&gw, "/status?rollout_id=r").await.status, StatusCode::UNAUTHORIZED);
