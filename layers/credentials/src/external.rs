@@ -119,7 +119,18 @@ impl<C> ExternalAuth<C> {
     }
 }
 
-impl<C, F, RB> ExternalAuth<C>
+/// The future of [`IdentityClient::fetch`]: the status and body, or why there are none.
+pub type FetchFuture = Pin<Box<dyn Future<Output = Result<(StatusCode, Bytes), String>> + Send>>;
+
+/// What [`ExternalAuth`] needs of its HTTP client: any cloneable `tower::Service` over
+/// [`GatewayBody`] whose futures are `Send` (the proxy's pooled hyper client is one). Blanket
+/// implemented; the bounds are spelled out once, here.
+pub trait IdentityClient: Clone + Send + Sync + 'static {
+    /// Sends `request`; its status and body (at most 64 KiB), or why not.
+    fn fetch(&self, request: Request<GatewayBody>) -> FetchFuture;
+}
+
+impl<C, F, RB> IdentityClient for C
 where
     C: Service<Request<GatewayBody>, Response = Response<RB>, Future = F> + Clone + Send + Sync + 'static,
     C::Error: Into<BoxError>,
@@ -129,40 +140,40 @@ where
     RB: Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError>,
 {
+    fn fetch(&self, request: Request<GatewayBody>) -> FetchFuture {
+        let mut client = self.clone();
+        Box::pin(async move {
+            std::future::poll_fn(|cx| client.poll_ready(cx)).await.map_err(|e| e.into().to_string())?;
+            let response = client.call(request).await.map_err(|e| e.into().to_string())?;
+            let status = response.status();
+            let body = read_body(response.into_body(), ANSWER_LIMIT).await.map_err(|e| e.to_string())?;
+            Ok((status, body))
+        })
+    }
+}
+
+impl<C: IdentityClient> ExternalAuth<C> {
     /// Asks the service about `authorization`: `Ok(Some)` admitted, `Ok(None)` refused, `Err`
     /// the service could not answer.
-    fn ask(
-        &self,
-        authorization: HeaderValue,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<AccountInfo>, String>> + Send>> {
+    async fn ask(&self, authorization: HeaderValue) -> Result<Option<AccountInfo>, String> {
         let mut request = Request::new(llmgate_core::body::empty());
         *request.method_mut() = Method::GET;
         *request.uri_mut() = self.url.clone();
         request.headers_mut().insert(header::AUTHORIZATION, authorization);
         request.headers_mut().insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let mut client = self.client.clone();
-        let timeout = self.timeout;
-        let call = async move {
-            std::future::poll_fn(|cx| client.poll_ready(cx)).await.map_err(|e| e.into().to_string())?;
-            let response = client.call(request).await.map_err(|e| e.into().to_string())?;
-            let status = response.status();
-            if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
-                return Ok(None);
-            }
-            if status != StatusCode::OK {
-                return Err(format!("it answered {status}"));
-            }
-            let body = read_body(response.into_body(), ANSWER_LIMIT).await.map_err(|e| e.to_string())?;
-            let identity: Identity =
-                serde_json::from_slice(&body).map_err(|e| format!("its answer is not an identity: {e}"))?;
-            Ok(Some(identity.into_account()))
+        let (status, body) = match tokio::time::timeout(self.timeout, self.client.fetch(request)).await {
+            Ok(answer) => answer?,
+            Err(_) => return Err(format!("no answer within {} ms", self.timeout.as_millis())),
         };
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, call).await {
-                Ok(answer) => answer,
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        match status {
+            StatusCode::OK => {
+                let identity: Identity =
+                    serde_json::from_slice(&body).map_err(|e| format!("its answer is not an identity: {e}"))?;
+                Ok(Some(identity.into_account()))
             }
-        })
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => Ok(None),
+            other => Err(format!("it answered {other}")),
+        }
     }
 }
 
@@ -177,16 +188,7 @@ impl Identity {
     }
 }
 
-impl<C, F, RB> AuthProvider for ExternalAuth<C>
-where
-    C: Service<Request<GatewayBody>, Response = Response<RB>, Future = F> + Clone + Send + Sync + 'static,
-    C::Error: Into<BoxError>,
-    // Naming the future (rather than bounding `C::Future`) sidesteps a higher-ranked `Send`
-    // inference limitation of async blocks.
-    F: Future<Output = Result<Response<RB>, C::Error>> + Send + 'static,
-    RB: Body<Data = Bytes> + Send + 'static,
-    RB::Error: Into<BoxError>,
-{
+impl<C: IdentityClient> AuthProvider for ExternalAuth<C> {
     fn authenticate<'a>(&'a self, request: &'a Parts) -> AuthFuture<'a> {
         Box::pin(async move {
             let Some(token) = bearer_token(&request.headers) else {
@@ -288,19 +290,7 @@ mod tests {
 
     /// An identity service answering by token: `admit-*` 200, `stall` never, `boom` 500,
     /// `junk` a body that is not an identity, anything else 401. Counts its calls.
-    fn service(
-        calls: Arc<AtomicUsize>,
-    ) -> ExternalAuth<
-        impl Service<
-            Request<GatewayBody>,
-            Response = Response<GatewayBody>,
-            Error = Infallible,
-            Future = impl Future<Output = Result<Response<GatewayBody>, Infallible>> + Send + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    > {
+    fn service(calls: Arc<AtomicUsize>) -> ExternalAuth<impl IdentityClient> {
         let client = service_fn(move |req: Request<GatewayBody>| {
             calls.fetch_add(1, Ordering::SeqCst);
             let token = bearer_token(req.headers()).unwrap_or_default().to_string();
@@ -308,7 +298,7 @@ mod tests {
                 let reply = |status: StatusCode, text: &str| {
                     let mut response = Response::new(body::full(text.to_string()));
                     *response.status_mut() = status;
-                    Ok(response)
+                    Ok::<_, Infallible>(response)
                 };
                 match token.as_str() {
                     "admit-solo" => {

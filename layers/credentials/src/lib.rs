@@ -79,7 +79,7 @@ pub use auth::{
     Auth, AuthFuture, AuthLayer, AuthProvider, GatewayKey, KeyDigest, NoAuth, Refusals, StaticApiKeys, bearer_token,
 };
 pub use base_url::{AllowlistError, BaseUrlAllowlist, decode_base_url};
-pub use external::{DEFAULT_CACHE_TTL, DEFAULT_TIMEOUT, ExternalAuth, FirstOf};
+pub use external::{DEFAULT_CACHE_TTL, DEFAULT_TIMEOUT, ExternalAuth, FetchFuture, FirstOf, IdentityClient};
 pub use llmgate_core::future::ResponseFuture;
 pub use project::{DEFAULT_LANGFUSE_HOST, ProjectLayer, ProjectService};
 pub use scope::client_scope;
