@@ -50,8 +50,9 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 
 if [ -z "${LLMGATE_BIN:-}" ] || [ -z "${LANGFUSE_STAND_IN_BIN:-}" ]; then
+  # With the Pingora engine (the cargo feature `pingora`, which needs cmake): the suite runs on both.
   install_missing cmake:cmake
-  cargo build -p llmgate --bin llmgate -p llmgate-test-support --bin langfuse-stand-in
+  cargo build -p llmgate --features llmgate/pingora --bin llmgate -p llmgate-test-support --bin langfuse-stand-in
   target_dir=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   export LLMGATE_BIN=${LLMGATE_BIN:-$target_dir/debug/llmgate}

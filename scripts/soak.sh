@@ -64,7 +64,7 @@ done
 . scripts/lib.sh
 install_missing redis-server:redis-server jq:jq curl:curl ss:iproute2 cmake:cmake
 install_oha
-cargo build --release -p llmgate --bin llmgate
+cargo build --release -p llmgate --features pingora --bin llmgate
 cargo build --release -p llmgate-test-support --bin langfuse-stand-in
 # What was built: the commit, marked when the sources differed from it.
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

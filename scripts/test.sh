@@ -11,6 +11,18 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The README's run command builds the default feature set: no crate of it runs cmake, and that
+# build refuses the Pingora engine with the command that gets it.
+if cargo tree -p llmgate -e normal,build --prefix none | grep -q '^cmake '; then
+  echo "the default build of llmgate needs cmake (the README's run command does not install it)" >&2
+  exit 1
+fi
+refusal=$(timeout 300 cargo run -q -p llmgate --bin llmgate -- serve --engine pingora 2>&1 || true)
+case "$refusal" in
+  *"cargo run --release --features pingora -- serve --engine pingora"*) ;;
+  *) echo "a build without the pingora feature does not say how to get it: $refusal" >&2; exit 1 ;;
+esac
+
 cargo test --workspace --all-features "$@"
 # The integration suite once more, on the Pingora engine (one test body, parameterised).
 LLMGATE_TEST_ENGINE=pingora cargo test -p llmgate --all-features --test it "$@"

@@ -109,13 +109,14 @@ fn load(config: Option<PathBuf>) -> Result<Config, llmgate::config::ConfigError>
     Config::load(config.as_deref(), &|name| std::env::var(name).ok())
 }
 
-/// The config for `serve` and `bare-proxy`, with the engine flag applied, and logging started
-/// (keep the guard until exit).
+/// The config for `serve` and `bare-proxy`, with the engine flag applied (and refused when this
+/// build lacks the engine), and logging started (keep the guard until exit).
 fn load_for_serving(
     ServeArgs { config, engine }: ServeArgs,
-) -> Result<(Config, tracing_appender::non_blocking::WorkerGuard), llmgate::config::ConfigError> {
+) -> Result<(Config, tracing_appender::non_blocking::WorkerGuard), llmgate::core::BoxError> {
     let mut config = load(config)?;
     if let Some(engine) = engine {
+        engine.check_built()?;
         config.server.engine = engine;
     }
     let guard = init_logging(&config.log.filter);

@@ -23,7 +23,7 @@ pub(crate) fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
         #[cfg(feature = "pingora")]
         Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, timeout)),
         #[cfg(not(feature = "pingora"))]
-        Engine::Pingora => return Err("engine pingora needs a build with the `pingora` feature".into()),
+        Engine::Pingora => return Err(crate::config::PINGORA_NOT_BUILT.into()),
     })
 }
 
@@ -52,7 +52,7 @@ pub async fn serve_on(
             }
         }
         #[cfg(not(feature = "pingora"))]
-        Engine::Pingora => tracing::error!("engine pingora needs a build with the `pingora` feature"),
+        Engine::Pingora => tracing::error!("{}", crate::config::PINGORA_NOT_BUILT),
     }
 }
 

@@ -50,8 +50,8 @@ use serde::Deserialize;
 
 pub use sections::{
     AuthSettings, EncodedBaseUrlSettings, Engine, ExportSettings, ExternalAuthSettings, InsertionIdSettings,
-    LangfuseApi, LangfuseSettings, LogSettings, ModelOrigin, ModelSettings, RateLimitSettings, RedisSettings,
-    RolloutLogSettings, ServerSettings, TraceSettings, UpstreamSettings,
+    LangfuseApi, LangfuseSettings, LogSettings, ModelOrigin, ModelSettings, PINGORA_NOT_BUILT, RateLimitSettings,
+    RedisSettings, RolloutLogSettings, ServerSettings, TraceSettings, UpstreamSettings,
 };
 use source::Source;
 
@@ -424,8 +424,8 @@ fn server(
         Some(v) => seconds("REQUEST_TIMEOUT", &v)?,
         None => positive_secs(file.request_timeout_secs, 300.0, "request_timeout_secs", src)?,
     };
-    if file.engine == Some(Engine::Pingora) && !cfg!(feature = "pingora") {
-        return Err(src.error("engine", "engine pingora needs a build with the `pingora` feature"));
+    if let Some(engine) = file.engine {
+        engine.check_built().map_err(|message| src.error("engine", message))?;
     }
     let metrics_listen = match file.metrics.as_ref().and_then(|m| m.listen.as_deref()) {
         Some(text) => Some(

@@ -35,6 +35,22 @@ pub enum Engine {
     Pingora,
 }
 
+/// What `--engine pingora` (or `engine: pingora`) answers on a build without the `pingora`
+/// feature: how to get a build that has it.
+pub const PINGORA_NOT_BUILT: &str = "engine pingora is not in this build: it is the cargo feature `pingora` \
+     (building it needs cmake), e.g. `cargo run --release --features pingora -- serve --engine pingora`";
+
+impl Engine {
+    /// Whether this build can run the engine: `Err` with [`PINGORA_NOT_BUILT`] for Pingora on a
+    /// build without the `pingora` feature.
+    pub fn check_built(self) -> Result<(), &'static str> {
+        match self {
+            Engine::Pingora if !cfg!(feature = "pingora") => Err(PINGORA_NOT_BUILT),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The server: `listen`, `engine`, `request_timeout_secs`, `drain_timeout_secs`,
 /// `body_limit_bytes`, `metrics.listen`.
 #[derive(Clone, Debug)]
