@@ -4,7 +4,8 @@
 //! extensions of [`llmgate_core`]; the engines (`llmgate-hyper`, `llmgate-pingora`) forward to
 //! the providers and host a stack. This crate composes them: each [`config`] section builds its
 //! component, [`stack`] composes the canonical stack in one function, [`serve`] runs it on the
-//! configured engine, [`routes`] classifies and dispatches the proxy's routes, and
+//! configured engine, [`routes`] classifies and dispatches the proxy's routes, [`warm_up`] loads
+//! what requests would otherwise wait for, and
 //! [`mock_upstream`] is the OpenAI-compatible fake the tests and benchmarks use.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -18,6 +19,7 @@ pub mod routes;
 pub mod serve;
 pub mod stack;
 pub mod target;
+pub mod warm_up;
 
 pub use llmgate_core as core;
 pub use stack::Gateway;

@@ -191,6 +191,8 @@ pub struct Metrics {
     rollout_log_entries: Family<OutcomeLabels, Counter>,
     rollout_status_polls: Family<OutcomeLabels, Counter>,
     auth_refusals: Family<RefusalLabels, Counter>,
+    tokenizer_load_waits: Counter,
+    secrets_reloads: Family<OutcomeLabels, Counter>,
     panics: Family<PanicLabels, Counter>,
     sources: Sources,
     catalog: Arc<Catalog>,
@@ -223,6 +225,8 @@ impl Metrics {
             rollout_log_entries: Family::default(),
             rollout_status_polls: Family::default(),
             auth_refusals: Family::default(),
+            tokenizer_load_waits: Counter::default(),
+            secrets_reloads: Family::default(),
             panics: Family::default(),
             sources,
             catalog,
@@ -282,8 +286,23 @@ impl Metrics {
             "Requests refused by the gateway's auth, by key name and reason",
             m.auth_refusals.clone(),
         );
+        registry.register(
+            "tokenizer_load_waits",
+            "Context estimates that waited for a tokenizer to load",
+            m.tokenizer_load_waits.clone(),
+        );
+        registry.register(
+            "secrets_reloads",
+            "Reloads of the secrets (secrets file, auth.api_keys) by outcome (ok, error)",
+            m.secrets_reloads.clone(),
+        );
         registry.register("panics", "Panics caught, by place (handler or response body)", m.panics.clone());
         Self { registry, ..m }
+    }
+
+    /// Counts a reload of the secrets: `ok` (swapped in) or `error` (refused, the old ones kept).
+    pub fn count_secrets_reload(&self, outcome: &'static str) {
+        self.secrets_reloads.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// Counts a panic caught in a request handler (`handler`) or a response body (`body`).
@@ -354,6 +373,7 @@ impl Metrics {
             let s = stats.snapshot();
             outcome(&self.context_estimates, "fast_path", s.fast_path);
             outcome(&self.context_estimates, "tokenized", s.tokenized);
+            advance(&self.tokenizer_load_waits, s.tokenizer_load_waits);
         }
         if let Some(c) = &self.sources.rollout_logs {
             let entries =
@@ -390,6 +410,7 @@ fn route_label<B>(req: &Request<B>) -> &'static str {
         Some(RouteKind::Status) => "status",
         None if req.method() == Method::GET => match req.uri().path() {
             "/health" => "health",
+            "/ready" => "ready",
             "/metrics" => "metrics",
             "/stats" => "stats",
             _ => "catch_all",
@@ -478,8 +499,9 @@ where
             metrics.requests.get_or_create(&RequestLabels { route, model, status, key }).inc();
             metrics.request_duration.get_or_create(&RouteLabels { route }).observe(latency.as_secs_f64());
             drop(guard);
-            // One line per request (probes of /health and /metrics aside): no keys, no prompt text.
-            if matches!(route, "health" | "metrics") {
+            // One line per request (probes of /health, /ready and /metrics aside): no keys, no
+            // prompt text.
+            if matches!(route, "health" | "ready" | "metrics") {
                 return result;
             }
             let response = result.as_ref().ok();

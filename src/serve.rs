@@ -59,9 +59,10 @@ pub async fn serve_on(
 // === impl Gateway ===
 
 impl Gateway {
-    /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for up to the
-    /// configured drain timeout, then flushes background work.
+    /// Starts the warm-up, serves on `listener` until `shutdown` resolves, drains in-flight
+    /// requests for up to the configured drain timeout, then flushes background work.
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        self.start_warm_up();
         let Gateway { service, background, config, prometheus, .. } = self;
         let metrics_server = match config.server.metrics_listen {
             Some(addr) => match llmgate_hyper::bind(addr).await {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! CatchPanic (handler and response bodies) → Rescue → PathMetadata → Metrics → Routes (Route::of)
-//!   ├─ GET /health
+//!   ├─ GET /health, GET /ready
 //!   ├─ GET /metrics, GET /stats:  Auth (keys for every project only) → answer
 //!   ├─ chat:      Auth → DecodeJson → Project → InsertionId → [Langfuse] → ChatObserve
 //!   │             → ContextRouting → RateLimitFallback
@@ -42,6 +42,7 @@ use crate::{
     observe::ChatObserveLayer,
     routes::{self, BoxStack, Routes},
     target::{ResolveTargetLayer, Targets},
+    warm_up::WarmUp,
 };
 
 /// The whole gateway as one infallible service.
@@ -54,6 +55,7 @@ pub struct Gateway {
     insertion_store: Arc<dyn InsertionStore>,
     pub(crate) prometheus: Arc<Metrics>,
     pub(crate) config: Arc<Config>,
+    warm_up: Arc<WarmUp>,
 }
 
 /// Work that goes on after responses: flushed on graceful shutdown.
@@ -98,6 +100,7 @@ pub struct Parts {
     auth: AuthLayer,
     metrics: Arc<Metrics>,
     default_upstream: Arc<str>,
+    warm_up: Arc<WarmUp>,
 }
 
 impl Parts {
@@ -142,6 +145,7 @@ impl Parts {
 
         let context = ContextRoutingLayer::new(catalog.clone());
         let auth = AuthLayer::new(config.auth.provider()).projects(projects.clone());
+        let warm_up = Arc::new(WarmUp::new(context.clone()));
         let metrics = Arc::new(Metrics::new(
             Sources {
                 insertion: Some(insertion.counters()),
@@ -170,6 +174,7 @@ impl Parts {
             auth,
             metrics,
             default_upstream: config.upstreams.default.as_str().into(),
+            warm_up,
         })
     }
 }
@@ -203,15 +208,20 @@ pub fn compose(parts: &Parts) -> GatewayService {
     );
     let catch_all = BoxStack::new(upstream_metrics.layer(upstream.clone()));
 
-    // Every branch but `/health` behind the gateway's auth (which also consumes the gateway's
-    // own key: it never reaches an upstream, and applies the key's projects); `/metrics` and
-    // `/stats` show every project's data at once, so only keys for every project see them.
+    // Every branch but `/health` and `/ready` behind the gateway's auth (which also consumes the
+    // gateway's own key: it never reaches an upstream, and applies the key's projects);
+    // `/metrics` and `/stats` show every project's data at once, so only keys for every project
+    // see them.
     let guarded = |branch: BoxStack| -> BoxStack { BoxCloneService::new(parts.auth.layer(branch)) };
     let whole_gateway = parts.auth.clone().whole_gateway();
     let guarded_whole = |branch: BoxStack| -> BoxStack { BoxCloneService::new(whole_gateway.layer(branch)) };
     let (registry, stats) = (metrics.clone(), parts.rate_limit.stats());
     let routes = Routes {
         health: routes::answer(routes::health),
+        ready: {
+            let warm_up = parts.warm_up.clone();
+            routes::answer(move || routes::ready(warm_up.is_ready()))
+        },
         metrics: guarded_whole(routes::answer(move || routes::metrics(&registry))),
         stats: guarded_whole(routes::answer(move || routes::stats(Some(&stats)))),
         chat: guarded(chat),
@@ -253,7 +263,7 @@ impl Gateway {
     pub async fn from_config(config: Config) -> Result<Self, BoxError> {
         let parts = Parts::build(&config)?;
         let service = compose(&parts);
-        let Parts { insertion, insertion_store, langfuse, metrics, .. } = parts;
+        let Parts { insertion, insertion_store, langfuse, metrics, warm_up, .. } = parts;
         let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
             service,
@@ -261,7 +271,15 @@ impl Gateway {
             insertion_store,
             prometheus: metrics,
             config: Arc::new(config),
+            warm_up,
         })
+    }
+
+    /// Starts the warm-up in the background (`GET /ready` answers 200 once it is done; see
+    /// [`crate::warm_up`]). [`serve`](Self::serve) calls it; call it when hosting
+    /// [`service`](Self::service) yourself.
+    pub fn start_warm_up(&self) {
+        self.warm_up.start();
     }
 
     /// The store of insertion ids.

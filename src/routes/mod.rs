@@ -1,8 +1,8 @@
 //! The reference proxy's routes, classified in one place ([`Route::of`]) and dispatched by one
-//! service ([`Routes`]): `/health`, `/metrics`, `/stats`, the chat, traces, logs and status routes (which the
+//! service ([`Routes`]): `/health`, `/ready`, `/metrics`, `/stats`, the chat, traces, logs and status routes (which the
 //! path-metadata layer recognised and described in [`RouteMeta`]) and the catch-all, which
 //! forwards anything else unchanged. Authentication is applied per branch where the routes are
-//! composed (`stack.rs`): every branch but `/health` is guarded.
+//! composed (`stack.rs`): every branch but `/health` and `/ready` is guarded.
 
 use std::{
     future::Future,
@@ -31,8 +31,10 @@ pub type BoxStack = BoxCloneService<Request<GatewayBody>, Response<GatewayBody>,
 /// Where a request goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
-    /// `GET /health`, the one route outside auth.
+    /// `GET /health`, outside auth.
     Health,
+    /// `GET /ready`, outside auth.
+    Ready,
     /// `GET /metrics`.
     Metrics,
     /// `GET /stats`.
@@ -58,6 +60,7 @@ impl Route {
             None if req.method() != Method::GET => Route::CatchAll,
             None => match req.uri().path() {
                 "/health" => Route::Health,
+                "/ready" => Route::Ready,
                 "/metrics" => Route::Metrics,
                 "/stats" => Route::Stats,
                 _ => Route::CatchAll,
@@ -71,6 +74,8 @@ impl Route {
 pub struct Routes {
     /// `GET /health`.
     pub health: BoxStack,
+    /// `GET /ready`.
+    pub ready: BoxStack,
     /// `GET /metrics`.
     pub metrics: BoxStack,
     /// `GET /stats`.
@@ -99,6 +104,7 @@ impl Service<Request<GatewayBody>> for Routes {
     fn call(&mut self, req: Request<GatewayBody>) -> Self::Future {
         let branch = match Route::of(&req) {
             Route::Health => &self.health,
+            Route::Ready => &self.ready,
             Route::Metrics => &self.metrics,
             Route::Stats => &self.stats,
             Route::Chat => &self.chat,
@@ -131,6 +137,15 @@ pub fn detail_errors(branch: BoxStack) -> BoxStack {
 /// `GET /health`: the same body as the gateway this replaces, so existing probes keep working.
 pub fn health() -> Response<GatewayBody> {
     json_response(StatusCode::OK, &json!({"status": "healthy", "service": "metadata-proxy"}))
+}
+
+/// `GET /ready`: 200 `{"status":"ready"}` once the warm-up is done ([`crate::warm_up`]), 503
+/// `{"status":"warming_up"}` before (for a readiness probe; `/health` answers 200 throughout).
+pub fn ready(is_ready: bool) -> Response<GatewayBody> {
+    match is_ready {
+        true => json_response(StatusCode::OK, &json!({"status": "ready"})),
+        false => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "warming_up"})),
+    }
 }
 
 /// `GET /stats`: the fallback statistics.

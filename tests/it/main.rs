@@ -19,3 +19,4 @@ mod secrets;
 mod security;
 mod support;
 mod traces;
+mod warm_start;

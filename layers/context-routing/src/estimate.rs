@@ -94,14 +94,14 @@ fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Opti
 /// Without it each loads when first needed, on tokio's blocking pool (see the crate docs).
 pub fn warm_up() {
     for tokenizer in [Tokenizer::O200k, Tokenizer::Cl100k] {
-        let _ = tokenizer.bpe();
+        tokenizer.load();
     }
 }
 
 // === Tokenizer ===
 
 /// How a model's tokens are counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tokenizer {
     /// `o200k_base`: gpt-4o, gpt-4.1, gpt-4.5, gpt-5, o1, o3, o4.
     O200k,
@@ -142,6 +142,21 @@ impl Tokenizer {
     /// Whether every tokenizer is loaded, so that counting never waits for a load.
     pub fn all_loaded() -> bool {
         O200K.get().is_some() && CL100K.get().is_some()
+    }
+
+    /// Whether counting with this tokenizer would not wait for its tables to load (always for
+    /// [`Tokenizer::Bytes`], which has none).
+    pub fn is_loaded(self) -> bool {
+        match self {
+            Self::O200k => O200K.get().is_some(),
+            Self::Cl100k => CL100K.get().is_some(),
+            Self::Bytes => true,
+        }
+    }
+
+    /// Loads the tables now, if not yet (blocking: a few hundred ms and ~40 MB each).
+    pub fn load(self) {
+        let _ = self.bpe();
     }
 }
 
@@ -203,6 +218,7 @@ pub struct RequestEstimator<'a> {
     o200k: Option<Count>,
     cl100k: Option<Count>,
     tokenized: u32,
+    load_waits: u32,
 }
 
 /// A tokenizer's count of the texts.
@@ -231,7 +247,7 @@ impl<'a> RequestEstimator<'a> {
             Piece::Tokens(n) => size.fixed = size.fixed.saturating_add(n),
         });
         size.fixed = size.fixed.saturating_add(requested_output(json));
-        Self { json, size, o200k: None, cl100k: None, tokenized: 0 }
+        Self { json, size, o200k: None, cl100k: None, tokenized: 0, load_waits: 0 }
     }
 
     /// The fast-path upper bound: no tokenizer counts more.
@@ -249,6 +265,12 @@ impl<'a> RequestEstimator<'a> {
         self.tokenized
     }
 
+    /// How many times this estimator needed a tokenizer whose tables were not loaded yet (and
+    /// so waited for them).
+    pub fn tokenizer_load_waits(&self) -> u32 {
+        self.load_waits
+    }
+
     /// The estimate for a model counted by `tokenizer` with context `window` (if known): the
     /// bound when it fits the window, else the tokenizer's count, sampled when that is far
     /// enough from the window (see the [module docs](self)); the bytes estimate for
@@ -262,16 +284,24 @@ impl<'a> RequestEstimator<'a> {
             Tokenizer::Cl100k => &mut self.cl100k,
             Tokenizer::Bytes => &mut no_slot,
         };
-        let Some(bpe) = tokenizer.bpe() else {
-            return Estimate {
-                tokens: self.size.text_bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(fixed),
-                method: Method::Bytes,
-            };
+        let bytes_estimate = Estimate {
+            tokens: self.size.text_bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(fixed),
+            method: Method::Bytes,
         };
+        if tokenizer == Tokenizer::Bytes {
+            return bytes_estimate;
+        }
+        // The bound needs no tables: a request that fits by it never loads a tokenizer.
         let bound = self.size.text_bytes.saturating_add(fixed);
         if slot.is_none() && window.is_none_or(|w| bound <= w) {
             return Estimate { tokens: bound, method: Method::Bound };
         }
+        if !tokenizer.is_loaded() {
+            self.load_waits += 1;
+        }
+        let Some(bpe) = tokenizer.bpe() else {
+            return bytes_estimate;
+        };
         let decides = |count: &Count| {
             !count.sampled || window.is_none_or(|w| count.tokens.saturating_add(fixed).abs_diff(w) > w / SAMPLE_MARGIN)
         };

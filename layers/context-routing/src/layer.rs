@@ -45,6 +45,7 @@ pub struct ContextRoutingStats {
     reactive_fallbacks: AtomicU64,
     rejected: AtomicU64,
     unrouted: AtomicU64,
+    tokenizer_load_waits: AtomicU64,
 }
 
 /// A copy of [`ContextRoutingStats`] at one moment.
@@ -66,6 +67,10 @@ pub struct StatsSnapshot {
     /// Requests too large for their model's window that have no configured `fallbacks`: sent
     /// unchanged, the provider answers.
     pub unrouted: u64,
+    /// Estimates that needed a tokenizer whose tables were still loading (or not yet loaded):
+    /// the requests that paid for a load. None for the models of fallback chains once
+    /// [`ContextRoutingLayer::warm_up`] is done.
+    pub tokenizer_load_waits: u64,
 }
 
 impl ContextRoutingStats {
@@ -80,6 +85,7 @@ impl ContextRoutingStats {
             reactive_fallbacks: get(&self.reactive_fallbacks),
             rejected: get(&self.rejected),
             unrouted: get(&self.unrouted),
+            tokenizer_load_waits: get(&self.tokenizer_load_waits),
         }
     }
 
@@ -135,6 +141,35 @@ impl ContextRoutingLayer {
     /// The counters, for a metrics endpoint.
     pub fn stats(&self) -> Arc<ContextRoutingStats> {
         self.shared.stats.clone()
+    }
+
+    /// The tokenizers whose counts can move a request: those of the catalogue's models that
+    /// have a window and a `fallbacks` chain, and of the models of those chains. A request for
+    /// any other model goes where it asked whatever its count, so its tokenizer (needed only
+    /// when the request's byte bound passes its window) loads on first need. Empty for a
+    /// catalogue without fallbacks (the built-in one).
+    pub fn tokenizers_needed(&self) -> Vec<Tokenizer> {
+        let catalog = &self.shared.catalog;
+        let mut needed: Vec<Tokenizer> = catalog
+            .iter()
+            .filter(|spec| spec.context_window.is_some() && !spec.fallbacks.is_empty())
+            .flat_map(|spec| std::iter::once(spec).chain(spec.fallbacks.iter().filter_map(|name| catalog.get(name))))
+            .filter(|spec| spec.context_window.is_some())
+            .map(|spec| Tokenizer::for_model(spec))
+            .filter(|tokenizer| *tokenizer != Tokenizer::Bytes)
+            .collect();
+        needed.sort();
+        needed.dedup();
+        needed
+    }
+
+    /// Loads [`tokenizers_needed`](Self::tokenizers_needed) now, so that no routing decision
+    /// waits for a load. Blocking (a few hundred ms per tokenizer): run it off the async
+    /// runtime's worker threads, e.g. with `tokio::task::spawn_blocking`.
+    pub fn warm_up(&self) {
+        for tokenizer in self.tokenizers_needed() {
+            tokenizer.load();
+        }
     }
 }
 
@@ -326,6 +361,7 @@ fn decide(
         ContextRoutingStats::add(&stats.fast_path, 1);
     }
     ContextRoutingStats::add(&stats.tokenized, u64::from(estimator.tokenizer_runs()));
+    ContextRoutingStats::add(&stats.tokenizer_load_waits, u64::from(estimator.tokenizer_load_waits()));
     outcome
 }
 
@@ -342,6 +378,7 @@ async fn reactive_choice(
             let mut estimator = RequestEstimator::new(request.json());
             let choice = choose(&shared.catalog, &failed, failed_window, &mut estimator);
             ContextRoutingStats::add(&shared.stats.tokenized, u64::from(estimator.tokenizer_runs()));
+            ContextRoutingStats::add(&shared.stats.tokenizer_load_waits, u64::from(estimator.tokenizer_load_waits()));
             choice.map(|c| (c, failed_window))
         }
     };

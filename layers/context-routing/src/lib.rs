@@ -33,7 +33,8 @@
 //! that did not fit. A request is tokenized only when its byte bound passes the window; texts
 //! over 64 KiB are then counted on a sample unless that lands near the window (see
 //! [`estimate`]). Tokenizing more than 64 KiB of text, or loading a tokenizer (each ~40 MB,
-//! loaded on first need unless [`warm_up`] ran), happens on tokio's blocking pool.
+//! loaded on first need unless [`ContextRoutingLayer::warm_up`] or [`warm_up`] ran), happens on
+//! tokio's blocking pool; a request that fits by its byte bound never loads one.
 //!
 //! **Requires** `LlmRequest` (else untouched). **Reads** `FallbackEvents`, `BodyEdits`, response
 //! `ServedBy`. **Provides** `TokenEstimate`, `ModelChoice`, `BodyEdits` (`model`).

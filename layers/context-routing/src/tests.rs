@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 
 use super::*;
-use crate::estimate::RequestEstimator;
+use crate::estimate::{Method, RequestEstimator, Tokenizer};
 
 // === helpers ===
 
@@ -456,4 +456,45 @@ async fn without_llm_request_the_layer_is_transparent() {
     let response = svc.oneshot(Request::new(body::full("raw"))).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(seen.lock().unwrap()[0].body, "raw");
+}
+
+// === warm-up ===
+
+#[test]
+fn the_tokenizers_needed_are_those_of_fallback_chains() {
+    let needed = |models: Vec<ModelSpec>| ContextRoutingLayer::new(Arc::new(Catalog::new(models))).tokenizers_needed();
+    // No chain (the built-in catalogue's case): nothing to load, whatever the models.
+    assert_eq!(needed(crate::default_catalog()), []);
+    assert_eq!(needed(vec![spec("gpt-4o", 128_000, &[]), spec("gpt-4", 8_192, &[])]), []);
+    // Bytes-estimated models need no tables.
+    assert_eq!(needed(vec![spec("small", 100, &["big"]), spec("big", 1_000, &[])]), []);
+    // A chain needs its model's tokenizer and its members' (each once).
+    assert_eq!(
+        needed(vec![spec("gpt-4o-mini", 100, &["gpt-4", "big"]), spec("gpt-4", 8_192, &[]), spec("big", 1_000, &[])]),
+        [Tokenizer::O200k, Tokenizer::Cl100k]
+    );
+    assert_eq!(
+        needed(vec![spec("small", 100, &["gpt-4o"]), spec("gpt-4o", 128_000, &["gpt-4.1"])]),
+        [Tokenizer::O200k]
+    );
+    // A chain member the catalogue does not know, or a model without a window, needs nothing.
+    let no_window = ModelSpec { name: "gpt-4".into(), fallbacks: vec!["gpt-4o".into()], ..ModelSpec::default() };
+    assert_eq!(needed(vec![spec("small", 100, &["gpt-4o"]), no_window]), []);
+}
+
+#[test]
+fn warm_up_loads_what_is_needed() {
+    let layer = ContextRoutingLayer::new(Arc::new(Catalog::new([
+        spec("gpt-4o-mini", 100, &["gpt-4o"]),
+        spec("gpt-4o", 128_000, &[]),
+    ])));
+    layer.warm_up();
+    assert!(Tokenizer::O200k.is_loaded());
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word ".repeat(100)}]});
+    let mut estimator = RequestEstimator::new(body.as_object().unwrap());
+    let estimate = estimator.estimate(Tokenizer::O200k, Some(100));
+    assert_eq!(
+        (estimate.method, estimator.tokenizer_runs(), estimator.tokenizer_load_waits()),
+        (Method::Tokenizer, 1, 0)
+    );
 }

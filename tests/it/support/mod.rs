@@ -79,16 +79,7 @@ impl TestGateway {
     /// whose labels include each of `labels`, e.g. `metric("llmgate_tokens_total",
     /// &[r#"direction="input""#])`; 0 when there is none.
     pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
-        let text = self.metrics.render();
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .filter(|(series, _)| {
-                let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
-                series_name == name && labels.iter().all(|l| series_labels.contains(l))
-            })
-            .map(|(_, value)| value.parse::<f64>().unwrap_or_else(|_| panic!("not a number in {name}: {value}")) as u64)
-            .sum()
+        metric_in(&self.metrics.render(), name, labels)
     }
 
     /// Starts graceful shutdown and returns the serving task, which ends after the drain.
@@ -104,6 +95,20 @@ impl Drop for TestGateway {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The sum of the samples of the series `name` in the Prometheus text `text` whose labels include
+/// each of `labels` (see [`TestGateway::metric`]); 0 when there is none.
+pub fn metric_in(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name && labels.iter().all(|l| series_labels.contains(l))
+        })
+        .map(|(_, value)| value.parse::<f64>().unwrap_or_else(|_| panic!("not a number in {name}: {value}")) as u64)
+        .sum()
 }
 
 pub async fn mock() -> MockUpstream {
