@@ -5,7 +5,7 @@
 //! the providers and host a stack. This crate composes them: each [`config`] section builds its
 //! component, [`stack`] composes the canonical stack in one function, [`serve`] runs it on the
 //! configured engine, [`routes`] classifies and dispatches the proxy's routes, [`warm_up`] loads
-//! what requests would otherwise wait for, and
+//! what requests would otherwise wait for, [`reload`] swaps rotated secrets in, and
 //! [`mock_upstream`] is the OpenAI-compatible fake the tests and benchmarks use.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mock_upstream;
 pub mod observe;
 pub mod redis;
+pub mod reload;
 pub mod report;
 pub mod routes;
 pub mod serve;

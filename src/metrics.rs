@@ -24,7 +24,7 @@ use llmgate_core::{
     catalog::Catalog,
     ext::{AccountInfo, RouteKind, RouteMeta, ServedBy},
 };
-use llmgate_credentials::Refusals;
+use llmgate_credentials::{Refusals, Reloadable};
 use llmgate_insertion_id::Counters as InsertionCounters;
 use llmgate_langfuse::LangfuseExporter;
 use llmgate_rate_limit_fallback::Stats;
@@ -156,7 +156,7 @@ pub struct Sources {
     /// Requests the auth layer refused.
     pub auth_refusals: Option<Arc<Refusals>>,
     /// The configured gateway keys' names: the `key` label's values (others are `external`).
-    pub key_names: HashSet<String>,
+    pub key_names: Reloadable<HashSet<String>>,
 }
 
 /// Every metric the gateway exports.
@@ -293,7 +293,7 @@ impl Metrics {
         );
         registry.register(
             "secrets_reloads",
-            "Reloads of the secrets (secrets file, auth.api_keys) by outcome (ok, error)",
+            "Reloads of the secrets (secrets file, gateway keys) by outcome (ok, error)",
             m.secrets_reloads.clone(),
         );
         registry.register("panics", "Panics caught, by place (handler or response body)", m.panics.clone());
@@ -314,7 +314,7 @@ impl Metrics {
     /// identity service's, whose names are not bounded), `-` for none.
     fn key_label(&self, account: Option<&AccountInfo>) -> String {
         match account {
-            Some(a) if self.sources.key_names.contains(&a.account_id) => a.account_id.clone(),
+            Some(a) if self.sources.key_names.current().contains(&a.account_id) => a.account_id.clone(),
             Some(_) => "external".to_string(),
             None => "-".to_string(),
         }
@@ -388,9 +388,9 @@ impl Metrics {
         if let Some(refusals) = &self.sources.auth_refusals {
             // External names fold into one series: summed before it is advanced.
             let mut totals: HashMap<RefusalLabels, u64> = HashMap::new();
+            let key_names = self.sources.key_names.current();
             for ((key, reason), count) in refusals.snapshot() {
-                let key =
-                    if key == "unknown" || self.sources.key_names.contains(&key) { key } else { "external".into() };
+                let key = if key == "unknown" || key_names.contains(&key) { key } else { "external".into() };
                 *totals.entry(RefusalLabels { key, reason }).or_default() += count;
             }
             for (labels, total) in totals {

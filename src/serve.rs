@@ -59,11 +59,13 @@ pub async fn serve_on(
 // === impl Gateway ===
 
 impl Gateway {
-    /// Starts the warm-up, serves on `listener` until `shutdown` resolves, drains in-flight
-    /// requests for up to the configured drain timeout, then flushes background work.
+    /// Starts the warm-up and the secrets reload (`SIGHUP`, secrets file changes), serves on
+    /// `listener` until `shutdown` resolves, drains in-flight requests for up to the configured
+    /// drain timeout, then flushes background work.
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         self.start_warm_up();
-        let Gateway { service, background, config, prometheus, .. } = self;
+        let Gateway { service, background, config, prometheus, secrets_reload, .. } = self;
+        let reload = tokio::spawn(secrets_reload.watch());
         let metrics_server = match config.server.metrics_listen {
             Some(addr) => match llmgate_hyper::bind(addr).await {
                 Ok(listener) => Some(tokio::spawn(llmgate_hyper::serve(
@@ -83,6 +85,7 @@ impl Gateway {
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }
+        reload.abort();
         background.flush(config.server.drain_timeout).await;
     }
 }

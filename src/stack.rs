@@ -28,7 +28,7 @@ use llmgate_core::{
     catalog::Catalog,
     rescue::{CatchPanicBody, PanicHook},
 };
-use llmgate_credentials::{AuthLayer, ProjectLayer, UpstreamAuthLayer};
+use llmgate_credentials::{AuthLayer, ProjectLayer, Reloadable, UpstreamAuthLayer};
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore};
 use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer};
 use llmgate_path_metadata::PathMetadataLayer;
@@ -40,6 +40,7 @@ use crate::{
     config::Config,
     metrics::{Metrics, MetricsLayer, Sources, UpstreamMetricsLayer},
     observe::ChatObserveLayer,
+    reload::{SecretHandles, SecretsReload},
     routes::{self, BoxStack, Routes},
     target::{ResolveTargetLayer, Targets},
     warm_up::WarmUp,
@@ -56,6 +57,7 @@ pub struct Gateway {
     pub(crate) prometheus: Arc<Metrics>,
     pub(crate) config: Arc<Config>,
     warm_up: Arc<WarmUp>,
+    pub(crate) secrets_reload: SecretsReload,
 }
 
 /// Work that goes on after responses: flushed on graceful shutdown.
@@ -98,6 +100,8 @@ pub struct Parts {
     rate_limit: RateLimitFallbackLayer,
     /// The gateway's auth, with the projects whose default a one-project-less request uses.
     auth: AuthLayer,
+    /// What a secrets reload swaps.
+    secrets: SecretHandles,
     metrics: Arc<Metrics>,
     default_upstream: Arc<str>,
     warm_up: Arc<WarmUp>,
@@ -113,7 +117,7 @@ impl Parts {
             tracing::info!("no Redis configured: insertion ids and rate limits use in-memory stores");
         }
         let catalog = Arc::new(config.models.catalog());
-        let projects = Arc::new(config.langfuse.projects()?);
+        let projects = Reloadable::new(config.langfuse.projects()?);
         let mut project = ProjectLayer::new(projects.clone()).allowlist(config.encoded_base_url.allowlist());
         if let Some(host) = &config.langfuse.host {
             project = project.langfuse_host(host.as_str());
@@ -125,7 +129,7 @@ impl Parts {
         let rollout_logs = config.rollout_logs.service(
             config.rollout_logs.store(redis.as_ref()),
             config.server.body_limit,
-            projects.default_project().map(|p| &*p.id),
+            projects.current().default_project().map(|p| &*p.id),
         );
 
         // One pooled Langfuse client for export and reads.
@@ -144,7 +148,13 @@ impl Parts {
             .map(|exporter| (config.langfuse.layer(exporter.clone()), exporter));
 
         let context = ContextRoutingLayer::new(catalog.clone());
-        let auth = AuthLayer::new(config.auth.provider()).projects(projects.clone());
+        let secrets = SecretHandles {
+            projects,
+            gateway_keys: config.auth.static_keys().map(Reloadable::new),
+            key_names: Reloadable::new(config.auth.key_names()),
+        };
+        let auth =
+            AuthLayer::new(config.auth.provider(secrets.gateway_keys.as_ref())).projects(secrets.projects.clone());
         let warm_up = Arc::new(WarmUp::new(context.clone()));
         let metrics = Arc::new(Metrics::new(
             Sources {
@@ -154,7 +164,7 @@ impl Parts {
                 context: Some(context.stats()),
                 rollout_logs: Some(rollout_logs.counters()),
                 auth_refusals: Some(auth.refusals()),
-                key_names: config.auth.keys.iter().map(|k| k.account.account_id.clone()).collect(),
+                key_names: secrets.key_names.clone(),
             },
             catalog.clone(),
         ));
@@ -172,6 +182,7 @@ impl Parts {
             context,
             rate_limit,
             auth,
+            secrets,
             metrics,
             default_upstream: config.upstreams.default.as_str().into(),
             warm_up,
@@ -263,14 +274,16 @@ impl Gateway {
     pub async fn from_config(config: Config) -> Result<Self, BoxError> {
         let parts = Parts::build(&config)?;
         let service = compose(&parts);
-        let Parts { insertion, insertion_store, langfuse, metrics, warm_up, .. } = parts;
+        let Parts { insertion, insertion_store, langfuse, metrics, warm_up, secrets, .. } = parts;
+        let config = Arc::new(config);
         let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
         Ok(Self {
             service,
             background: Arc::new(background),
             insertion_store,
+            secrets_reload: SecretsReload::new(config.clone(), secrets, metrics.clone()),
             prometheus: metrics,
-            config: Arc::new(config),
+            config,
             warm_up,
         })
     }

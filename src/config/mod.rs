@@ -219,6 +219,8 @@ pub struct Config {
     pub encoded_base_url: EncodedBaseUrlSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The file it was loaded from, if any: a secrets reload re-reads its `auth.api_keys`.
+    pub file: Option<PathBuf>,
 }
 
 impl Config {
@@ -233,7 +235,7 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
-                Self::from_yaml(&text, path, env)
+                Ok(Config { file: Some(path.to_owned()), ..Self::from_yaml(&text, path, env)? })
             }
             None => Self::resolve(FileConfig::default(), &Source::none(), env),
         }
@@ -271,6 +273,7 @@ impl Config {
                     .or_else(|| env("LOG_LEVEL").map(|l| l.to_ascii_lowercase()))
                     .unwrap_or_else(|| "info".into()),
             },
+            file: None,
         })
     }
 

@@ -1,7 +1,14 @@
 //! The resolved sections of a [`Config`](super::Config), each building the component the stack
 //! needs from the layer crates' own types.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use llmgate_core::{
     BoxError, GatewayBody,
@@ -9,7 +16,8 @@ use llmgate_core::{
     ext::{Secret, UpstreamTarget},
 };
 use llmgate_credentials::{
-    AuthProvider, BaseUrlAllowlist, ExternalAuth, FirstOf, GatewayKey, NoAuth, Projects, Secrets, StaticApiKeys,
+    AuthProvider, BaseUrlAllowlist, ExternalAuth, FirstOf, GatewayKey, NoAuth, Projects, Reloadable, Secrets,
+    StaticApiKeys,
 };
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, RedisStore};
 use llmgate_langfuse::{
@@ -470,11 +478,20 @@ pub struct ExternalAuthSettings {
 }
 
 impl AuthSettings {
-    /// The auth provider: the gateway keys, then the identity service; nobody checked when
-    /// neither is configured.
-    pub fn provider(&self) -> Arc<dyn AuthProvider> {
-        let keys: Option<Arc<dyn AuthProvider>> =
-            (!self.keys.is_empty()).then(|| Arc::new(StaticApiKeys::from_keys(self.keys.clone())) as _);
+    /// The gateway keys (`auth.api_keys` and `auth.keys`); `None` without any.
+    pub fn static_keys(&self) -> Option<StaticApiKeys> {
+        (!self.keys.is_empty()).then(|| StaticApiKeys::from_keys(self.keys.clone()))
+    }
+
+    /// The gateway keys' names (what metrics label requests and refusals with).
+    pub fn key_names(&self) -> HashSet<String> {
+        self.keys.iter().map(|k| k.account.account_id.clone()).collect()
+    }
+
+    /// The auth provider: the gateway keys (`keys`, the handle a secrets reload swaps), then the
+    /// identity service; nobody checked when neither is configured.
+    pub fn provider(&self, keys: Option<&Reloadable<StaticApiKeys>>) -> Arc<dyn AuthProvider> {
+        let keys = keys.map(|keys| Arc::new(keys.clone()) as Arc<dyn AuthProvider>);
         let external: Option<Arc<dyn AuthProvider>> = self.external.as_ref().map(|e| {
             let client = llmgate_hyper::http_client::<GatewayBody>(e.timeout);
             Arc::new(ExternalAuth::new(client, e.url.clone()).timeout(e.timeout).cache_ttl(e.cache_ttl)) as _

@@ -12,6 +12,7 @@ mod metadata;
 mod metrics;
 mod operations;
 mod proxy;
+mod reload;
 mod report;
 mod rollout_logs;
 mod routing;

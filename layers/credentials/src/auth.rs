@@ -15,7 +15,7 @@ use llmgate_core::{
     ext::{AccountInfo, ProjectAccess, RouteKind, RouteMeta},
 };
 
-use crate::secrets::Projects;
+use crate::{reload::Reloadable, secrets::Projects};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -264,7 +264,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 #[derive(Clone)]
 pub struct AuthLayer {
     provider: Arc<dyn AuthProvider>,
-    projects: Option<Arc<Projects>>,
+    projects: Option<Reloadable<Projects>>,
     whole_gateway: bool,
     refusals: Arc<Refusals>,
 }
@@ -280,9 +280,10 @@ impl AuthLayer {
         Self::new(Arc::new(NoAuth))
     }
 
-    /// The projects whose default a request without a project uses (see [`Auth`]).
-    pub fn projects(mut self, projects: Arc<Projects>) -> Self {
-        self.projects = Some(projects);
+    /// The projects whose default a request without a project uses (see [`Auth`]): an
+    /// `Arc<Projects>`, or the [`Reloadable`] a secrets reload swaps.
+    pub fn projects(mut self, projects: impl Into<Reloadable<Projects>>) -> Self {
+        self.projects = Some(projects.into());
         self
     }
 
@@ -438,7 +439,8 @@ impl AuthLayer {
                     meta.project = Some(single.to_owned());
                     return Ok(());
                 }
-                let default = self.projects.as_ref().and_then(|p| p.default_project()).map(|p| &*p.id);
+                let projects = self.projects.as_ref().map(Reloadable::current);
+                let default = projects.as_deref().and_then(Projects::default_project).map(|p| &*p.id);
                 if default.is_some_and(|default| held.iter().any(|p| p == default)) {
                     Ok(())
                 } else {

@@ -6,6 +6,8 @@
 //! - [`AuthLayer`]: client authentication through an [`AuthProvider`] ([`NoAuth`] by default,
 //!   [`StaticApiKeys`] for `auth.keys` and `auth.api_keys`, [`ExternalAuth`] for an identity
 //!   service), and the projects an account may use (403 for another's).
+//! - [`Reloadable`]: the projects and the API keys, swapped while requests run (secrets rotated
+//!   without a restart); each request keeps what it started with.
 //! - [`UpstreamAuthLayer`]: per upstream attempt, the `Authorization` header (the client's, or
 //!   the upstream's server-side key) and, in `litellm` mode for `fireworks_ai*` models, the
 //!   `api_key` body field; the response says whose credentials the attempt used
@@ -71,6 +73,7 @@ mod auth;
 mod base_url;
 mod external;
 mod project;
+mod reload;
 mod scope;
 mod secrets;
 mod upstream_auth;
@@ -82,6 +85,7 @@ pub use base_url::{AllowlistError, BaseUrlAllowlist, decode_base_url};
 pub use external::{DEFAULT_CACHE_TTL, DEFAULT_TIMEOUT, ExternalAuth, FetchFuture, FirstOf, IdentityClient};
 pub use llmgate_core::future::ResponseFuture;
 pub use project::{DEFAULT_LANGFUSE_HOST, ProjectLayer, ProjectService};
+pub use reload::Reloadable;
 pub use scope::client_scope;
 pub use secrets::{Projects, Secrets, SecretsError};
 pub use upstream_auth::{API_KEY_MODEL_PREFIX, UpstreamAuth, UpstreamAuthFuture, UpstreamAuthLayer};

@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use llmgate_core::future::ResponseFuture;
 
-use crate::{base_url::BaseUrlAllowlist, scope::client_scope, secrets::Projects};
+use crate::{base_url::BaseUrlAllowlist, reload::Reloadable, scope::client_scope, secrets::Projects};
 
 /// `LANGFUSE_HOST`'s default.
 pub const DEFAULT_LANGFUSE_HOST: &str = "https://cloud.langfuse.com";
@@ -34,18 +34,19 @@ pub struct ProjectLayer {
 
 #[derive(Clone)]
 struct Config {
-    projects: Arc<Projects>,
+    projects: Reloadable<Projects>,
     langfuse_host: Arc<str>,
     allowlist: BaseUrlAllowlist,
 }
 
 impl ProjectLayer {
-    /// A layer resolving projects from `projects`, with the default Langfuse host and an empty
-    /// `encoded_base_url` allowlist (every override refused).
-    pub fn new(projects: Arc<Projects>) -> Self {
+    /// A layer resolving projects from `projects` (an `Arc<Projects>`, or a [`Reloadable`] to
+    /// swap them while it runs), with the default Langfuse host and an empty `encoded_base_url`
+    /// allowlist (every override refused).
+    pub fn new(projects: impl Into<Reloadable<Projects>>) -> Self {
         Self {
             config: Arc::new(Config {
-                projects,
+                projects: projects.into(),
                 langfuse_host: DEFAULT_LANGFUSE_HOST.into(),
                 allowlist: BaseUrlAllowlist::empty(),
             }),
@@ -177,7 +178,7 @@ where
 impl Config {
     fn prepare(&self, headers: &HeaderMap, extensions: &mut Extensions) -> Result<(), GatewayError> {
         let meta = extensions.get::<RouteMeta>();
-        let project = self.projects.resolve(meta.and_then(|m| m.project.as_deref()))?;
+        let project = self.projects.current().resolve(meta.and_then(|m| m.project.as_deref()))?;
         let base_url = meta
             .and_then(|m| m.encoded_base_url.as_deref())
             .map(|encoded| self.allowlist.check(encoded))

@@ -36,7 +36,7 @@ use llmgate_core::{
     BoxError, GatewayBody, GatewayError,
     ext::{RouteKind, RouteMeta},
 };
-use llmgate_credentials::Projects;
+use llmgate_credentials::{Projects, Reloadable};
 use llmgate_insertion_id::InsertionStore;
 use llmgate_langfuse::LangfuseReader;
 use tokio::time::Instant;
@@ -67,19 +67,24 @@ pub const DEFAULT_PARALLELISM: usize = 8;
 #[derive(Clone)]
 pub struct TracesService {
     reader: Arc<dyn LangfuseReader>,
-    projects: Arc<Projects>,
+    projects: Reloadable<Projects>,
     store: Arc<dyn InsertionStore>,
     settings: Settings,
 }
 
 impl TracesService {
-    /// Reads through `reader` with the keys of `projects`, expecting the ids in `store`.
+    /// Reads through `reader` with the keys of `projects` (an `Arc<Projects>`, or a
+    /// [`Reloadable`] that a secrets reload swaps), expecting the ids in `store`.
     /// Defaults: 60 s deadline, backoff from 1 s capped at 10 s, 8 reads at once, and a trace
     /// counts as a completion only once its generation is there.
-    pub fn new(reader: Arc<dyn LangfuseReader>, projects: Arc<Projects>, store: Arc<dyn InsertionStore>) -> Self {
+    pub fn new(
+        reader: Arc<dyn LangfuseReader>,
+        projects: impl Into<Reloadable<Projects>>,
+        store: Arc<dyn InsertionStore>,
+    ) -> Self {
         Self {
             reader,
-            projects,
+            projects: projects.into(),
             store,
             settings: Settings {
                 deadline: DEFAULT_DEADLINE,
@@ -149,7 +154,7 @@ impl TracesService {
         };
         // The path's project wins over the query's.
         let named = meta.and_then(|m| m.project).or_else(|| params.project_id.clone());
-        let project = match self.projects.resolve(named.as_deref()) {
+        let project = match self.projects.current().resolve(named.as_deref()) {
             Ok(Some(project)) => project,
             Ok(None) => {
                 return detail(
