@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need (redis-server, cmake, python3 and a
-# pinned virtual environment for the interop suite) when missing.
+# Runs the whole test suite. Installs what the tests need (redis-server, cmake, promtool from
+# Debian's prometheus package, python3 and a pinned virtual environment for the interop suite)
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . scripts/lib.sh
-install_missing redis-server:redis-server cmake:cmake
+install_missing redis-server:redis-server cmake:cmake promtool:prometheus
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust first (https://rustup.rs)" >&2
   exit 1
@@ -22,6 +23,10 @@ case "$refusal" in
   *"cargo run --release --features pingora -- serve --engine pingora"*) ;;
   *) echo "a build without the pingora feature does not say how to get it: $refusal" >&2; exit 1 ;;
 esac
+
+# The alert rules (deploy/prometheus): they parse, and each fires when it should and only then.
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 
 cargo test --workspace --all-features "$@"
 # The integration suite once more, on the Pingora engine (one test body, parameterised).

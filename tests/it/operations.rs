@@ -1,14 +1,46 @@
-//! Every series the operations guide's PromQL and the Grafana dashboard name is one `/metrics`
-//! exports.
+//! Every series the operations guide's PromQL, the Grafana dashboard and the alert rules
+//! (`deploy/prometheus/alerts.yml`) name is one `/metrics` exports; the guide's alerts are the
+//! rules'.
 
 use http::{Method, StatusCode};
 
 use crate::support::*;
 
-/// The metric names in `docs/operations.md`'s code blocks and in the Grafana dashboard's
-/// expressions (which must parse as JSON).
-fn documented_series() -> Vec<String> {
+/// The alert rules' expressions, by alert name.
+fn alert_rules() -> Vec<(String, String)> {
+    let rules: serde_json::Value =
+        serde_saphyr::from_str(include_str!("../../deploy/prometheus/alerts.yml")).expect("the rules are YAML");
+    let groups = rules["groups"].as_array().expect("groups");
+    groups
+        .iter()
+        .flat_map(|group| group["rules"].as_array().expect("rules").iter())
+        .map(|rule| {
+            let name = rule["alert"].as_str().expect("every rule is an alert");
+            (name.to_string(), rule["expr"].as_str().expect("every rule has an expr").trim().to_string())
+        })
+        .collect()
+}
+
+/// The PromQL blocks of `docs/operations.md`.
+fn documented_promql() -> Vec<String> {
     let doc = include_str!("../../docs/operations.md");
+    doc.split("```").skip(1).step_by(2).map(|block| block.trim_start_matches("promql").trim().to_string()).collect()
+}
+
+#[test]
+fn the_guides_alerts_are_the_rules_file() {
+    let rules = alert_rules();
+    let names: Vec<&str> = rules.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["LlmgateHighFallbackRate", "LlmgateExpensiveFallbacks", "LlmgateFrequentContextFallbacks"]);
+    let documented = documented_promql();
+    for (name, expr) in &rules {
+        assert!(documented.contains(expr), "{name}: `{expr}` is not one of docs/operations.md's PromQL blocks");
+    }
+}
+
+/// The metric names in `docs/operations.md`'s code blocks, in the Grafana dashboard's
+/// expressions (which must parse as JSON) and in the alert rules.
+fn documented_series() -> Vec<String> {
     let dashboard: serde_json::Value =
         serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).expect("the dashboard is JSON");
     let panels = dashboard["panels"].as_array().expect("panels");
@@ -18,7 +50,7 @@ fn documented_series() -> Vec<String> {
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
         .map(|t| t["expr"].as_str().expect("every target has an expr").to_string())
         .collect();
-    let promql = doc.split("```").skip(1).step_by(2).map(str::to_string).chain(exprs);
+    let promql = documented_promql().into_iter().chain(exprs).chain(alert_rules().into_iter().map(|(_, expr)| expr));
     let mut names: Vec<String> = promql
         .flat_map(|block| {
             block
