@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod config_prop;
+mod deploy;
 mod engines;
 mod fallback;
 mod faults;
