@@ -49,7 +49,6 @@ async fn once_ready_the_first_request_over_the_window_waits_for_no_tokenizer() {
     // `spawn` returns once `/health` answers 200: it does not wait for the warm-up.
     let gw = ChildGateway::spawn(&config(&mock, "gpt-4o"), &[("LOG_LEVEL", "info")], &[]).await;
     wait_ready(&gw).await;
-    assert!(gw.log().contains("warm-up done: ready"), "{}", gw.log());
 
     // Over gpt-4o-tiny's window: tokenized, and routed along the chain.
     let reply = post_json(&gw.url("/v1/chat/completions"), &[], &chat(100)).await;
