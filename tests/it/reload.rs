@@ -91,6 +91,7 @@ async fn sighup_and_file_changes_swap_the_keys_in_and_a_bad_file_changes_nothing
     gw.signal("HUP");
     logged(&gw, "secrets reloaded", 1).await;
     assert!(gw.log().contains("SIGHUP"), "{}", gw.log());
+    assert!(!in_flight.is_finished(), "the reload came after the request it should have overlapped");
 
     let finished = within(in_flight).await.unwrap();
     assert_eq!(finished.status, StatusCode::OK, "{}", finished.text());
