@@ -236,17 +236,18 @@ async fn connection_refused_is_a_502(engine: Engine) {
 }
 
 async fn https_upstream_without_tls_is_a_502(engine: Engine) {
-    // A plain-text port behind an https URL: the hyper engine fails the TLS handshake, the
-    // Pingora engine (no TLS backend in this build) refuses up front and says why.
+    // A plain-text port behind an https URL: both engines fail the TLS handshake and say so.
     let mock = mock().await;
     let proxy = EngineProxy::in_front_of(engine, &format!("https://{}/v1", mock.addr())).await;
     let reply = post_json(&proxy.url("/v1/chat/completions"), &[], &chat_body("m", false)).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
-    if engine == Engine::Pingora {
-        let message = reply.json()["error"]["message"].as_str().unwrap().to_string();
-        assert!(message.contains("hyper engine"), "{message}");
-    }
+    let message = reply.json()["error"]["message"].as_str().unwrap().to_string();
+    let expected = format!(
+        "Upstream unavailable: TLS handshake with {} failed: received corrupt message of type InvalidContentType",
+        mock.addr()
+    );
+    assert_eq!(message, expected);
     assert_eq!(mock.requests().len(), 0);
 }
 

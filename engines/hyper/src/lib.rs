@@ -42,4 +42,4 @@ pub mod server;
 pub mod upstream;
 
 pub use server::{bind, serve};
-pub use upstream::{HttpClient, HyperUpstream, http_client};
+pub use upstream::{HttpClient, HyperUpstream, http_client, http_client_trusting};

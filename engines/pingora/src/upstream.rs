@@ -1,5 +1,6 @@
-//! The Pingora upstream: pingora-core's pooled HTTP connector (HTTP/1.1, or h2 with prior
-//! knowledge) behind the same `tower::Service` shape as the hyper engine's `HyperUpstream`.
+//! The Pingora upstream: pingora-core's pooled HTTP connector (HTTP/1.1; h2 over TLS where the
+//! upstream offers it, or h2 with prior knowledge) behind the same `tower::Service` shape as the
+//! hyper engine's `HyperUpstream`.
 //!
 //! It forwards to the [`UpstreamTarget`] in the request's extensions (or the default one), joins
 //! URLs with [`join_url`], strips hop-by-hop headers both ways, answers `502`
@@ -18,8 +19,15 @@
 //!   dropped early closes the connection.
 //! - **`Send` but not `Sync`.** Client sessions are not `Sync`, so the response body implements
 //!   `http_body::Body` over the session and is boxed as an `UnsyncBoxBody` ([`GatewayBody`]).
-//! - **No TLS.** pingora-core is built without a TLS backend here: an `https` upstream is a `502`
-//!   that says so (use the hyper engine for those).
+//! - **TLS.** `https` upstreams go over rustls (ring), verified like the hyper engine: the same
+//!   Mozilla roots (`webpki-root-certs`, the certificate form of hyper's `webpki-roots`), TLS 1.2
+//!   and 1.3, SNI = the URL's host, ALPN `h2` then `http/1.1`; certificate and host name
+//!   verification are always on, and the platform's trust store is never read. An upstream may
+//!   trust more roots ([`PingoraUpstreamBuilder::extra_roots`], e.g. a private authority) on top
+//!   of those. pingora-core builds a verifier from a peer's roots for each new connection (not
+//!   for a pooled one); connections verified with different roots never share a pool. A
+//!   certificate that fails verification is a `502` that says why (`invalid peer certificate:
+//!   UnknownIssuer`, `… not valid for name …`).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -59,11 +67,14 @@ use llmgate_core::{
 use pingora_core::{
     ErrorType,
     connectors::{ConnectorOptions, http::Connector},
-    protocols::{ALPN, http::client::HttpSession},
+    protocols::{ALPN, http::client::HttpSession, tls::CaType},
+    tls::{CertificateDer, CertificateError, RootCertStore, RusTlsError},
     upstreams::peer::HttpPeer,
+    utils::tls::WrappedX509,
 };
 use tokio::time::Instant;
 use tower::Service;
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 /// Request bodies with a known size up to this are held until the response head arrives, so a
 /// request that hit a pooled connection the upstream had just closed can be sent once more.
@@ -82,6 +93,39 @@ struct Inner {
     pool_idle_timeout: Duration,
     h2c: bool,
     dns: Dns,
+    /// The roots of upstreams without extra ones.
+    default_trust: Trust,
+    /// The roots of upstreams with extra ones, by upstream name.
+    trust: HashMap<Arc<str>, Trust>,
+}
+
+/// The roots a TLS connection is verified with, and the pool group of the connections they
+/// verified (so a connection is only reused under the roots that accepted it).
+struct Trust {
+    roots: Arc<CaType>,
+    group: u64,
+}
+
+impl Trust {
+    /// The built-in roots and `extra`.
+    fn new(extra: Vec<WrappedX509>, group: u64) -> Self {
+        let builtin = webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().filter_map(|der| root(der).ok());
+        Self { roots: Arc::from(builtin.chain(extra).collect::<Vec<_>>()), group }
+    }
+}
+
+/// A root as pingora-core holds it, checked by webpki as rustls will use it (a root it refused
+/// would fail every handshake of its peer).
+fn root(der: &CertificateDer<'_>) -> Result<WrappedX509, RusTlsError> {
+    RootCertStore::empty().add(der.clone())?;
+    WrappedX509::try_new(der.to_vec(), |raw| X509Certificate::from_der(raw).map(|(_, cert)| cert))
+        .map_err(|_| RusTlsError::InvalidCertificate(CertificateError::BadEncoding))
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust").field("roots", &self.roots.len()).field("group", &self.group).finish()
+    }
 }
 
 /// Builds a [`PingoraUpstream`].
@@ -93,6 +137,7 @@ pub struct PingoraUpstreamBuilder {
     pool_idle_timeout: Duration,
     h2c: bool,
     dns_ttl: Duration,
+    trust: HashMap<Arc<str>, Trust>,
 }
 
 // === impl PingoraUpstreamBuilder ===
@@ -129,9 +174,24 @@ impl PingoraUpstreamBuilder {
         self
     }
 
+    /// Also trusts `roots` (DER CA certificates, e.g. a private authority's) for the TLS
+    /// connections of the upstream named `upstream` (the [`UpstreamTarget::name`] of a request,
+    /// whatever its base URL), on top of the built-in roots. A certificate that rustls or
+    /// pingora-core cannot use is an error here, never at connect time.
+    pub fn extra_roots(mut self, upstream: &str, roots: &[CertificateDer<'static>]) -> Result<Self, RusTlsError> {
+        let roots = roots.iter().map(root).collect::<Result<Vec<_>, _>>()?;
+        let group = self.trust.len() as u64 + 1;
+        self.trust.insert(upstream.into(), Trust::new(roots, group));
+        Ok(self)
+    }
+
     /// The upstream.
     pub fn build(self) -> PingoraUpstream {
-        let connector = Connector::new(Some(ConnectorOptions::new(self.pool_size)));
+        let mut options = ConnectorOptions::new(self.pool_size);
+        // Every TLS peer carries its own roots (`Trust`), so the connector's store stays empty:
+        // the platform's is never read, and a bad one (`SSL_CERT_FILE`) cannot fail the build.
+        options.ca_file = Some("/dev/null".into());
+        let connector = Connector::new(Some(options));
         PingoraUpstream {
             inner: Arc::new(Inner {
                 connector,
@@ -140,6 +200,8 @@ impl PingoraUpstreamBuilder {
                 pool_idle_timeout: self.pool_idle_timeout,
                 h2c: self.h2c,
                 dns: Dns { ttl: self.dns_ttl, cache: RwLock::default() },
+                default_trust: Trust::new(Vec::new(), 0),
+                trust: self.trust,
             }),
         }
     }
@@ -162,6 +224,7 @@ impl PingoraUpstream {
             pool_idle_timeout: Duration::from_secs(90),
             h2c: false,
             dns_ttl: Duration::from_secs(30),
+            trust: HashMap::new(),
         }
     }
 }
@@ -191,10 +254,11 @@ impl Service<Request<GatewayBody>> for PingoraUpstream {
         let target = parts.extensions.get::<UpstreamTarget>().unwrap_or(&self.inner.default_target);
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let url = join_url(&target.base_url, path);
+        let upstream = target.name.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
             let timeout = inner.timeout;
-            match tokio::time::timeout(timeout, inner.clone().forward(parts, body, url)).await {
+            match tokio::time::timeout(timeout, inner.clone().forward(parts, body, url, &upstream)).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(Some(timeout)).into()),
                 Ok(result) => result,
             }
@@ -224,6 +288,7 @@ impl Inner {
         mut parts: http::request::Parts,
         body: GatewayBody,
         url: String,
+        upstream: &str,
     ) -> Result<Response<GatewayBody>, BoxError> {
         let uri = url
             .parse::<Uri>()
@@ -232,22 +297,29 @@ impl Inner {
             .authority()
             .cloned()
             .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("invalid upstream URL {url}: no host")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(GatewayError::UpstreamUnavailable(format!(
-                    "https upstream {authority} is not supported by the Pingora engine in this build \
-                     (pingora-core has no TLS backend); use the hyper engine"
-                ))
-                .into());
-            }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => return Err(GatewayError::UpstreamUnavailable(format!("invalid upstream URL {url}")).into()),
+        };
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        // pingora-core skips certificate verification for an empty SNI: never let one through.
+        if host.is_empty() {
+            return Err(GatewayError::UpstreamUnavailable(format!("invalid upstream URL {url}: no host")).into());
         }
-        let addr = self.dns.resolve(&authority).await?;
-        let mut peer = HttpPeer::new(addr, false, authority.host().to_string());
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let addr = self.dns.resolve(host, port).await?;
+        let mut peer = HttpPeer::new(addr, tls, host.to_string());
         peer.options.connection_timeout = Some(self.timeout);
         peer.options.write_timeout = Some(self.timeout);
-        if self.h2c {
+        if tls {
+            let trust = self.trust.get(upstream).unwrap_or(&self.default_trust);
+            peer.options.ca = Some(trust.roots.clone());
+            peer.group_key = trust.group;
+            peer.options.verify_cert = true;
+            peer.options.verify_hostname = true;
+            peer.options.alpn = ALPN::H2H1;
+        } else if self.h2c {
             peer.options.alpn = ALPN::H2;
         }
 
@@ -378,12 +450,30 @@ async fn exchange(
     }
 }
 
-/// A connect failure: a timeout is a 504, anything else a 502.
+/// A connect failure: a timeout is a 504, anything else a 502 (a failed TLS handshake says why
+/// in rustls's words, as the hyper engine does).
 fn connect_error(error: &pingora_core::Error, authority: &Authority) -> BoxError {
     match error.etype() {
         ErrorType::ConnectTimedout => GatewayError::UpstreamTimeout(None).into(),
+        ErrorType::TLSHandshakeFailure => {
+            let text = error.to_string();
+            GatewayError::UpstreamUnavailable(format!(
+                "TLS handshake with {authority} failed: {}",
+                handshake_reason(&text)
+            ))
+            .into()
+        }
         _ => GatewayError::UpstreamUnavailable(format!("cannot connect to {authority}: {error}")).into(),
     }
+}
+
+/// The rustls reason of a failed handshake, which pingora-core keeps only inside its error text
+/// (`… tls connect error cause: {reason}, SNI: {host} …`); the whole text where it has another
+/// shape.
+fn handshake_reason(text: &str) -> &str {
+    text.split_once("tls connect error cause: ")
+        .and_then(|(_, rest)| rest.split_once(", SNI: "))
+        .map_or(text, |(reason, _)| reason)
 }
 
 /// A failure on an established connection.
@@ -405,9 +495,8 @@ struct Dns {
 }
 
 impl Dns {
-    async fn resolve(&self, authority: &Authority) -> Result<SocketAddr, BoxError> {
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    /// `host` without IPv6 brackets.
+    async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, BoxError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(SocketAddr::new(ip, port));
         }
