@@ -200,3 +200,26 @@ fn tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rus
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmgate_core::ext::UpstreamMode;
+
+    #[test]
+    fn extra_roots_must_be_usable_as_roots() {
+        let target = UpstreamTarget {
+            name: "public".into(),
+            base_url: "https://api.example.com/v1".into(),
+            mode: UpstreamMode::OpenAi,
+            api_key: None,
+        };
+        let upstream = HyperUpstream::new(target, Duration::from_secs(5));
+        let not_a_certificate = CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
+        assert!(upstream.clone().with_extra_roots("private", &[not_a_certificate]).is_err());
+        let root = webpki_root_certs::TLS_SERVER_ROOT_CERTS[0].clone();
+        let upstream = upstream.with_extra_roots("private", &[root]).unwrap();
+        assert_eq!(upstream.trusting.len(), 1);
+        assert!(upstream.trusting.contains_key("private"));
+    }
+}

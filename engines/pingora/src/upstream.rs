@@ -629,3 +629,38 @@ impl Body for PingoraBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmgate_core::ext::UpstreamMode;
+
+    fn builder() -> PingoraUpstreamBuilder {
+        let target = UpstreamTarget {
+            name: "public".into(),
+            base_url: "https://api.example.com/v1".into(),
+            mode: UpstreamMode::OpenAi,
+            api_key: None,
+        };
+        PingoraUpstream::builder(target)
+    }
+
+    #[test]
+    fn extra_roots_are_added_to_the_built_in_ones_for_their_upstream_only() {
+        let builtin = webpki_root_certs::TLS_SERVER_ROOT_CERTS;
+        let extra = [builtin[0].clone(), builtin[1].clone()];
+        let upstream = builder().extra_roots("private", &extra).unwrap().extra_roots("other", &extra[..1]).unwrap();
+        let inner = upstream.build().inner;
+        assert_eq!(inner.default_trust.roots.len(), builtin.len(), "every built-in root loads");
+        assert_eq!(inner.trust["private"].roots.len(), builtin.len() + 2);
+        assert_eq!(inner.trust["other"].roots.len(), builtin.len() + 1);
+        let groups = [inner.default_trust.group, inner.trust["private"].group, inner.trust["other"].group];
+        assert!(groups[0] != groups[1] && groups[1] != groups[2] && groups[0] != groups[2], "{groups:?}");
+    }
+
+    #[test]
+    fn a_root_that_is_not_a_certificate_is_refused_when_given() {
+        let error = builder().extra_roots("private", &[CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])]).unwrap_err();
+        assert!(matches!(error, RusTlsError::InvalidCertificate(_)), "{error:?}");
+    }
+}
