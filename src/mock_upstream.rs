@@ -65,6 +65,9 @@ impl Default for MockOptions {
 pub struct RecordedRequest {
     /// Method.
     pub method: String,
+    /// The HTTP version it came over (HTTP/2 once h2 was negotiated or spoken with prior
+    /// knowledge).
+    pub version: http::Version,
     /// Path and query.
     pub uri: String,
     /// Headers.
@@ -170,6 +173,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Ga
     let uri = parts.uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
     let recorded = RecordedRequest {
         method: parts.method.to_string(),
+        version: parts.version,
         uri: uri.clone(),
         headers: parts.headers.clone(),
         body: body.clone(),

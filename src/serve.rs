@@ -14,14 +14,27 @@ use crate::{
     stack::{Gateway, GatewayService},
 };
 
-/// The configured engine's upstream.
+/// The configured engine's upstream, trusting each upstream's `ca_file`.
 pub(crate) fn upstream(config: &Config) -> Result<BoxStack, BoxError> {
     let target = config.default_target().clone();
     let timeout = config.server.request_timeout;
+    let ca_files = &config.upstreams.ca_files;
     Ok(match config.server.engine {
-        Engine::Hyper => BoxCloneService::new(HyperUpstream::with_client(http_client(timeout), target, timeout)),
+        Engine::Hyper => {
+            let mut upstream = HyperUpstream::with_client(http_client(timeout), target, timeout);
+            for (name, ca) in ca_files {
+                upstream = upstream.with_extra_roots(name, &ca.certificates)?;
+            }
+            BoxCloneService::new(upstream)
+        }
         #[cfg(feature = "pingora")]
-        Engine::Pingora => BoxCloneService::new(llmgate_pingora::PingoraUpstream::new(target, timeout)),
+        Engine::Pingora => {
+            let mut builder = llmgate_pingora::PingoraUpstream::builder(target).timeout(timeout);
+            for (name, ca) in ca_files {
+                builder = builder.extra_roots(name, &ca.certificates)?;
+            }
+            BoxCloneService::new(builder.build())
+        }
         #[cfg(not(feature = "pingora"))]
         Engine::Pingora => return Err(crate::config::PINGORA_NOT_BUILT.into()),
     })

@@ -46,10 +46,14 @@ use llmgate_core::{
 use llmgate_credentials::{GatewayKey, KeyDigest};
 use llmgate_langfuse::Emit;
 use llmgate_rate_limit_fallback::OutagePolicy;
+use rustls::pki_types::{
+    CertificateDer,
+    pem::{self, PemObject},
+};
 use serde::Deserialize;
 
 pub use sections::{
-    AuthSettings, EncodedBaseUrlSettings, Engine, ExportSettings, ExternalAuthSettings, InsertionIdSettings,
+    AuthSettings, CaFile, EncodedBaseUrlSettings, Engine, ExportSettings, ExternalAuthSettings, InsertionIdSettings,
     LangfuseApi, LangfuseSettings, LogSettings, ModelOrigin, ModelSettings, PINGORA_NOT_BUILT, RateLimitSettings,
     RedisSettings, RolloutLogSettings, ServerSettings, TraceSettings, UpstreamSettings,
 };
@@ -108,6 +112,7 @@ struct UpstreamFile {
     #[serde(default)]
     mode: UpstreamMode,
     api_key_env: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,7 +298,10 @@ impl Config {
             let default = if *name == self.upstreams.default { " (default)" } else { "" };
             let key =
                 if target.api_key.is_some() { ", server-side API key" } else { ", client's Authorization forwarded" };
-            line(format!("upstream {name}{default}: {} mode {:?}{key}", target.base_url, target.mode));
+            let ca = self.upstreams.ca_files.get(name).map_or(String::new(), |ca| {
+                format!(", also trusts {} ({} certificate(s))", ca.path.display(), ca.certificates.len())
+            });
+            line(format!("upstream {name}{default}: {} mode {:?}{key}{ca}", target.base_url, target.mode));
         }
         self.describe_catalog(&mut line);
         line(format!("stores: {}", if self.redis.url.is_some() { "Redis" } else { "in-memory (no Redis configured)" }));
@@ -459,7 +467,17 @@ fn upstreams(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<UpstreamSettings, ConfigError> {
     let mut targets = BTreeMap::new();
+    let mut ca_files = BTreeMap::new();
     for (name, upstream) in file.into_iter().flatten() {
+        if let Some(path) = &upstream.ca_file {
+            let certificates = load_ca_file(path).map_err(|e| {
+                src.error(
+                    &format!("upstreams.{name}.ca_file"),
+                    format!("upstream '{name}': ca_file {}: {e}", path.display()),
+                )
+            })?;
+            ca_files.insert(name.clone(), CaFile { path: path.clone(), certificates });
+        }
         let api_key = match &upstream.api_key_env {
             Some(var) => Some(Secret::new(env(var).ok_or_else(|| {
                 src.error(
@@ -520,7 +538,41 @@ fn upstreams(
             );
         }
     }
-    Ok(UpstreamSettings { targets, default: default_upstream })
+    Ok(UpstreamSettings { targets, default: default_upstream, ca_files })
+}
+
+/// The most a `ca_file` may hold (a bundle of every public root is under 300 KiB).
+const CA_FILE_LIMIT: u64 = 4 << 20;
+
+/// The certificates of a PEM file, each checked as rustls will use it: as a root.
+fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use std::io::Read;
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(CA_FILE_LIMIT + 1).read_to_end(&mut pem))
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if pem.len() as u64 > CA_FILE_LIMIT {
+        return Err(format!("it is larger than {} MiB", CA_FILE_LIMIT >> 20));
+    }
+    let certificates = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| {
+        // Never the offending text: the path may name a file of secrets by mistake.
+        let why = match e {
+            pem::Error::MissingSectionEnd { .. } => "a block has no -----END line".to_string(),
+            pem::Error::IllegalSectionStart { .. } => "a -----BEGIN line is malformed".to_string(),
+            pem::Error::Base64Decode(_) => "a block is not valid base64".to_string(),
+            other => other.to_string(),
+        };
+        format!("not a PEM certificate file: {why}")
+    })?;
+    if certificates.is_empty() {
+        return Err("not a PEM certificate file: no -----BEGIN CERTIFICATE----- block".into());
+    }
+    for (index, certificate) in certificates.iter().enumerate() {
+        rustls::RootCertStore::empty()
+            .add(certificate.clone())
+            .map_err(|e| format!("certificate {} cannot be a root: {e}", index + 1))?;
+    }
+    Ok(certificates)
 }
 
 fn models(
@@ -957,5 +1009,57 @@ rate_limit: {max_wait_seconds: 2, on_redis_outage: fail_closed}
         let env = |k: &str| (k == "UPSTREAM_MODE").then(|| "grpc".to_string());
         let err = Config::load(None, &env).unwrap_err().to_string();
         assert_eq!(err, "UPSTREAM_MODE must be openai or litellm, not \"grpc\"");
+    }
+
+    #[test]
+    fn a_ca_file_is_read_at_start_and_a_bad_one_names_the_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("llmgate-config-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap().pem();
+        let upstream = |path: &str| format!("upstreams:\n  a:\n    url: \"https://a\"\n    ca_file: \"{path}\"\n");
+
+        // Two certificates (a bundle): both trusted, and `check-config` says so.
+        let bundle = write("bundle.pem", &format!("{ca}{ca}"));
+        let config = parse(&upstream(&bundle), &no_env).unwrap();
+        assert_eq!(config.upstreams.ca_files["a"].certificates.len(), 2);
+        assert!(
+            config.describe().contains(&format!("also trusts {bundle} (2 certificate(s))")),
+            "{}",
+            config.describe()
+        );
+
+        let missing = dir.join("missing.pem").display().to_string();
+        let cases = [
+            (missing.clone(), format!("ca_file {missing}: cannot read it: ")),
+            (dir.display().to_string(), format!("ca_file {}: cannot read it: ", dir.display())),
+            (write("text.pem", "hello\n"), "no -----BEGIN CERTIFICATE----- block".into()),
+            (write("key.pem", &key.serialize_pem()), "no -----BEGIN CERTIFICATE----- block".into()),
+            (
+                write("bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+                "certificate 1 cannot be a root: ".into(),
+            ),
+            (
+                write("broken.pem", "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n"),
+                "not a PEM certificate file: a block is not valid base64".into(),
+            ),
+            (
+                write("cut.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n"),
+                "not a PEM certificate file: a block has no -----END line".into(),
+            ),
+        ];
+        for (path, expected) in cases {
+            let err = parse(&upstream(&path), &no_env).unwrap_err().to_string();
+            assert!(err.starts_with("test.yaml:4:14: upstreams.a.ca_file: upstream 'a': "), "{err}");
+            assert!(err.contains(&expected), "{err}\n want {expected}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -28,6 +28,7 @@ use llmgate_rollout_logs::{
     DEFAULT_MAX_ENTRIES, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_PREFIX, LogStore, MemoryLogStore, RedisLogStore,
     RolloutLogService,
 };
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use crate::{redis::RedisConnection, target::Targets};
@@ -86,6 +87,20 @@ pub struct UpstreamSettings {
     pub targets: BTreeMap<String, UpstreamTarget>,
     /// The upstream used for unknown models and the catch-all; always one of `targets`.
     pub default: String,
+    /// The private authorities an upstream trusts on top of the built-in roots
+    /// (`upstreams.<name>.ca_file`), by upstream name.
+    pub ca_files: BTreeMap<String, CaFile>,
+}
+
+/// An upstream's `ca_file`: the engines trust its certificates for that upstream's TLS
+/// connections (also those to a client-chosen `encoded_base_url` routed through it), on top of
+/// the built-in roots.
+#[derive(Clone, Debug)]
+pub struct CaFile {
+    /// As configured.
+    pub path: PathBuf,
+    /// The file's certificates (DER), in order; at least one, each usable as a root.
+    pub certificates: Vec<CertificateDer<'static>>,
 }
 
 impl UpstreamSettings {

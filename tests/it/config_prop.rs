@@ -71,6 +71,7 @@ fn key() -> impl Strategy<Value = &'static str> {
         "rpm",
         "fallbacks",
         "pricing",
+        "ca_file",
         "unknown_key",
     ])
 }

@@ -20,5 +20,6 @@ mod routing;
 mod secrets;
 mod security;
 mod support;
+mod tls;
 mod traces;
 mod warm_start;
