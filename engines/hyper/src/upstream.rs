@@ -166,7 +166,9 @@ impl Service<Request<GatewayBody>> for HyperUpstream {
 /// A transport failure, described with its causes (the client's own message is only "client error");
 /// a failed TLS handshake says why in rustls's words, as the Pingora engine does.
 fn upstream_error(error: &hyper_util::client::legacy::Error, url: &str) -> GatewayError {
-    if let Some(tls) = tls_error(error) {
+    if error.is_connect()
+        && let Some(tls) = tls_error(error)
+    {
         let authority = url.parse::<Uri>().ok().and_then(|uri| uri.authority().cloned());
         let authority = authority.as_ref().map_or(url, |a| a.as_str());
         return GatewayError::UpstreamUnavailable(format!("TLS handshake with {authority} failed: {tls}"));
