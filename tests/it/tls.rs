@@ -6,7 +6,7 @@
 //! handshake it completes.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -74,7 +74,13 @@ struct Handshake {
     alpn: Option<Vec<u8>>,
 }
 
-/// A TLS front before a mock upstream, on the first address `localhost` resolves to.
+/// The first address `localhost` resolves to (IPv4 or IPv6): where the fronts listen, so that
+/// both engines reach them by name.
+async fn localhost() -> IpAddr {
+    tokio::net::lookup_host("localhost:0").await.unwrap().next().unwrap().ip()
+}
+
+/// A TLS front before a mock upstream, on [`localhost`].
 struct TlsFront {
     addr: SocketAddr,
     handshakes: Arc<Mutex<Vec<Handshake>>>,
@@ -93,8 +99,7 @@ impl TlsFront {
             .unwrap();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = TlsAcceptor::from(Arc::new(config));
-        let localhost = tokio::net::lookup_host("localhost:0").await.unwrap().next().unwrap();
-        let listener = TcpListener::bind(localhost).await.unwrap();
+        let listener = TcpListener::bind((localhost().await, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(Mutex::new(Vec::new()));
         let backend = backend.addr();
@@ -137,8 +142,12 @@ impl Drop for TlsFront {
 
 /// A gateway whose one upstream `mock` is `front`, trusting `ca_file` if given.
 async fn gateway(front: &TlsFront, ca_file: Option<&str>, extra_yaml: &str) -> TestGateway {
+    gateway_at(&front.url(), ca_file, extra_yaml).await
+}
+
+async fn gateway_at(url: &str, ca_file: Option<&str>, extra_yaml: &str) -> TestGateway {
     let ca = ca_file.map_or(String::new(), |path| format!(", ca_file: \"{path}\""));
-    let yaml = format!("upstreams:\n  mock: {{url: \"{}\", mode: openai{ca}}}\n{extra_yaml}", front.url());
+    let yaml = format!("upstreams:\n  mock: {{url: \"{url}\", mode: openai{ca}}}\n{extra_yaml}");
     TestGateway::start(&yaml, &[]).await
 }
 
@@ -221,6 +230,21 @@ async fn h2_is_used_where_the_upstream_offers_it() {
     assert_eq!(requests.len(), 4);
     assert!(requests.iter().all(|r| r.version == Version::HTTP_2), "{requests:?}");
     assert!(front.handshakes().iter().all(|h| h.alpn.as_deref() == Some(H2)), "{:?}", front.handshakes());
+}
+
+#[tokio::test]
+async fn an_ip_address_upstream_is_verified_against_the_certificates_ip_names() {
+    let authority = Authority::new();
+    let dir = TempDir::new();
+    let mock = mock().await;
+    let ip = localhost().await.to_string();
+    let front = TlsFront::start(&mock, authority.leaf(&[ip.as_str()]), &[HTTP1]).await;
+    let gw = gateway_at(&format!("https://{}/v1", front.addr), Some(&authority.ca_file(&dir)), "").await;
+
+    let reply = post_json(&gw.url(CHAT), &[], &chat_body("gpt-4o", false)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // No SNI for an IP address.
+    assert_eq!(front.handshakes(), [Handshake { sni: None, alpn: Some(HTTP1.to_vec()) }]);
 }
 
 #[tokio::test]
