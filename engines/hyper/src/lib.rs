@@ -3,7 +3,7 @@
 //! - [`HyperUpstream`]: the innermost service of a stack. It forwards each request to the
 //!   [`UpstreamTarget`](llmgate_core::ext::UpstreamTarget) in its extensions (or its default
 //!   one) over a pooled `hyper-util` client (HTTP/1.1 and h2, TLS with rustls and the webpki
-//!   roots, `TCP_NODELAY`), and streams both bodies.
+//!   roots plus any extra roots of the upstream, `TCP_NODELAY`), and streams both bodies.
 //! - [`serve`]: hosts any clonable `tower::Service<Request<GatewayBody>, Response =
 //!   Response<GatewayBody>, Error = Infallible>` on a listener (HTTP/1.1 and h2c), the way
 //!   `axum::serve` hosts a router, with a graceful drain on shutdown; [`bind`] makes the
