@@ -312,3 +312,38 @@ async fn an_identity_service_that_is_down_is_a_503() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(mock.requests().is_empty());
 }
+
+// === per-key limits ===
+
+#[tokio::test]
+async fn a_keys_own_limit_holds_across_two_replicas_and_every_model() {
+    let redis = llmgate_test_support::redis::RedisServer::start();
+    let mock = mock().await;
+    let yaml = format!(
+        "auth:\n  keys:\n    - {{name: capped, key: sk-capped, projects: [\"*\"], limits: {{rpm: 3}}}}\n    - {{name: free, key: sk-free, projects: [\"*\"]}}\nredis: {{url: \"{}\"}}\n",
+        redis.url()
+    );
+    let (a, b) = (TestGateway::in_front_of(&mock, &yaml).await, TestGateway::in_front_of(&mock, &yaml).await);
+    // Three requests, on two replicas and two models, spend the key's minute.
+    for (gw, model) in [(&a, "gpt-4o-mini"), (&b, "gpt-4o"), (&a, "some-other-model")] {
+        let (status, body) =
+            call(gw, Method::POST, "/chat/completions", Some("sk-capped"), &chat_body(model, false)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let reply = send(
+        Method::POST,
+        &b.url("/chat/completions"),
+        &[("authorization", "Bearer sk-capped"), ("content-type", "application/json")],
+        chat_body("gpt-4o", false).to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert!(reply.headers.contains_key("retry-after"));
+    let message = reply.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("API key 'capped'"), "{message}");
+    assert!(!message.contains("sk-capped"), "{message}");
+    assert_eq!(mock.chat_requests(), 3, "the refused request reached no upstream");
+    // Another key is not held back by it.
+    let (status, _) = call(&a, Method::POST, "/chat/completions", Some("sk-free"), &chat_body("gpt-4o", false)).await;
+    assert_eq!(status, StatusCode::OK);
+}

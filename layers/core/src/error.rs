@@ -53,6 +53,13 @@ pub enum GatewayError {
         /// The models tried, in order.
         tried: Vec<String>,
     },
+    /// An account's own limits (a gateway key's `limits`) are spent, whatever the model.
+    AccountRateLimited {
+        /// The account's name (never its key).
+        account: String,
+        /// When it has budget again.
+        retry_after: Option<Duration>,
+    },
     /// The upstream could not be reached or failed at the transport level.
     UpstreamUnavailable(String),
     /// The upstream did not answer in time (the timeout, where known).
@@ -84,7 +91,7 @@ impl GatewayError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::AccountRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -97,7 +104,7 @@ impl GatewayError {
         match self {
             Self::Unauthorized(_) => "authentication_error",
             Self::Forbidden(_) => "permission_error",
-            Self::RateLimited { .. } => "rate_limit_error",
+            Self::RateLimited { .. } | Self::AccountRateLimited { .. } => "rate_limit_error",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) => "upstream_error",
             Self::ServiceUnavailable(_) | Self::MissingContext(_) | Self::Internal(_) => "server_error",
             _ => "invalid_request_error",
@@ -115,7 +122,7 @@ impl GatewayError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::ContextLengthExceeded { .. } => "context_length_exceeded",
-            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::RateLimited { .. } | Self::AccountRateLimited { .. } => "rate_limit_exceeded",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::ServiceUnavailable(_) => "service_unavailable",
@@ -136,7 +143,8 @@ impl GatewayError {
             Self::MethodNotAllowed { allow } => {
                 response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            Self::RateLimited { retry_after: Some(after), .. } => {
+            Self::RateLimited { retry_after: Some(after), .. }
+            | Self::AccountRateLimited { retry_after: Some(after), .. } => {
                 // Round up: a client that waits the advertised time must find budget.
                 let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
@@ -183,6 +191,13 @@ impl fmt::Display for GatewayError {
             ),
             Self::RateLimited { retry_after, tried } => {
                 write!(f, "All models are rate limited; tried: {}", tried.join(", "))?;
+                if let Some(after) = retry_after {
+                    write!(f, "; retry after {:.1} s", after.as_secs_f64())?;
+                }
+                Ok(())
+            }
+            Self::AccountRateLimited { account, retry_after } => {
+                write!(f, "The rate limit of API key '{account}' is reached")?;
                 if let Some(after) = retry_after {
                     write!(f, "; retry after {:.1} s", after.as_secs_f64())?;
                 }

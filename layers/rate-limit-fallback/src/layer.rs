@@ -15,8 +15,8 @@ use llmgate_core::{
     BoxError, GatewayBody, GatewayError, body,
     catalog::{Catalog, Limits, ModelSpec},
     ext::{
-        BodyEdits, ClientScope, CredentialScope, EditScope, FallbackEvent, FallbackEvents, LlmRequest, ModelChoice,
-        ServedBy, TokenEstimate, UpstreamMode,
+        AccountInfo, BodyEdits, ClientScope, CredentialScope, EditScope, FallbackEvent, FallbackEvents, LlmRequest,
+        ModelChoice, ServedBy, TokenEstimate, UpstreamMode,
     },
     usage,
 };
@@ -139,7 +139,7 @@ where
     }
 }
 
-/// One request: the loop over its candidates.
+/// One request: the account's own budget (when its key has limits), then the models'.
 async fn route<S, F>(
     config: Arc<RateLimitFallbackLayer>,
     mut inner: S,
@@ -150,12 +150,58 @@ where
     S::Error: Into<BoxError>,
     F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
 {
-    let stats = &config.stats;
     let Some(llm) = req.extensions().get::<LlmRequest>().cloned() else {
         // Not a parsed chat request: nothing to route.
         return inner.call(req).await.map_err(Into::into);
     };
-    Stats::bump(&stats.total_requests);
+    Stats::bump(&config.stats.total_requests);
+    // Without an estimate from context routing, a rough one: 4 bytes per token.
+    let estimate = req.extensions().get::<TokenEstimate>().map(|e| e.tokens);
+    let tokens = estimate.unwrap_or(llm.raw().len() as u64 / 4);
+    let Some((bucket, limits)) = req.extensions().get::<AccountInfo>().and_then(account_budget) else {
+        return walk(&config, inner, req, llm, estimate, tokens).await;
+    };
+    // Counted over every model the account uses, so checked before any of them; a key's
+    // refusal is its own 429, not a reason to try another model.
+    let mut waited = Duration::ZERO;
+    while let Decision::Limited { retry_after, .. } = config.store.check(&bucket, &limits, tokens).await {
+        if waited + retry_after > config.max_wait {
+            let account = bucket.trim_start_matches(ACCOUNT_BUCKET).to_string();
+            return Err(GatewayError::AccountRateLimited { account, retry_after: Some(retry_after) }.into());
+        }
+        Stats::bump(&config.stats.rate_limit_waits);
+        tokio::time::sleep(retry_after).await;
+        waited += retry_after;
+    }
+    let mut response = walk(&config, inner, req, llm, estimate, tokens).await?;
+    correct_tpm(&config, &mut response, bucket, limits, tokens);
+    Ok(response)
+}
+
+/// The prefix of an account's budget in the rate store, apart from every model name.
+const ACCOUNT_BUCKET: &str = "@account/";
+
+/// The bucket and limits of an account that has limits of its own.
+fn account_budget(account: &AccountInfo) -> Option<(Arc<str>, Limits)> {
+    let limits = account.limits.filter(|l| l.rpm.is_some() || l.tpm.is_some() || l.rpd.is_some())?;
+    Some((Arc::from(format!("{ACCOUNT_BUCKET}{}", account.account_id)), limits))
+}
+
+/// The loop over a chat request's candidate models.
+async fn walk<S, F>(
+    config: &Arc<RateLimitFallbackLayer>,
+    mut inner: S,
+    req: Request<GatewayBody>,
+    llm: LlmRequest,
+    estimate: Option<u64>,
+    tokens: u64,
+) -> Result<Response<GatewayBody>, BoxError>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Future = F> + Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<GatewayBody>, S::Error>> + Send + 'static,
+{
+    let stats = &config.stats;
     let entry = req.extensions().get::<ModelChoice>().cloned();
     if entry.as_ref().is_some_and(|c| !c.is_primary()) {
         Stats::bump(&stats.context_fallbacks);
@@ -173,9 +219,6 @@ where
         return Ok(response);
     };
     let requested = entry.map_or_else(|| current.clone(), |c| c.requested);
-    let estimate = req.extensions().get::<TokenEstimate>().map(|e| e.tokens);
-    // Without an estimate from context routing, a rough one: 4 bytes per token.
-    let tokens = estimate.unwrap_or(llm.raw().len() as u64 / 4);
     let events = req.extensions().get::<FallbackEvents>().cloned();
     // The cooldowns that concern this client: the shared ones, unless it chose the endpoint,
     // and those its own credentials earned.
@@ -356,21 +399,32 @@ fn served(
 ) -> Response<GatewayBody> {
     let stats = &config.stats;
     Stats::bump(if requested == model { &stats.primary_requests } else { &stats.fallback_requests });
-    if limits.tpm.is_some() {
-        let outcome = usage::tap(&mut response, 0);
-        let store = config.store.clone();
-        let (model, limits) = (model.clone(), *limits);
-        outcome.subscribe(move |outcome| {
-            let Some(used) = outcome.usage else { return };
-            // Never block the task that polls the body: correct on a task of its own.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { store.correct_tokens(&model, &limits, tokens, used.total).await });
-            }
-        });
-    }
+    correct_tpm(config, &mut response, model.clone(), *limits, tokens);
     let upstream = upstream_of(config, response.extensions(), model);
     response.extensions_mut().insert(ServedBy { model: model.clone(), upstream, attempts });
     response
+}
+
+/// Once the response's usage is known, corrects the tpm budget of `bucket` (a model, or an
+/// account) from the estimated `tokens` to the real count. Nothing to do without a tpm limit.
+fn correct_tpm(
+    config: &RateLimitFallbackLayer,
+    response: &mut Response<GatewayBody>,
+    bucket: Arc<str>,
+    limits: Limits,
+    tokens: u64,
+) {
+    if limits.tpm.is_none() {
+        return;
+    }
+    let store = config.store.clone();
+    usage::tap(response, 0).subscribe(move |outcome| {
+        let Some(used) = outcome.usage else { return };
+        // Never block the task that polls the body: correct on a task of its own.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { store.correct_tokens(&bucket, &limits, tokens, used.total).await });
+        }
+    });
 }
 
 /// The upstream that answered for `model`: as an inner layer said, else the catalogue's.

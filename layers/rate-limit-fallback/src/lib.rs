@@ -5,6 +5,13 @@
 //! the chosen model (target resolution, upstream auth, `EncodeJson`, the upstream). Per chat
 //! request (one with an [`LlmRequest`](llmgate_core::ext::LlmRequest)):
 //!
+//! 0. **The account's own budget**: when the request's
+//!    [`AccountInfo`](llmgate_core::ext::AccountInfo) has `limits` (a gateway key's), one
+//!    [`RateStore::check`] of the bucket `@account/{name}` with the estimate, in the same store
+//!    (so shared by the replicas, with the same leases), before any model: refused → wait when
+//!    it fits in `max_wait`, else `GatewayError::AccountRateLimited` (429 with `Retry-After`; no
+//!    other model is tried, the limit holds over all of them). Its tpm is corrected like a
+//!    model's once the usage is known.
 //! 1. **Candidates**: the current model (`ModelChoice.current` when context routing set one,
 //!    else the body's `model`), then its catalogue `fallbacks` in order, skipping models whose
 //!    context window is smaller than the request's `TokenEstimate`. A model the catalogue does
