@@ -295,7 +295,7 @@ where
             let response = inner.call(request).await.map_err(Into::into)?;
 
             if response.status() != StatusCode::TOO_MANY_REQUESTS {
-                return Ok(served(&config, response, &requested, &model, &limits, tokens, attempts));
+                return Ok(served(config, response, &requested, &model, &limits, tokens, attempts));
             }
 
             // Upstream 429: cool down what earned it (the model for everyone when the gateway's
@@ -354,7 +354,7 @@ where
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             head.headers.insert(header::RETRY_AFTER, http::HeaderValue::from(secs.max(1)));
         }
-        let upstream = upstream_of(&config, &head.extensions, &model);
+        let upstream = upstream_of(config, &head.extensions, &model);
         head.extensions.insert(ServedBy { model, upstream, attempts });
         return Ok(Response::from_parts(head, body::full(error_body)));
     }
