@@ -347,3 +347,65 @@ async fn a_keys_own_limit_holds_across_two_replicas_and_every_model() {
     let (status, _) = call(&a, Method::POST, "/chat/completions", Some("sk-free"), &chat_body("gpt-4o", false)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// The routes of a project, under `/project_id/{p}` or with no project in the path.
+fn project_routes(project: Option<&str>) -> Vec<(Method, String, Value)> {
+    let p = project.map(|p| format!("/project_id/{p}")).unwrap_or_default();
+    let ids = "rollout_id/r/invocation_id/i/experiment_id/e/run_id/u/row_id/w";
+    vec![
+        (Method::POST, format!("{p}/chat/completions"), chat_body("gpt-4o-mini", false)),
+        (Method::POST, format!("/v1{p}/{ids}/chat/completions"), chat_body("gpt-4o-mini", true)),
+        (Method::GET, format!("/v1{p}/traces?tags=rollout_id:r&max_retries=0"), json!({})),
+        (Method::GET, format!("{p}/traces/pointwise?tags=rollout_id:r&max_retries=0"), json!({})),
+        (Method::POST, format!("{p}/logs"), log_record("r", 100)),
+        (Method::GET, format!("/v1{p}/logs?tags=rollout_id:r"), json!({})),
+        (Method::GET, format!("{p}/status?rollout_id=r"), json!({})),
+    ]
+}
+
+#[tokio::test]
+async fn every_route_by_project_and_kind_of_key() {
+    let (lf, _dir, secrets) = langfuse_with_two_projects().await;
+    let mock = mock().await;
+    let yaml = format!(
+        "{}langfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: 20}}}}\n",
+        auth_yaml(),
+        lf.url(),
+        secrets.display()
+    );
+    let gw = TestGateway::in_front_of(&mock, &yaml).await;
+    let admitted = |status: StatusCode| status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN;
+    // (key, its project, another): a plain key, a hashed key, an `api_keys` key for every project.
+    for (key, own, other) in [(TEAM_A, "p2", Some("p1")), (TEAM_B, "p1", Some("p2")), (OPS, "p1", None)] {
+        for (project, expect_admitted) in [(Some(own), true), (None, true), (other, false)] {
+            if project.is_none() && !expect_admitted {
+                continue;
+            }
+            for (method, path, body) in project_routes(project) {
+                let (status, reply) = call(&gw, method.clone(), &path, Some(key), &body).await;
+                let what = format!("{key} {method} {path}: {status} {reply}");
+                if expect_admitted {
+                    assert!(admitted(status) && !status.is_server_error(), "{what}");
+                } else {
+                    assert_eq!(status, StatusCode::FORBIDDEN, "{what}");
+                }
+            }
+        }
+        // The catch-all takes any valid key; the whole-gateway routes only one for every project.
+        assert_eq!(call(&gw, Method::GET, "/v1/models", Some(key), &json!({})).await.0, StatusCode::OK);
+        let stats = call(&gw, Method::GET, "/stats", Some(key), &json!({})).await.0;
+        assert_eq!(stats, if key == OPS { StatusCode::OK } else { StatusCode::FORBIDDEN }, "{key} /stats");
+    }
+    // An unknown key, and none: 401 on every route.
+    for key in [Some(STRANGER), None] {
+        for project in [Some("p1"), None] {
+            for (method, path, body) in project_routes(project) {
+                assert_eq!(
+                    call(&gw, method.clone(), &path, key, &body).await.0,
+                    StatusCode::UNAUTHORIZED,
+                    "{key:?} {method} {path}"
+                );
+            }
+        }
+    }
+}
