@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${FUZZ_SECONDS:-30}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(path_parser sse_usage chat_body config)
+    targets=(path_parser sse_usage chat_body config rollout_log)
 fi
 
 toolchain=()
