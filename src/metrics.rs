@@ -182,6 +182,7 @@ pub struct Metrics {
     pub chat_responses: Family<EndLabels, Counter>,
     insertion_records: Family<OutcomeLabels, Counter>,
     insertion_pending: Gauge,
+    insertion_writes: Counter,
     langfuse_spans: Family<OutcomeLabels, Counter>,
     langfuse_queue_depth: Gauge,
     rate_limit_waits: Counter,
@@ -216,6 +217,7 @@ impl Metrics {
             chat_responses: Family::default(),
             insertion_records: Family::default(),
             insertion_pending: Gauge::default(),
+            insertion_writes: Counter::default(),
             langfuse_spans: Family::default(),
             langfuse_queue_depth: Gauge::default(),
             rate_limit_waits: Counter::default(),
@@ -264,6 +266,11 @@ impl Metrics {
             "insertion_records_pending",
             "Insertion-id records waiting for a retry",
             m.insertion_pending.clone(),
+        );
+        registry.register(
+            "insertion_writes",
+            "Insertion-store writes (group commits: records per write = recorded / writes)",
+            m.insertion_writes.clone(),
         );
         registry.register("langfuse_spans", "Langfuse spans by export outcome", m.langfuse_spans.clone());
         registry.register("langfuse_queue_depth", "Spans waiting for export", m.langfuse_queue_depth.clone());
@@ -352,6 +359,7 @@ impl Metrics {
             outcome(&self.insertion_records, "failed", s.failed);
             outcome(&self.insertion_records, "dropped", s.dropped);
             self.insertion_pending.set(s.pending as i64);
+            advance(&self.insertion_writes, s.writes);
         }
         if let Some(exporter) = &self.sources.langfuse {
             let s = exporter.snapshot();

@@ -25,7 +25,7 @@ use llmgate_core::{
     BoxError, GatewayBody, body,
     ext::{RolloutIds, RouteKind, RouteMeta},
 };
-use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, StoreFuture};
+use llmgate_insertion_id::{Insertion, InsertionIdLayer, InsertionStore, MemoryStore, StoreFuture};
 use llmgate_test_support::{langfuse::Fault, redis::RedisServer};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -632,12 +632,12 @@ struct GatedStore {
 }
 
 impl InsertionStore for GatedStore {
-    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()> {
+    fn record_all<'a>(&'a self, insertions: &'a [Insertion]) -> StoreFuture<'a, ()> {
         self.started.fetch_add(1, Ordering::SeqCst);
         let mut open = self.open.subscribe();
         Box::pin(async move {
             let _ = open.wait_for(|open| *open).await;
-            self.inner.record(rollout_id, insertion_id).await
+            self.inner.record_all(insertions).await
         })
     }
 
@@ -676,7 +676,13 @@ async fn a_record_under_way_is_kept_when_the_client_leaves() {
     // The one frame holds `[DONE]`: the whole completion is there, and it waits for its record.
     let polled = Pin::new(&mut body).poll_frame(&mut Context::from_waker(Waker::noop()));
     assert!(polled.is_pending(), "the end waits for the record");
-    assert_eq!(store.started.load(Ordering::SeqCst), 1, "the record started");
+    // The record is handed to the layer's writer task, which starts the store write.
+    within(async {
+        while store.started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     drop(body);
     store.open.send_replace(true);
     within(async {

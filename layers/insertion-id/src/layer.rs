@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::{
     body::{DoneScanner, EndWatch, RecordBody, RecordFuture, StartRecord},
     recorder::{Counters, DEFAULT_QUEUE_CAPACITY, Recorder, RetryPolicy},
-    store::InsertionStore,
+    store::{Insertion, InsertionStore},
 };
 
 /// The response header that carries the insertion id.
@@ -178,8 +178,7 @@ where
 
         let record = Record {
             recorder: self.recorder.clone(),
-            rollout_id,
-            insertion_id: Arc::from(insertion_id),
+            insertion: Insertion { rollout_id, insertion_id: Arc::from(insertion_id) },
             timeout: self.record_timeout,
             retry: self.retry,
         };
@@ -215,15 +214,14 @@ pub fn litellm_metadata(request: &LlmRequest, tags: &[String]) -> Value {
 /// What a rollout response needs to record its id.
 struct Record {
     recorder: Arc<Recorder>,
-    rollout_id: Arc<str>,
-    insertion_id: Arc<str>,
+    insertion: Insertion,
     timeout: Duration,
     retry: RetryPolicy,
 }
 
 impl Record {
     fn future(self) -> RecordFuture {
-        Box::pin(self.recorder.record(self.rollout_id, self.insertion_id, self.timeout, self.retry))
+        Box::pin(self.recorder.record(self.insertion, self.timeout, self.retry))
     }
 }
 
@@ -280,7 +278,7 @@ where
             let Some(record) = record else {
                 return Poll::Ready(Ok(response.map(RecordBody::pass)));
             };
-            if let Ok(value) = HeaderValue::from_str(&record.insertion_id) {
+            if let Ok(value) = HeaderValue::from_str(&record.insertion.insertion_id) {
                 response.headers_mut().insert(INSERTION_ID_HEADER, value);
             }
             if !response.status().is_success() {

@@ -18,10 +18,12 @@
 //!    end of the stream) of a `text/event-stream`, the last frame of any other body (known from
 //!    its `content-length`, else the end of the stream). Nothing is recorded on 4xx/5xx, on a
 //!    body that breaks, or when the body is dropped before that frame arrived; a record under
-//!    way when the client leaves is finished (the completion was whole). A store slower than `record_timeout` (250 ms)
-//!    does not delay the response further: the id goes to a bounded background queue that
-//!    retries with capped exponential backoff until the store takes it (failures are logged at
-//!    error level and counted in [`Counters`]).
+//!    way when the client leaves is finished (the completion was whole). Records are group
+//!    committed: one writer has at most one store write under way, and every record that came
+//!    due meanwhile goes in the next one (no timer: alone, a record is written at once). A store
+//!    slower than `record_timeout` (250 ms) does not delay the response further: the id goes to a
+//!    bounded background queue that retries with capped exponential backoff until the store
+//!    takes it (failures are logged at error level and counted in [`Counters`]).
 //!
 //! Requests without rollout ids pass through untouched.
 //!
@@ -31,7 +33,8 @@
 //! (`metadata`, scoped to `litellm`), the `x-insertion-id` response header.
 //!
 //! Stores: [`MemoryStore`] (sharded, in process) and [`RedisStore`] (single node or Redis
-//! Cluster: `SADD` + `EXPIRE` in one MULTI/EXEC).
+//! Cluster: a batch is one MULTI/EXEC with one `SADD` of all its ids per rollout and one
+//! `EXPIRE`).
 //!
 //! # Example
 //!
@@ -92,6 +95,7 @@ pub use layer::{
 };
 pub use recorder::{
     Counters, CountersSnapshot, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_QUEUE_CAPACITY, DEFAULT_RETRY_MAX, DEFAULT_RETRY_MIN,
+    MAX_BATCH,
 };
 pub use redis_store::{CONNECTION_TIMEOUT, RESPONSE_TIMEOUT, RedisStore};
-pub use store::{DEFAULT_TTL, InsertionStore, MemoryStore, StoreFuture};
+pub use store::{DEFAULT_TTL, Insertion, InsertionStore, MemoryStore, StoreFuture};

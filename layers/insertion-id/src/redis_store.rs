@@ -1,15 +1,18 @@
 //! The Redis [`InsertionStore`]: one SET per rollout, as the original gateway wrote it.
 //!
-//! A record is one atomic pipeline (MULTI/EXEC, one round trip):
+//! A write of many records (the layer's group commit) is one atomic pipeline (MULTI/EXEC, one
+//! round trip), with one `SADD` per rollout carrying all of its new ids and one `EXPIRE`:
 //!
 //! ```text
-//! SADD   {prefix}{rollout_id} {insertion_id}
+//! SADD   {prefix}{rollout_id} {insertion_id} [{insertion_id} …]
 //! EXPIRE {prefix}{rollout_id} {ttl}
+//! …one pair per rollout in the batch
 //! ```
 //!
 //! and a read is `SMEMBERS {prefix}{rollout_id}`. The prefix defaults to empty, so sets written
 //! by the original gateway stay readable, and the TTL to 86400 s. Each rollout is one key, so
-//! the transaction needs no hash tag on Redis Cluster.
+//! no hash tag is needed on Redis Cluster: there the batch is split by hash slot, one atomic
+//! pipeline per slot, sent concurrently (a transaction cannot span slots).
 //!
 //! # Connections
 //!
@@ -26,16 +29,19 @@
 //!   answer, and the connection reconnects to the initial nodes on the next call. Calls never
 //!   hang past the response timeout.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use futures_util::future::try_join_all;
+use llmgate_core::BoxError;
 use redis::{
     IntoConnectionInfo, RedisResult,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
+    cluster_routing::Slot,
 };
 
-use crate::store::{DEFAULT_TTL, InsertionStore, StoreFuture};
+use crate::store::{DEFAULT_TTL, Insertion, InsertionStore, StoreFuture};
 
 /// The connection timeout the constructors use.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -48,12 +54,22 @@ pub struct RedisStore<C> {
     conn: C,
     prefix: Arc<str>,
     ttl_secs: i64,
+    /// A Redis Cluster connection: a batch is written as one pipeline per hash slot.
+    per_slot: bool,
 }
 
 impl<C> RedisStore<C> {
-    /// A store on `conn`, with an empty key prefix and a TTL of 86400 s.
+    /// A store on `conn`, with an empty key prefix and a TTL of 86400 s. For a Redis Cluster
+    /// connection of your own, add [`per_slot`](Self::per_slot).
     pub fn new(conn: C) -> Self {
-        Self { conn, prefix: Arc::from(""), ttl_secs: DEFAULT_TTL.as_secs() as i64 }
+        Self { conn, prefix: Arc::from(""), ttl_secs: DEFAULT_TTL.as_secs() as i64, per_slot: false }
+    }
+
+    /// Writes a batch as one pipeline per hash slot (needed on Redis Cluster, where a pipeline
+    /// cannot cross slots; the cluster constructors set it).
+    pub fn per_slot(mut self) -> Self {
+        self.per_slot = true;
+        self
     }
 
     /// Sets the key prefix (default empty: the key is the bare `rollout_id`, as the original).
@@ -118,13 +134,53 @@ impl RedisStore<ClusterConnection> {
         let client = builder.build()?;
         let config =
             ClusterConfig::new().set_connection_timeout(CONNECTION_TIMEOUT).set_response_timeout(RESPONSE_TIMEOUT);
-        Ok(Self::new(client.get_pending_async_connection_with_config(config)))
+        Ok(Self::new(client.get_pending_async_connection_with_config(config)).per_slot())
     }
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("prefix", &self.prefix).field("ttl_secs", &self.ttl_secs).finish()
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("per_slot", &self.per_slot)
+            .finish()
+    }
+}
+
+/// One rollout's set and the ids a batch adds to it.
+struct SetAdd<'a> {
+    key: String,
+    members: Vec<&'a str>,
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// The batch grouped by rollout, in the order the rollouts first appear.
+    fn set_adds<'a>(&self, insertions: &'a [Insertion]) -> Vec<SetAdd<'a>> {
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(insertions.len());
+        let mut adds: Vec<SetAdd<'a>> = Vec::with_capacity(insertions.len());
+        for insertion in insertions {
+            let at = *index.entry(&insertion.rollout_id).or_insert_with(|| {
+                adds.push(SetAdd { key: self.key(&insertion.rollout_id), members: Vec::new() });
+                adds.len() - 1
+            });
+            adds[at].members.push(&insertion.insertion_id);
+        }
+        adds
+    }
+
+    /// One MULTI/EXEC pipeline: `SADD` and `EXPIRE` for each set.
+    async fn write(&self, adds: &[&SetAdd<'_>]) -> Result<(), BoxError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for add in adds {
+            pipe.sadd(&add.key, &add.members).ignore().expire(&add.key, self.ttl_secs).ignore();
+        }
+        pipe.exec_async(&mut self.conn.clone()).await?;
+        Ok(())
     }
 }
 
@@ -132,19 +188,17 @@ impl<C> InsertionStore for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()> {
-        let mut conn = self.conn.clone();
-        let key = self.key(rollout_id);
-        let ttl = self.ttl_secs;
+    fn record_all<'a>(&'a self, insertions: &'a [Insertion]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            redis::pipe()
-                .atomic()
-                .sadd(&key, insertion_id)
-                .ignore()
-                .expire(&key, ttl)
-                .ignore()
-                .exec_async(&mut conn)
-                .await?;
+            let adds = self.set_adds(insertions);
+            if !self.per_slot {
+                return self.write(&adds.iter().collect::<Vec<_>>()).await;
+            }
+            let mut slots: HashMap<Slot, Vec<&SetAdd<'_>>> = HashMap::new();
+            for add in &adds {
+                slots.entry(Slot::for_key(&add.key)).or_default().push(add);
+            }
+            try_join_all(slots.values().map(|adds| self.write(adds))).await?;
             Ok(())
         })
     }

@@ -10,7 +10,7 @@ use std::{
     future::Future,
     hash::{BuildHasher, RandomState},
     pin::Pin,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -23,13 +23,32 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(86_400);
 /// The boxed future a store returns (keeps [`InsertionStore`] object-safe).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
 
+/// One insertion id of one rollout: what a record adds.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Insertion {
+    /// The rollout whose set takes the id.
+    pub rollout_id: Arc<str>,
+    /// The insertion id.
+    pub insertion_id: Arc<str>,
+}
+
 /// Keeps the insertion ids of each rollout.
 ///
 /// Implementations must be cheap to call concurrently (no global lock on the hot path) and
-/// `record` must be idempotent: a retried record of the same id leaves the same set.
+/// recording must be idempotent: a retried record of the same ids leaves the same sets.
 pub trait InsertionStore: Send + Sync + 'static {
-    /// Adds `insertion_id` to the set of `rollout_id` and resets the set's time to live.
-    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()>;
+    /// Adds each insertion id to its rollout's set and resets the time to live of those sets,
+    /// in as few round trips as the store allows (the layer hands over every record that came
+    /// due while the previous write was under way). On an error some may have been written;
+    /// recording them all again is safe.
+    fn record_all<'a>(&'a self, insertions: &'a [Insertion]) -> StoreFuture<'a, ()>;
+
+    /// Adds `insertion_id` to the set of `rollout_id` and resets the set's time to live (a
+    /// batch of one).
+    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()> {
+        let one = [Insertion { rollout_id: Arc::from(rollout_id), insertion_id: Arc::from(insertion_id) }];
+        Box::pin(async move { self.record_all(&one).await })
+    }
 
     /// The insertion ids recorded for `rollout_id` (empty when none or expired), in no order.
     fn members<'a>(&'a self, rollout_id: &'a str) -> StoreFuture<'a, Vec<String>>;
@@ -134,9 +153,11 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl InsertionStore for MemoryStore {
-    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()> {
+    fn record_all<'a>(&'a self, insertions: &'a [Insertion]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            self.insert(rollout_id, insertion_id);
+            for insertion in insertions {
+                self.insert(&insertion.rollout_id, &insertion.insertion_id);
+            }
             Ok(())
         })
     }

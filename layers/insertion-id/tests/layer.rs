@@ -18,8 +18,8 @@ use llmgate_core::{
     ext::{BodyEdits, InsertionId, LlmRequest, RolloutIds, RolloutTags, RouteKind, RouteMeta, UpstreamMode},
     json::{encode, parse_chat_body},
 };
-use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, StoreFuture};
-use tokio::sync::Semaphore;
+use llmgate_insertion_id::{Insertion, InsertionIdLayer, InsertionStore, MemoryStore, StoreFuture};
+use tokio::sync::{Semaphore, watch};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use uuid::Uuid;
 
@@ -80,16 +80,16 @@ const SSE: &[Result<&str, &str>] = &[
     Ok("data: [DONE]\n\n"),
 ];
 
-/// A store whose records wait for a permit (the test opens the gate), over a `MemoryStore`.
+/// A store whose writes wait for a permit (the test opens the gate), over a `MemoryStore`.
 struct GatedStore {
     inner: MemoryStore,
     gate: Semaphore,
-    calls: Mutex<u32>,
+    calls: watch::Sender<u32>,
 }
 
 impl Default for GatedStore {
     fn default() -> Self {
-        Self { inner: MemoryStore::new(), gate: Semaphore::new(0), calls: Mutex::new(0) }
+        Self { inner: MemoryStore::new(), gate: Semaphore::new(0), calls: watch::channel(0).0 }
     }
 }
 
@@ -98,16 +98,20 @@ impl GatedStore {
         self.gate.add_permits(n);
     }
     fn calls(&self) -> u32 {
-        *self.calls.lock().unwrap()
+        *self.calls.borrow()
+    }
+    /// Waits until the writer task has called the store `n` times.
+    async fn called(&self, n: u32) {
+        self.calls.subscribe().wait_for(|calls| *calls >= n).await.unwrap();
     }
 }
 
 impl InsertionStore for GatedStore {
-    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()> {
-        *self.calls.lock().unwrap() += 1;
+    fn record_all<'a>(&'a self, insertions: &'a [Insertion]) -> StoreFuture<'a, ()> {
+        self.calls.send_modify(|calls| *calls += 1);
         Box::pin(async move {
             self.gate.acquire().await?.forget();
-            self.inner.record(rollout_id, insertion_id).await
+            self.inner.record_all(insertions).await
         })
     }
     fn members<'a>(&'a self, rollout_id: &'a str) -> StoreFuture<'a, Vec<String>> {
@@ -251,7 +255,7 @@ async fn json_2xx_is_recorded_before_its_last_frame_is_released() {
     assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), r#""x"}"#);
     let mut end = Box::pin(body.frame());
     assert!(poll_once(&mut end).await.is_pending());
-    assert_eq!(store.calls(), 1);
+    store.called(1).await;
     assert!(store.members("r-json").await.unwrap().is_empty());
     store.open(1);
     assert!(end.await.is_none());
@@ -338,7 +342,7 @@ async fn sse_is_recorded_before_the_done_frame_is_released() {
     // The [DONE] frame waits for the record.
     let mut done = Box::pin(body.frame());
     assert!(poll_once(&mut done).await.is_pending());
-    assert_eq!(store.calls(), 1);
+    store.called(1).await;
     store.open(1);
     let frame = done.await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(frame, "data: [DONE]\n\n");
@@ -463,13 +467,13 @@ struct Flaky {
 }
 
 impl InsertionStore for Flaky {
-    fn record<'a>(&'a self, rollout_id: &'a str, insertion_id: &'a str) -> StoreFuture<'a, ()> {
+    fn record_all<'a>(&'a self, insertions: &'a [Insertion]) -> StoreFuture<'a, ()> {
         let mut failures = self.failures.lock().unwrap();
         if *failures > 0 {
             *failures -= 1;
             return Box::pin(async { Err("connection refused".into()) });
         }
-        self.inner.record(rollout_id, insertion_id)
+        self.inner.record_all(insertions)
     }
     fn members<'a>(&'a self, rollout_id: &'a str) -> StoreFuture<'a, Vec<String>> {
         self.inner.members(rollout_id)
