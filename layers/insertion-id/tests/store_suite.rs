@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use llmgate_insertion_id::{InsertionStore, MemoryStore, RedisStore};
+use llmgate_insertion_id::{Insertion, InsertionStore, MemoryStore, RedisStore};
 use llmgate_test_support::redis::{RedisCluster, RedisServer};
 use redis::aio::ConnectionLike;
 
@@ -46,6 +46,19 @@ async fn suite(store: Arc<dyn InsertionStore>, ns: &str) {
     }
     let expected: Vec<String> = (0..50).map(|i| format!("id-{i:02}")).collect();
     assert_eq!(sorted(store.members(&r3).await.unwrap()), expected);
+
+    // One write of many ids over many rollouts (on a cluster: keys in many hash slots).
+    let batch: Vec<Insertion> = (0..60)
+        .map(|i| Insertion {
+            rollout_id: Arc::from(format!("{ns}batch-{}", i % 20)),
+            insertion_id: Arc::from(format!("id-{i:02}")),
+        })
+        .collect();
+    store.record_all(&batch).await.unwrap();
+    for r in 0..20 {
+        let expected: Vec<String> = (0..3).map(|k| format!("id-{:02}", r + 20 * k)).collect();
+        assert_eq!(sorted(store.members(&format!("{ns}batch-{r}")).await.unwrap()), expected);
+    }
 }
 
 #[tokio::test]
