@@ -21,7 +21,8 @@ use llmgate_credentials::{
 };
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore, MemoryStore, RedisStore};
 use llmgate_langfuse::{
-    Emit, ExporterConfig, LangfuseClient, LangfuseExporter, LangfuseLayer, LangfuseReader, V3Reader, V4Reader,
+    DEFAULT_MAX_CONCURRENT_EXPORTS, DEFAULT_MAX_QUEUE_SPANS, Emit, ExporterConfig, LangfuseClient, LangfuseExporter,
+    LangfuseLayer, LangfuseReader, V3Reader, V4Reader,
 };
 use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
 use llmgate_rollout_logs::{
@@ -355,7 +356,8 @@ pub struct TraceSettings {
     pub capture_bytes: Option<usize>,
 }
 
-/// How the Langfuse exporter batches (`langfuse.export`; defaults like the official SDKs).
+/// How the Langfuse exporter batches (`langfuse.export`; batch size and delay like the official
+/// SDKs, a larger queue and parallel exports so a burst drops nothing).
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExportSettings {
@@ -367,11 +369,19 @@ pub struct ExportSettings {
     pub queue_max_spans: usize,
     /// How long one export request may take before it counts as failed and is retried.
     pub timeout_ms: u64,
+    /// Exports built and sent at once (of one project or several).
+    pub concurrent_exports: usize,
 }
 
 impl Default for ExportSettings {
     fn default() -> Self {
-        Self { batch_max_spans: 512, batch_delay_ms: 5000, queue_max_spans: 2048, timeout_ms: 30_000 }
+        Self {
+            batch_max_spans: 512,
+            batch_delay_ms: 5000,
+            queue_max_spans: DEFAULT_MAX_QUEUE_SPANS,
+            timeout_ms: 30_000,
+            concurrent_exports: DEFAULT_MAX_CONCURRENT_EXPORTS,
+        }
     }
 }
 
@@ -411,6 +421,7 @@ impl LangfuseSettings {
             .max_batch_spans(export.batch_max_spans)
             .schedule_delay(Duration::from_millis(export.batch_delay_ms))
             .max_queue_spans(export.queue_max_spans)
+            .max_concurrent_exports(export.concurrent_exports)
             .export_timeout(Duration::from_millis(export.timeout_ms));
         Some(LangfuseExporter::spawn(config, client))
     }

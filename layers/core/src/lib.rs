@@ -15,7 +15,8 @@
 //!   and write it back once per upstream attempt ([`EncodeJsonLayer`]);
 //! - [`usage`]: the SSE-aware pass-through response body that reports usage exactly once;
 //! - [`catalog`]: the model catalogue shared by the routing layers and the cost calculation;
-//! - [`forward`]: URL joining and header hygiene for the upstream engines.
+//! - [`forward`]: URL joining and header hygiene for the upstream engines;
+//! - [`losses`]: the Langfuse spans lost per rollout, shared by the exporter and `/traces`.
 //!
 //! # Example
 //!
@@ -56,6 +57,7 @@ pub mod ext;
 pub mod forward;
 pub mod future;
 pub mod json;
+pub mod losses;
 pub mod rescue;
 pub mod usage;
 

@@ -3,22 +3,26 @@
 //! Spans are handed over with [`LangfuseExporter::enqueue`] (the layers hand over a request's
 //! record, whose spans the exporter task writes: the exporter knows it only as `WriteSpans`, so
 //! it imports nothing of the layers'), which never waits: a short lock around a
-//! push onto a queue bounded in spans (default 2048). **When the queue is full the new spans
-//! are dropped** (like OpenTelemetry's `BatchSpanProcessor`) and counted in `dropped`.
+//! push onto a queue bounded in spans (default 8192). **When the queue is full the new spans
+//! are dropped** (like OpenTelemetry's `BatchSpanProcessor`), counted in `dropped` and, per
+//! rollout, in the [`SpanLosses`] shared with `/traces` (see [`LangfuseExporter::losses`]).
 //!
 //! One background task drains the queue when it holds 64 spans (fewer if the batches or the
-//! queue are smaller) and every `schedule_delay`, so a request seldom wakes it. It writes the
-//! spans into one batch per project (credentials are per project, so spans of different
-//! projects never share an export), and exports a project's batch when it reaches
-//! `max_batch_spans` (512) or every `schedule_delay` (5 s). An export is an
+//! queue are smaller) and every `schedule_delay`, so a request seldom wakes it. It only sorts
+//! the records into one batch per project (credentials are per project, so spans of different
+//! projects never share an export) and hands a project's batch to an export task when it
+//! reaches `max_batch_spans` (512) or every `schedule_delay` (5 s): the export task writes the
+//! spans, compresses and sends them, so up to `max_concurrent_exports` (8) batches, of one
+//! project or several, are built and sent in parallel on the runtime's threads. An export is an
 //! `ExportTraceServiceRequest` (the spans written as protobuf by the `span` module), gzipped, POSTed to
 //! `{host}/api/public/otel/v1/traces` with the project's Basic auth and
 //! `x-langfuse-ingestion-version: 4`. 429/500/502/503/504, timeouts and connection errors are
 //! retried with exponential backoff that honours `Retry-After` (Langfuse answers 500 for a
 //! storage or queue failure, which passes, so it is retried like the OTLP-retryable codes);
-//! 400/401/403 and other statuses drop the batch (`failed`), 401/403 logged at error level. At most `max_concurrent_exports`
-//! exports run at once; past that the drain task waits, the queue fills and new spans are
-//! dropped, so memory stays bounded during an outage.
+//! 400/401/403 and other statuses drop the batch (`failed`, and per rollout in the
+//! [`SpanLosses`]), 401/403 logged at error level. At most `max_concurrent_exports` exports run
+//! at once; past that the drain task waits, the queue fills and new spans are dropped, so
+//! memory stays bounded during an outage.
 
 use std::{
     collections::HashMap,
@@ -33,7 +37,10 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::Full;
-use llmgate_core::ext::LangfuseKeys;
+use llmgate_core::{
+    ext::{LangfuseKeys, RolloutTags},
+    losses::SpanLosses,
+};
 use opentelemetry_proto::tonic::{common::v1::InstrumentationScope, resource::v1::Resource, trace::v1::Span};
 use prost::Message as _;
 use tokio::{
@@ -49,6 +56,12 @@ use crate::{
 /// The OTLP path under the Langfuse host.
 pub const OTEL_TRACES_PATH: &str = "/api/public/otel/v1/traces";
 const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The default queue capacity in spans: a burst of several thousand requests while every
+/// export slot is busy (the SDKs' 2048 dropped spans at 75k requests/s).
+pub const DEFAULT_MAX_QUEUE_SPANS: usize = 8192;
+/// The default number of exports built and sent at once.
+pub const DEFAULT_MAX_CONCURRENT_EXPORTS: usize = 8;
 
 // === ExporterConfig ===
 
@@ -72,7 +85,7 @@ impl ExporterConfig {
     pub fn new(host: impl Into<String>) -> Self {
         Self {
             host: host.into().trim_end_matches('/').to_owned(),
-            max_queue_spans: 2048,
+            max_queue_spans: DEFAULT_MAX_QUEUE_SPANS,
             max_batch_spans: 512,
             max_batch_bytes: 3 * 1024 * 1024,
             schedule_delay: Duration::from_secs(5),
@@ -80,11 +93,11 @@ impl ExporterConfig {
             max_retries: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
-            max_concurrent_exports: 2,
+            max_concurrent_exports: DEFAULT_MAX_CONCURRENT_EXPORTS,
         }
     }
 
-    /// Queue capacity in spans (default 2048); a full queue drops the new spans.
+    /// Queue capacity in spans (default 8192); a full queue drops the new spans.
     pub fn max_queue_spans(mut self, n: usize) -> Self {
         self.max_queue_spans = n.max(1);
         self
@@ -128,7 +141,7 @@ impl ExporterConfig {
         self
     }
 
-    /// Exports in flight at once (default 2).
+    /// Exports built and in flight at once (default 8), of one project or several.
     pub fn max_concurrent_exports(mut self, n: usize) -> Self {
         self.max_concurrent_exports = n.max(1);
         self
@@ -180,6 +193,11 @@ pub(crate) trait WriteSpans: Send + 'static {
 
     /// Writes them, each with [`Batch::span`].
     fn write_spans(self: Box<Self>, batch: &mut Batch);
+
+    /// The rollout they belong to, to count them per rollout if they are lost.
+    fn rollout(&self) -> Option<RolloutTags> {
+        None
+    }
 }
 
 impl WriteSpans for Span {
@@ -234,13 +252,14 @@ impl Queue {
         }
     }
 
-    /// Adds `queued` unless its spans do not fit or the exporter task is gone.
-    fn push(&self, queued: Queued) -> bool {
+    /// Adds `queued` unless its spans do not fit or the exporter task is gone (then gives it
+    /// back).
+    fn push(&self, queued: Queued) -> Result<(), Queued> {
         let n = queued.spans();
         let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
         let depth = self.depth.load(Ordering::Relaxed);
         if self.closed.load(Ordering::Relaxed) || depth + n > self.capacity {
-            return false;
+            return Err(queued);
         }
         items.push(queued);
         self.depth.store(depth + n, Ordering::Relaxed);
@@ -248,7 +267,7 @@ impl Queue {
         if depth < self.wake_at && depth + n >= self.wake_at {
             self.wake.notify_one();
         }
-        true
+        Ok(())
     }
 
     /// Swaps everything queued into `into` (empty, its capacity reused by the next pushes).
@@ -285,6 +304,7 @@ struct Shared {
     queue: Arc<Queue>,
     control: mpsc::UnboundedSender<oneshot::Sender<()>>,
     counters: Arc<Counters>,
+    losses: SpanLosses,
 }
 
 impl Drop for Shared {
@@ -306,6 +326,7 @@ impl LangfuseExporter {
         let queue = Arc::new(Queue::new(config.max_queue_spans, config.max_batch_spans));
         let (control, control_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
+        let losses = SpanLosses::default();
         let endpoint = format!("{}{}", config.host, OTEL_TRACES_PATH).parse::<Uri>().ok();
         if endpoint.is_none() {
             tracing::error!(host = %config.host, "invalid Langfuse host: nothing will be exported");
@@ -316,11 +337,17 @@ impl LangfuseExporter {
             endpoint,
             client,
             counters: counters.clone(),
+            losses: losses.clone(),
             queue: queue.clone(),
             pending: HashMap::new(),
         };
         tokio::spawn(worker.run(control_rx));
-        Self { inner: Arc::new(Shared { queue, control, counters }) }
+        Self { inner: Arc::new(Shared { queue, control, counters, losses }) }
+    }
+
+    /// The spans this exporter lost (dropped, or given up), per rollout: hand it to `/traces`.
+    pub fn losses(&self) -> &SpanLosses {
+        &self.inner.losses
     }
 
     /// Queues `span` for the project of `keys` without waiting. Returns `false` (and counts
@@ -339,11 +366,14 @@ impl LangfuseExporter {
         if n == 0 {
             return true;
         }
-        let accepted = self.inner.queue.push(queued);
-        if !accepted {
-            Counters::add(&self.inner.counters.dropped, n);
+        match self.inner.queue.push(queued) {
+            Ok(()) => true,
+            Err(queued) => {
+                Counters::add(&self.inner.counters.dropped, n);
+                count_lost(&self.inner.losses, queued.spans.rollout().as_ref(), n);
+                false
+            }
         }
-        accepted
     }
 
     /// Counts a request that was not recorded because it had no project.
@@ -382,10 +412,18 @@ struct Worker {
     endpoint: Option<Uri>,
     client: LangfuseClient,
     counters: Arc<Counters>,
+    losses: SpanLosses,
     semaphore: Arc<Semaphore>,
     queue: Arc<Queue>,
-    /// Batches by Basic auth header (one per project key pair).
-    pending: HashMap<Bytes, Batch>,
+    /// Records waiting for an export, by Basic auth header (one per project key pair).
+    pending: HashMap<Bytes, Pending>,
+}
+
+/// A project's records waiting for an export, and how many spans they write.
+#[derive(Default)]
+struct Pending {
+    records: Vec<Box<dyn WriteSpans>>,
+    spans: usize,
 }
 
 impl Drop for Worker {
@@ -443,35 +481,35 @@ impl Worker {
         }
     }
 
-    /// Writes the spans into their project's batch and exports the batches that filled up.
+    /// Adds the record to its project's pending batch and hands the batch to an export once
+    /// it holds `max_batch_spans`.
     async fn push(&mut self, queued: Queued) {
         let Some(auth) = client::basic_auth(&queued.keys) else {
-            Counters::add(&self.counters.failed, queued.spans());
+            let n = queued.spans();
+            Counters::add(&self.counters.failed, n);
+            count_lost(&self.losses, queued.spans.rollout().as_ref(), n);
             return;
         };
         let key = Bytes::copy_from_slice(auth.as_bytes());
-        let config = &self.config;
-        let batch = self
-            .pending
-            .entry(key.clone())
-            .or_insert_with(|| Batch::new(config.max_batch_spans, config.max_batch_bytes));
-        queued.spans.write_spans(batch);
-        for (spans, n) in std::mem::take(&mut batch.full) {
-            self.dispatch(key.clone(), spans, n).await;
+        let pending = self.pending.entry(key.clone()).or_default();
+        pending.spans += queued.spans();
+        pending.records.push(queued.spans);
+        if pending.spans >= self.config.max_batch_spans {
+            let records = std::mem::take(pending);
+            self.dispatch(key, records.records).await;
         }
     }
 
     async fn export_all(&mut self) {
-        let batches: Vec<_> = self.pending.drain().collect();
-        for (key, batch) in batches {
-            for (spans, n) in batch.into_exports() {
-                self.dispatch(key.clone(), spans, n).await;
-            }
+        let pending: Vec<_> = self.pending.drain().collect();
+        for (key, pending) in pending {
+            self.dispatch(key, pending.records).await;
         }
     }
 
-    /// Starts the export of `n` encoded spans, waiting for a free export slot.
-    async fn dispatch(&mut self, auth: Bytes, spans: Vec<u8>, n: usize) {
+    /// Starts the export of `records` (written, compressed and sent on a task of its own),
+    /// waiting for a free export slot.
+    async fn dispatch(&mut self, auth: Bytes, records: Vec<Box<dyn WriteSpans>>) {
         let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
             return;
         };
@@ -480,31 +518,65 @@ impl Worker {
             endpoint: self.endpoint.clone(),
             client: self.client.clone(),
             counters: self.counters.clone(),
+            losses: self.losses.clone(),
             auth,
         };
         tokio::spawn(async move {
-            job.run(spans, n).await;
+            job.run(records).await;
             drop(permit);
         });
     }
 }
 
+/// Counts `n` lost spans for the rollout of `rollout` (when they have one).
+fn count_lost(losses: &SpanLosses, rollout: Option<&RolloutTags>, n: usize) {
+    if let Some(rollout_id) = rollout.and_then(rollout_id) {
+        losses.add(rollout_id, n as u64);
+    }
+}
+
+/// The rollout id of a request's tags (`rollout_id:` comes first).
+fn rollout_id(tags: &RolloutTags) -> Option<&str> {
+    tags.0.first()?.strip_prefix("rollout_id:")
+}
+
 // === Batch ===
+
+/// The rollouts of an export's spans, and how many spans each (to count a lost export per
+/// rollout).
+type Owners = Vec<(RolloutTags, usize)>;
+
+/// One export: its encoded spans, how many, and whose.
+pub(crate) struct Encoded {
+    spans: Vec<u8>,
+    count: usize,
+    owners: Owners,
+}
 
 /// One project's spans, encoded as `ScopeSpans.spans` entries, cut into exports by the span
 /// and byte bounds.
 pub(crate) struct Batch {
     open: Vec<u8>,
     spans: usize,
-    /// Closed exports: encoded spans and how many.
-    full: Vec<(Vec<u8>, usize)>,
+    owners: Owners,
+    /// The rollout of the record being written.
+    owner: Option<RolloutTags>,
+    /// Closed exports.
+    full: Vec<Encoded>,
     max_spans: usize,
     max_bytes: usize,
 }
 
 impl Batch {
     fn new(max_spans: usize, max_bytes: usize) -> Self {
-        Self { open: Vec::new(), spans: 0, full: Vec::new(), max_spans, max_bytes }
+        Self { open: Vec::new(), spans: 0, owners: Vec::new(), owner: None, full: Vec::new(), max_spans, max_bytes }
+    }
+
+    /// Writes a record's spans.
+    fn record(&mut self, record: Box<dyn WriteSpans>) {
+        self.owner = record.rollout();
+        record.write_spans(self);
+        self.owner = None;
     }
 
     /// Adds the span `write` appends; a span that would take the batch over `max_bytes` starts
@@ -518,6 +590,12 @@ impl Batch {
             self.open = span;
         }
         self.spans += 1;
+        if let Some(owner) = &self.owner {
+            match self.owners.last_mut() {
+                Some((last, n)) if Arc::ptr_eq(&last.0, &owner.0) => *n += 1,
+                _ => self.owners.push((owner.clone(), 1)),
+            }
+        }
         if self.spans >= self.max_spans {
             self.close();
         }
@@ -527,15 +605,17 @@ impl Batch {
         if self.spans > 0 {
             // The next batch likely fills like this one: growing to it would copy it over and over.
             let next = Vec::with_capacity(self.open.len());
-            self.full.push((std::mem::replace(&mut self.open, next), std::mem::take(&mut self.spans)));
+            self.full.push(Encoded {
+                spans: std::mem::replace(&mut self.open, next),
+                count: std::mem::take(&mut self.spans),
+                owners: std::mem::take(&mut self.owners),
+            });
         }
     }
 
     /// All of it, the open batch included.
-    fn into_exports(mut self) -> Vec<(Vec<u8>, usize)> {
-        if self.spans > 0 {
-            self.full.push((self.open, self.spans));
-        }
+    fn into_exports(mut self) -> Vec<Encoded> {
+        self.close();
         self.full
     }
 }
@@ -571,6 +651,7 @@ struct Export {
     endpoint: Option<Uri>,
     client: LangfuseClient,
     counters: Arc<Counters>,
+    losses: SpanLosses,
     auth: Bytes,
 }
 
@@ -581,18 +662,33 @@ enum Attempt {
 }
 
 impl Export {
-    async fn run(self, spans: Vec<u8>, n: usize) {
+    /// Writes the records' spans and sends them, in as many exports as the bounds make.
+    async fn run(self, records: Vec<Box<dyn WriteSpans>>) {
+        let mut batch = Batch::new(self.config.max_batch_spans, self.config.max_batch_bytes);
+        for record in records {
+            batch.record(record);
+        }
+        for export in batch.into_exports() {
+            if !self.send(&export.spans, export.count).await {
+                Counters::add(&self.counters.failed, export.count);
+                for (rollout, n) in &export.owners {
+                    count_lost(&self.losses, Some(rollout), *n);
+                }
+            }
+        }
+    }
+
+    /// Sends `n` encoded spans, retrying as configured; `false` when they were given up.
+    async fn send(&self, spans: &[u8], n: usize) -> bool {
         let (Some(endpoint), Ok(auth)) = (self.endpoint.clone(), HeaderValue::from_maybe_shared(self.auth.clone()))
         else {
-            Counters::add(&self.counters.failed, n);
-            return;
+            return false;
         };
-        let body = match gzip_export(&spans) {
+        let body = match gzip_export(spans) {
             Ok(body) => body,
             Err(error) => {
                 tracing::warn!(%error, "could not gzip a Langfuse export");
-                Counters::add(&self.counters.failed, n);
-                return;
+                return false;
             }
         };
         let mut backoff = self.config.initial_backoff;
@@ -600,7 +696,7 @@ impl Export {
             match self.attempt(&endpoint, &auth, body.clone()).await {
                 Attempt::Done => {
                     Counters::add(&self.counters.exported, n);
-                    return;
+                    return true;
                 }
                 Attempt::GiveUp => break,
                 Attempt::Retry(retry_after, why) => {
@@ -616,7 +712,7 @@ impl Export {
                 }
             }
         }
-        Counters::add(&self.counters.failed, n);
+        false
     }
 
     async fn attempt(&self, endpoint: &Uri, auth: &HeaderValue, body: Bytes) -> Attempt {
@@ -672,8 +768,8 @@ mod tests {
         Span { trace_id: vec![1; 16], span_id: vec![2; 8], name: name.into(), ..Default::default() }
     }
 
-    fn counts(exports: &[(Vec<u8>, usize)]) -> Vec<usize> {
-        exports.iter().map(|(_, n)| *n).collect()
+    fn counts(exports: &[Encoded]) -> Vec<usize> {
+        exports.iter().map(|export| export.count).collect()
     }
 
     #[test]

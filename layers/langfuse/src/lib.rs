@@ -73,7 +73,10 @@ pub mod timestamp;
 mod trace;
 
 pub use client::{BoxFuture, LangfuseClient, SendRequest};
-pub use exporter::{Counters, CountersSnapshot, ExporterConfig, LangfuseExporter};
+pub use exporter::{
+    Counters, CountersSnapshot, DEFAULT_MAX_CONCURRENT_EXPORTS, DEFAULT_MAX_QUEUE_SPANS, ExporterConfig,
+    LangfuseExporter,
+};
 pub use layer::{
     AttemptFuture, LangfuseAttemptLayer, LangfuseAttemptService, LangfuseLayer, LangfuseService, RootFuture,
 };

@@ -244,6 +244,10 @@ impl WriteSpans for TraceRecord {
         usize::from(self.root.is_some()) + self.generations.len() + self.events.len()
     }
 
+    fn rollout(&self) -> Option<RolloutTags> {
+        self.data.rollout_tags.clone()
+    }
+
     /// Generations, root, events (the order they finished in).
     fn write_spans(self: Box<Self>, batch: &mut Batch) {
         let data = &self.data;

@@ -743,3 +743,61 @@ async fn readers_return_one_trace_per_insertion_and_find_it_on_its_own() {
         assert!(reader.find_insertion(&keys(1), &missing, &TraceQuery::default()).await.unwrap().is_none(), "{name}");
     }
 }
+
+// === bursts and losses ===
+
+/// A burst of concurrent requests, far more spans than the queue holds, with the default
+/// settings (5 s schedule delay, queue of 8192, 8 exports at once): nothing is dropped; every
+/// span reaches Langfuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_exported_without_a_drop() {
+    const REQUESTS: usize = 6_000;
+    const CONCURRENCY: usize = 256;
+    let lf = stand_in().await;
+    let exporter = LangfuseExporter::spawn(ExporterConfig::new(lf.url()), LangfuseClient::http());
+    let svc = stack(LangfuseLayer::new(exporter.clone()), false);
+    // One task drives the requests concurrently; the exporter's tasks run on the other thread.
+    let clients = (0..CONCURRENCY).map(|client| {
+        let svc = svc.clone();
+        async move {
+            for _ in (client..REQUESTS).step_by(CONCURRENCY) {
+                let req = Req { project: Some(project(1)), insertion: Some(insertion()), stream: false, rollout: "b" };
+                run(svc.clone(), request(req)).await;
+            }
+        }
+    });
+    futures_util::future::join_all(clients).await;
+    assert!(exporter.flush(Instant::now() + Duration::from_secs(60)).await);
+    let snap = exporter.snapshot();
+    assert_eq!((snap.dropped, snap.failed, snap.exported), (0, 0, 2 * REQUESTS as u64), "{snap:?}");
+    assert_eq!(lf.state(|s| s.observations("p1").len()), 2 * REQUESTS);
+    assert_eq!(exporter.losses().lost("b"), 0);
+}
+
+/// Spans dropped by a full queue, and spans of an export Langfuse refused, are counted for
+/// their rollout (what `/traces` reads to answer at once).
+#[tokio::test(flavor = "current_thread")]
+async fn lost_spans_are_counted_per_rollout() {
+    let lf = stand_in().await;
+    let config = fast_config(&lf).max_queue_spans(2).schedule_delay(Duration::from_secs(3600));
+    let exporter = LangfuseExporter::spawn(config, LangfuseClient::http());
+    let svc = stack(LangfuseLayer::new(exporter.clone()), false);
+    // The drain task cannot run before this task yields: the first request's two spans fill
+    // the queue, the next two requests' are dropped.
+    for rollout in ["r-kept", "r-lost", "r-lost"] {
+        let req = Req { project: Some(project(1)), insertion: Some(insertion()), stream: false, rollout };
+        run(svc.clone(), request(req)).await;
+    }
+    assert_eq!(exporter.snapshot().dropped, 4);
+    assert_eq!((exporter.losses().lost("r-kept"), exporter.losses().lost("r-lost")), (0, 4));
+    assert!(exporter.flush(Instant::now() + Duration::from_secs(10)).await);
+    assert_eq!(exporter.snapshot().exported, 2);
+
+    // Keys Langfuse does not know: the export is refused (401) and its spans are lost.
+    let req = Req { project: Some(project(9)), insertion: Some(insertion()), stream: false, rollout: "r-refused" };
+    run(svc, request(req)).await;
+    assert!(exporter.flush(Instant::now() + Duration::from_secs(10)).await);
+    assert_eq!(exporter.snapshot().failed, 2);
+    assert_eq!(exporter.losses().lost("r-refused"), 2);
+    assert_eq!(exporter.losses().lost("r-kept"), 0);
+}
