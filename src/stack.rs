@@ -138,14 +138,18 @@ impl Parts {
             .host
             .as_ref()
             .map(|_| LangfuseClient::new(llmgate_hyper::http_client::<Full<Bytes>>(config.server.request_timeout)));
-        let traces = langfuse_client.clone().and_then(|client| config.langfuse.reader(client)).map(|reader| {
-            let service = routes::traces::TracesService::new(reader, projects.clone(), insertion_store.clone())
-                .require_generation(config.langfuse.emit != Emit::Events);
-            BoxStack::new(service)
-        });
         let langfuse = langfuse_client
+            .clone()
             .and_then(|client| config.langfuse.exporter(client))
             .map(|exporter| (config.langfuse.layer(exporter.clone()), exporter));
+        let traces = langfuse_client.and_then(|client| config.langfuse.reader(client)).map(|reader| {
+            let mut service = routes::traces::TracesService::new(reader, projects.clone(), insertion_store.clone())
+                .require_generation(config.langfuse.emit != Emit::Events);
+            if let Some((_, exporter)) = &langfuse {
+                service = service.span_losses(exporter.losses().clone());
+            }
+            BoxStack::new(service)
+        });
 
         let context = ContextRoutingLayer::new(catalog.clone());
         let secrets = SecretHandles {

@@ -34,12 +34,17 @@ struct Setup {
 
 /// A gateway reading through `api`, with Langfuse at `host` (the stand-in's when `None`).
 async fn setup_at(api: &'static str, host: Option<String>) -> Setup {
+    setup_with(api, host, "").await
+}
+
+/// The same, with more `langfuse.export` settings (`extra`: `, key: value…`).
+async fn setup_with(api: &'static str, host: Option<String>, extra: &str) -> Setup {
     let (lf, dir, secrets) = langfuse_with_two_projects().await;
     let mock = mock().await;
     let host = host.unwrap_or_else(|| lf.url());
     let yaml = format!(
         "upstreams:\n  mock: {{url: \"{mock}\", mode: openai}}\n\
-         langfuse: {{host: \"{host}\", secrets_path: \"{secrets}\", api: {api}, export: {{batch_delay_ms: 20, timeout_ms: 1000}}}}\n\
+         langfuse: {{host: \"{host}\", secrets_path: \"{secrets}\", api: {api}, export: {{batch_delay_ms: 20, timeout_ms: 1000{extra}}}}}\n\
          models:\n  - {{name: gpt-test, context_window: 100000}}\n\
          encoded_base_url: {{allow: [\"{mock}\"]}}\n",
         mock = mock.url(),
@@ -187,6 +192,25 @@ async fn incomplete_after_the_passes_is_404_with_the_counts() {
         let reply = s.get("/traces?tags=rollout_id:r1&max_retries=0").await;
         assert_eq!(reply.status, StatusCode::NOT_FOUND, "{api}");
         assert_eq!(detail(&reply), "Incomplete traces for rollout_id 'r1': Found 0/3 completions.", "{api}");
+    }
+}
+
+/// Spans the exporter dropped (a queue of one span holds no two-span record) can never arrive:
+/// `/traces` says so after its first pass, 500 naming the loss, instead of waiting out its
+/// passes for a 404. A rollout whose spans all arrived is unaffected.
+#[tokio::test]
+async fn a_rollout_whose_spans_were_lost_is_answered_at_once() {
+    for api in APIS {
+        let s = setup_with(api, None, ", queue_max_spans: 1").await;
+        s.rollout("r-lost", 2).await;
+        let reply = s.get("/traces?tags=rollout_id:r-lost&max_retries=10").await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{api}: {}", reply.text());
+        let detail = detail(&reply);
+        assert!(
+            detail.starts_with("Incomplete traces for rollout_id 'r-lost': Found 0/2 completions, and the rest can never arrive: the gateway lost 4 of this rollout's Langfuse spans"),
+            "{api}: {detail}"
+        );
+        assert_eq!(s.lf.state(|st| st.observations("p1").len()), 0, "{api}");
     }
 }
 

@@ -15,7 +15,11 @@
 //! 400 pointwise without a `rollout_id:` tag, malformed timestamps, `max_retries=0` without a
 //! rollout; 422 a query parameter of the wrong type; 502 when Langfuse keeps failing (its
 //! status and message), at once for answers a retry cannot change (400, 401, 403, 404); 504
-//! when Langfuse did not answer before the deadline; 503 when the insertion-id store fails.
+//! when Langfuse did not answer before the deadline; 503 when the insertion-id store fails;
+//! **500 at once** (after the first pass, without waiting out the others) when a rollout is
+//! incomplete and the gateway's exporter lost spans of that rollout ([`SpanLosses`], shared
+//! with the Langfuse exporter by the proxy): the missing completions can never arrive, and the
+//! failure is the gateway's own, not Langfuse's (hence not 502). The detail names the loss.
 //!
 //! Every wait is a `tokio` timer and every read goes through the reader's pooled client: the
 //! runtime is never blocked.
@@ -35,6 +39,7 @@ use http::{Request, Response, StatusCode};
 use llmgate_core::{
     BoxError, GatewayBody, GatewayError,
     ext::{RouteKind, RouteMeta},
+    losses::SpanLosses,
 };
 use llmgate_credentials::{Projects, Reloadable};
 use llmgate_insertion_id::InsertionStore;
@@ -69,6 +74,7 @@ pub struct TracesService {
     reader: Arc<dyn LangfuseReader>,
     projects: Reloadable<Projects>,
     store: Arc<dyn InsertionStore>,
+    losses: Option<SpanLosses>,
     settings: Settings,
 }
 
@@ -86,6 +92,7 @@ impl TracesService {
             reader,
             projects: projects.into(),
             store,
+            losses: None,
             settings: Settings {
                 deadline: DEFAULT_DEADLINE,
                 backoff_base: DEFAULT_BACKOFF_BASE,
@@ -113,6 +120,15 @@ impl TracesService {
     /// How many missing ids (or trace details) are read at once (at least 1).
     pub fn parallelism(mut self, n: usize) -> Self {
         self.settings.parallelism = n.max(1);
+        self
+    }
+
+    /// The spans the Langfuse exporter lost, per rollout ([`LangfuseExporter::losses`]): an
+    /// incomplete rollout with losses is answered 500 at once.
+    ///
+    /// [`LangfuseExporter::losses`]: llmgate_langfuse::LangfuseExporter::losses
+    pub fn span_losses(mut self, losses: SpanLosses) -> Self {
+        self.losses = Some(losses);
         self
     }
 

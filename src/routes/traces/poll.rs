@@ -133,20 +133,39 @@ impl TracesService {
                 format!("No expected insertion_ids found in Redis for rollout '{rollout}'. Returning empty traces."),
             );
         }
-        let mut pass =
-            RolloutPass { service: self, job, expected: &expected, state: Collected::default(), listed: false };
-        let complete = self.poll(job, &mut pass).await;
+        let mut pass = RolloutPass {
+            service: self,
+            job,
+            rollout,
+            expected: &expected,
+            state: Collected::default(),
+            listed: false,
+        };
+        let outcome = self.poll(job, &mut pass).await;
         let state = pass.state;
-        match complete {
-            Ok(Some(())) => Answer::Traces(drop_shadowed_traces(state.traces)),
+        let found = || expected.keys().filter(|k| state.found.contains(*k)).count();
+        match outcome {
+            Ok(Some(RolloutEnd::Complete)) => Answer::Traces(drop_shadowed_traces(state.traces)),
+            Ok(Some(RolloutEnd::Lost(lost))) => Answer::Refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "Incomplete traces for rollout_id '{rollout}': Found {}/{} completions, and the rest can never \
+                     arrive: the gateway lost {lost} of this rollout's Langfuse spans (export queue full, or an \
+                     export Langfuse refused or that failed after its retries; see the gateway's log and \
+                     llmgate_langfuse_spans_total).",
+                    found(),
+                    expected.len()
+                ),
+            ),
             Err(failure) => Answer::Failed(failure),
-            Ok(None) => {
-                let n = expected.keys().filter(|k| state.found.contains(*k)).count();
-                Answer::Refused(
-                    StatusCode::NOT_FOUND,
-                    format!("Incomplete traces for rollout_id '{rollout}': Found {n}/{} completions.", expected.len()),
-                )
-            }
+            Ok(None) => Answer::Refused(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "Incomplete traces for rollout_id '{rollout}': Found {}/{} completions.",
+                    found(),
+                    expected.len()
+                ),
+            ),
         }
     }
 
@@ -311,16 +330,26 @@ impl Pass for ListingPass<'_> {
 struct RolloutPass<'a> {
     service: &'a TracesService,
     job: &'a Job,
+    rollout: &'a str,
     /// Normalised key (lower-case hex, no dashes) → the id as recorded.
     expected: &'a HashMap<String, String>,
     state: Collected,
     listed: bool,
 }
 
-impl Pass for RolloutPass<'_> {
-    type Found = ();
+/// How the passes of a rollout end early.
+enum RolloutEnd {
+    /// Every expected id was found.
+    Complete,
+    /// Some are missing and the gateway lost this many of the rollout's spans: no later pass
+    /// can find them.
+    Lost(u64),
+}
 
-    async fn run(&mut self) -> Result<Option<()>, ReadError> {
+impl Pass for RolloutPass<'_> {
+    type Found = RolloutEnd;
+
+    async fn run(&mut self) -> Result<Option<RolloutEnd>, ReadError> {
         let (service, job) = (self.service, self.job);
         let result = if self.listed {
             let missing: Vec<String> = self
@@ -342,8 +371,11 @@ impl Pass for RolloutPass<'_> {
         };
         match result {
             Err(e) if !retryable(&e) => Err(e),
-            _ if self.expected.keys().all(|k| self.state.found.contains(k)) => Ok(Some(())),
-            result => result.map(|()| None),
+            _ if self.expected.keys().all(|k| self.state.found.contains(k)) => Ok(Some(RolloutEnd::Complete)),
+            result => {
+                let lost = service.losses.as_ref().map_or(0, |losses| losses.lost(self.rollout));
+                result.map(|()| (lost > 0).then_some(RolloutEnd::Lost(lost)))
+            }
         }
     }
 }
