@@ -5,16 +5,24 @@
 //! `…:cool:<scope>` for a client scope's cooldown, the scope being a digest, never a key), so
 //! one script's keys share a Redis Cluster slot. Scripts go out as `EVALSHA` and are loaded on
 //! `NOSCRIPT` ([`redis::Script::invoke_async`]).
+//!
+//! **TPM corrections are batched per model**, without a timer: a correction adds its difference
+//! to its model's pending sum; the first one to find no write under way writes every pending
+//! sum (one script call per model, sent together) and keeps doing so until nothing is pending,
+//! while the others return at once. The layer makes corrections on a task of their own, so none
+//! of this is on a request's path; at low rates each correction is written at once, alone.
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{
-        Arc, LazyLock,
+        Arc, LazyLock, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
+use futures_util::future::join_all;
 use llmgate_core::catalog::Limits;
 use redis::{RedisResult, Script, aio::ConnectionLike};
 
@@ -153,6 +161,61 @@ pub struct RedisRateStore<C> {
     errors: AtomicU64,
     outages: AtomicU64,
     in_outage: AtomicBool,
+    corrections: Corrections,
+}
+
+// === Corrections ===
+
+/// TPM corrections not written yet: the sum of their differences per model.
+#[derive(Default)]
+struct Corrections {
+    pending: Mutex<HashMap<String, Correction>>,
+    /// Whether a caller is writing them.
+    writing: AtomicBool,
+}
+
+/// The pending tokens to take from one model's bucket (negative: to give back).
+#[derive(Clone, Copy)]
+struct Correction {
+    limits: Limits,
+    delta: i64,
+}
+
+impl Corrections {
+    fn add(&self, model: &str, limits: Limits, delta: i64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        match pending.get_mut(model) {
+            Some(correction) => {
+                correction.delta = correction.delta.saturating_add(delta);
+                correction.limits = limits;
+            }
+            None => {
+                pending.insert(model.to_owned(), Correction { limits, delta });
+            }
+        }
+    }
+
+    fn take(&self) -> HashMap<String, Correction> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+    }
+
+    /// Becomes the writer unless one is at work (it will take what was added).
+    fn start_writing(&self) -> Option<WritingGuard<'_>> {
+        (!self.writing.swap(true, Ordering::AcqRel)).then(|| WritingGuard(&self.writing))
+    }
+}
+
+/// The writer's turn; ends on drop (also when its future is dropped mid-write).
+struct WritingGuard<'a>(&'a AtomicBool);
+
+impl Drop for WritingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 // === impl RedisRateStore ===
@@ -178,6 +241,7 @@ where
             errors: AtomicU64::new(0),
             outages: AtomicU64::new(0),
             in_outage: AtomicBool::new(false),
+            corrections: Corrections::default(),
         }
     }
 
@@ -298,6 +362,39 @@ where
         Some(Decision::Limited { limited_by, retry_after })
     }
 
+    /// Writes pending corrections until none is left, unless another caller is at it.
+    async fn write_corrections(&self) {
+        let Some(mut turn) = self.corrections.start_writing() else { return };
+        loop {
+            let batch = self.corrections.take();
+            if batch.is_empty() {
+                drop(turn);
+                // A correction added between `take` and the end of the turn found a writer at
+                // work and left it to us.
+                match self.corrections.start_writing() {
+                    Some(again) if !self.corrections.is_empty() => turn = again,
+                    _ => return,
+                }
+                continue;
+            }
+            join_all(batch.iter().map(|(model, correction)| self.write_correction(model, *correction))).await;
+        }
+    }
+
+    /// One model's summed correction: one script call, or the local budgets during an outage.
+    async fn write_correction(&self, model: &str, correction: Correction) {
+        let Some(tpm) = correction.limits.tpm else { return };
+        let mut conn = self.conn.clone();
+        let mut invocation = CORRECT.prepare_invoke();
+        invocation.key(self.key(model, "tpm")).arg(tpm).arg(correction.delta).arg(self.window.as_millis() as u64);
+        let done: Option<String> = self.run(invocation.invoke_async(&mut conn)).await;
+        if done.is_none() {
+            let taken = correction.delta.unsigned_abs();
+            let (estimated, actual) = if correction.delta >= 0 { (0, taken) } else { (taken, 0) };
+            self.local.correct_now(model, &divide_limits(&correction.limits, self.replicas), estimated, actual);
+        }
+    }
+
     /// Redis health: errors and outages so far.
     pub fn health_now(&self) -> StoreHealth {
         StoreHealth {
@@ -352,18 +449,13 @@ where
         actual: u64,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let Some(tpm) = limits.tpm else { return };
-            if estimated == actual {
+            if limits.tpm.is_none() || estimated == actual {
                 return;
             }
-            let delta = actual as i64 - estimated as i64;
-            let mut conn = self.conn.clone();
-            let mut invocation = CORRECT.prepare_invoke();
-            invocation.key(self.key(model, "tpm")).arg(tpm).arg(delta).arg(self.window.as_millis() as u64);
-            let done: Option<String> = self.run(invocation.invoke_async(&mut conn)).await;
-            if done.is_none() {
-                self.local.correct_now(model, &divide_limits(limits, self.replicas), estimated, actual);
-            }
+            let delta =
+                i64::try_from(actual).unwrap_or(i64::MAX).saturating_sub(i64::try_from(estimated).unwrap_or(i64::MAX));
+            self.corrections.add(model, *limits, delta);
+            self.write_corrections().await;
         })
     }
 

@@ -135,7 +135,9 @@ pub trait RateStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Decision>;
 
     /// Corrects the tpm budget of an allowed check once the real usage is known:
-    /// `actual - estimated` tokens are taken (or given back when negative).
+    /// `actual - estimated` tokens are taken (or given back when negative). A shared store may
+    /// batch corrections: when several are made at once, some return before theirs is written
+    /// (by the call writing the batch, within one round trip).
     fn correct_tokens<'a>(
         &'a self,
         model: &'a str,

@@ -176,3 +176,48 @@ async fn layer_applies_fail_closed_when_redis_dies() {
     assert_eq!(snap["store_in_outage"], true);
     assert!(snap["store_errors"].as_u64().unwrap() >= 2);
 }
+
+/// Script calls Redis ran, by `INFO commandstats`.
+async fn evalsha_calls(conn: &mut ConnectionManager) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// 200 tpm corrections made at once on two models are written as a few script calls (one per
+/// model per batch), and every one of them is applied.
+///
+/// The 200 are polled in one pass (on a current-thread runtime nothing else runs meanwhile):
+/// the first correction writes alone; the 199 others, made while it is under way, are summed
+/// per model and written by its next round.
+#[tokio::test]
+async fn concurrent_tpm_corrections_are_batched_per_model_and_all_applied() {
+    let server = RedisServer::start();
+    // A long window: the refill during the test is a few tokens.
+    let store = RedisRateStore::new(manager(&server.url()).await).window(Duration::from_secs(3600));
+    let l = Limits { rpm: None, tpm: Some(10_000), rpd: None };
+    for model in ["a", "b"] {
+        assert_eq!(store.check(model, &l, 10_000).await, Decision::Allowed, "{model}: the bucket is now empty");
+    }
+    // Loads the correction script (a first `EVALSHA` answers `NOSCRIPT`).
+    store.correct_tokens("warm-up", &l, 1, 2).await;
+    let mut stats = manager(&server.url()).await;
+    let before = evalsha_calls(&mut stats).await;
+    // Each request estimated 100 tokens and used 50: 100 × 50 given back per model.
+    let mut corrections: Vec<_> =
+        (0..200).map(|i| store.correct_tokens(if i % 2 == 0 { "a" } else { "b" }, &l, 100, 50)).collect();
+    std::future::poll_fn(|cx| {
+        corrections.retain_mut(|correction| correction.as_mut().poll(cx).is_pending());
+        if corrections.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    let calls = evalsha_calls(&mut stats).await - before;
+    assert_eq!(calls, 3, "one alone, then one per model for the other 199");
+    for model in ["a", "b"] {
+        assert_eq!(store.check(model, &l, 5_000).await, Decision::Allowed, "{model}: 5,000 tokens given back");
+        assert!(!store.check(model, &l, 1_000).await.is_allowed(), "{model}: and no more");
+    }
+    assert_eq!(store.health().errors, 0);
+}
