@@ -32,7 +32,7 @@ use llmgate_credentials::{AuthLayer, ProjectLayer, Reloadable, UpstreamAuthLayer
 use llmgate_insertion_id::{InsertionIdLayer, InsertionStore};
 use llmgate_langfuse::{Emit, LangfuseAttemptLayer, LangfuseClient, LangfuseExporter, LangfuseLayer};
 use llmgate_path_metadata::PathMetadataLayer;
-use llmgate_rate_limit_fallback::RateLimitFallbackLayer;
+use llmgate_rate_limit_fallback::{RateLimitFallbackLayer, RateStore};
 use llmgate_rollout_logs::RolloutLogService;
 use tower::{Layer, ServiceBuilder, ServiceExt, util::BoxCloneService};
 
@@ -64,6 +64,7 @@ pub struct Gateway {
 pub struct Background {
     insertion: InsertionIdLayer,
     langfuse: Option<LangfuseExporter>,
+    rate_store: Arc<dyn RateStore>,
 }
 
 impl Background {
@@ -77,6 +78,10 @@ impl Background {
             && !exporter.flush(deadline).await
         {
             tracing::error!("shutdown: Langfuse spans still queued after {timeout:?}");
+        }
+        // Rate-limit leases go back to the other replicas.
+        if tokio::time::timeout_at(deadline, self.rate_store.release()).await.is_err() {
+            tracing::error!("shutdown: rate-limit leases not handed back within {timeout:?}");
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct Parts {
     rollout_logs: RolloutLogService,
     context: ContextRoutingLayer,
     rate_limit: RateLimitFallbackLayer,
+    /// The rate store, for its leases to be handed back on shutdown.
+    rate_store: Arc<dyn RateStore>,
     /// The gateway's auth, with the projects whose default a one-project-less request uses.
     auth: AuthLayer,
     /// What a secrets reload swaps.
@@ -125,7 +132,8 @@ impl Parts {
         let redis = config.redis.connect()?;
         let insertion_store = config.insertion_id.store(redis.as_ref());
         let insertion = config.insertion_id.layer(insertion_store.clone());
-        let rate_limit = config.rate_limit.layer(catalog.clone(), config.rate_limit.store(redis.as_ref()));
+        let rate_store = config.rate_limit.store(redis.as_ref());
+        let rate_limit = config.rate_limit.layer(catalog.clone(), rate_store.clone());
         let rollout_logs = config.rollout_logs.service(
             config.rollout_logs.store(redis.as_ref()),
             config.server.body_limit,
@@ -185,6 +193,7 @@ impl Parts {
             rollout_logs,
             context,
             rate_limit,
+            rate_store,
             auth,
             secrets,
             metrics,
@@ -278,9 +287,9 @@ impl Gateway {
     pub async fn from_config(config: Config) -> Result<Self, BoxError> {
         let parts = Parts::build(&config)?;
         let service = compose(&parts);
-        let Parts { insertion, insertion_store, langfuse, metrics, warm_up, secrets, .. } = parts;
+        let Parts { insertion, insertion_store, langfuse, metrics, warm_up, secrets, rate_store, .. } = parts;
         let config = Arc::new(config);
-        let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter) };
+        let background = Background { insertion, langfuse: langfuse.map(|(_, exporter)| exporter), rate_store };
         Ok(Self {
             service,
             background: Arc::new(background),

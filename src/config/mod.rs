@@ -45,7 +45,7 @@ use llmgate_core::{
 };
 use llmgate_credentials::{GatewayKey, KeyDigest};
 use llmgate_langfuse::Emit;
-use llmgate_rate_limit_fallback::OutagePolicy;
+use llmgate_rate_limit_fallback::{DEFAULT_LEASE_SLICE, OutagePolicy};
 use rustls::pki_types::{
     CertificateDer,
     pem::{self, PemObject},
@@ -54,8 +54,8 @@ use serde::Deserialize;
 
 pub use sections::{
     AuthSettings, CaFile, EncodedBaseUrlSettings, Engine, ExportSettings, ExternalAuthSettings, InsertionIdSettings,
-    LangfuseApi, LangfuseSettings, LogSettings, ModelOrigin, ModelSettings, PINGORA_NOT_BUILT, RateLimitSettings,
-    RedisSettings, RolloutLogSettings, ServerSettings, TraceSettings, UpstreamSettings,
+    LangfuseApi, LangfuseSettings, LogSettings, ModelOrigin, ModelSettings, PINGORA_NOT_BUILT, RateLimitMode,
+    RateLimitSettings, RedisSettings, RolloutLogSettings, ServerSettings, TraceSettings, UpstreamSettings,
 };
 use source::Source;
 
@@ -178,6 +178,8 @@ struct RateLimitFile {
     max_wait_seconds: Option<f64>,
     on_redis_outage: Option<OutagePolicy>,
     replicas: Option<u32>,
+    mode: Option<RateLimitMode>,
+    lease_slice: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,6 +334,7 @@ impl Config {
         }
         line(format!("encoded_base_url allowlist: {:?}", self.encoded_base_url.allow));
         line(format!("rate_limit.max_wait_seconds: {}", self.rate_limit.max_wait.as_secs_f64()));
+        line(format!("rate_limit.mode: {:?} (lease_slice {})", self.rate_limit.mode, self.rate_limit.lease_slice));
         let logs = &self.rollout_logs;
         line(format!(
             "rollout_logs: {} entries per rollout, {} bytes per entry, ttl {:?}",
@@ -647,10 +650,17 @@ fn rate_limit(file: Option<RateLimitFile>, src: &Source<'_>) -> Result<RateLimit
         })?,
         None => Duration::ZERO,
     };
+    let lease_slice = match file.lease_slice {
+        Some(f) if f > 0.0 && f <= 1.0 => f,
+        Some(f) => return Err(src.error("rate_limit.lease_slice", format!("must be a share in (0, 1], not {f}"))),
+        None => DEFAULT_LEASE_SLICE,
+    };
     Ok(RateLimitSettings {
         max_wait,
         on_redis_outage: file.on_redis_outage.unwrap_or_default(),
         replicas: file.replicas.unwrap_or(1).max(1),
+        mode: file.mode.unwrap_or_default(),
+        lease_slice,
     })
 }
 
@@ -880,7 +890,7 @@ redis: {url: "redis://127.0.0.1:6379"}
 langfuse: {host: "https://cloud.langfuse.com", secrets_path: secrets.yaml, api: v3, emit: events, environment: staging, capture_bytes: 1024}
 encoded_base_url: {allow: ["https://api.fireworks.ai/inference/v1"]}
 auth: {api_keys: ["k1"]}
-rate_limit: {max_wait_seconds: 2, on_redis_outage: fail_closed}
+rate_limit: {max_wait_seconds: 2, on_redis_outage: fail_closed, mode: exact, lease_slice: 0.1}
 "#;
         let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-x".to_string());
         let config = parse(text, &env).unwrap();
@@ -892,7 +902,14 @@ rate_limit: {max_wait_seconds: 2, on_redis_outage: fail_closed}
         assert_eq!(config.langfuse.trace.environment.as_deref(), Some("staging"));
         assert_eq!(config.langfuse.trace.capture_bytes, Some(1024));
         assert_eq!(config.rate_limit.on_redis_outage, OutagePolicy::FailClosed);
+        assert_eq!((config.rate_limit.mode, config.rate_limit.lease_slice), (RateLimitMode::Exact, 0.1));
         assert!(!config.describe().contains("sk-x"));
+        let empty = |_: &str| None;
+        assert_eq!(parse("models: []\n", &empty).unwrap().rate_limit.mode, RateLimitMode::Lease, "the default");
+        for slice in ["0", "1.5", "-0.1", ".nan"] {
+            let error = parse(&format!("rate_limit: {{lease_slice: {slice}}}\n"), &empty).unwrap_err().to_string();
+            assert!(error.contains("rate_limit.lease_slice"), "{slice}: {error}");
+        }
     }
 
     #[test]

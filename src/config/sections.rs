@@ -24,11 +24,15 @@ use llmgate_langfuse::{
     DEFAULT_MAX_CONCURRENT_EXPORTS, DEFAULT_MAX_QUEUE_SPANS, Emit, ExporterConfig, LangfuseClient, LangfuseExporter,
     LangfuseLayer, LangfuseReader, V3Reader, V4Reader,
 };
-use llmgate_rate_limit_fallback::{MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore, RedisRateStore};
+use llmgate_rate_limit_fallback::{
+    DEFAULT_LEASE_SLICE, LeasedRateStore, MemoryRateStore, OutagePolicy, RateLimitFallbackLayer, RateStore,
+    RedisRateStore,
+};
 use llmgate_rollout_logs::{
     DEFAULT_MAX_ENTRIES, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_PREFIX, LogStore, MemoryLogStore, RedisLogStore,
     RolloutLogService,
 };
+use redis::aio::ConnectionLike;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
@@ -299,26 +303,51 @@ pub struct RateLimitSettings {
     pub on_redis_outage: OutagePolicy,
     /// How many gateway replicas share the limits (divides them under `fail_open`).
     pub replicas: u32,
+    /// How the replicas share the limits in Redis.
+    pub mode: RateLimitMode,
+    /// The share of each limit one lease takes (`lease` mode).
+    pub lease_slice: f64,
+}
+
+/// How replicas share rate limits in Redis (`rate_limit.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitMode {
+    /// Each replica takes leases of `lease_slice` × each limit and spends them locally: most
+    /// checks make no round trip; over-admission at most `replicas × slice` per window.
+    #[default]
+    Lease,
+    /// One script call per check: exact, one round trip per attempt.
+    Exact,
 }
 
 impl Default for RateLimitSettings {
     fn default() -> Self {
-        Self { max_wait: Duration::ZERO, on_redis_outage: OutagePolicy::default(), replicas: 1 }
+        Self {
+            max_wait: Duration::ZERO,
+            on_redis_outage: OutagePolicy::default(),
+            replicas: 1,
+            mode: RateLimitMode::default(),
+            lease_slice: DEFAULT_LEASE_SLICE,
+        }
     }
 }
 
 impl RateLimitSettings {
     /// The rate store: in Redis over `redis` (shared by the replicas), else in process.
     pub fn store(&self, redis: Option<&RedisConnection>) -> Arc<dyn RateStore> {
-        let (policy, replicas) = (self.on_redis_outage, self.replicas);
         match redis {
             None => Arc::new(MemoryRateStore::new()),
-            Some(RedisConnection::Single(conn)) => {
-                Arc::new(RedisRateStore::new(conn.clone()).policy(policy).replicas(replicas))
-            }
-            Some(RedisConnection::Cluster(conn)) => {
-                Arc::new(RedisRateStore::new(conn.clone()).policy(policy).replicas(replicas))
-            }
+            Some(RedisConnection::Single(conn)) => self.shared(conn.clone()),
+            Some(RedisConnection::Cluster(conn)) => self.shared(conn.clone()),
+        }
+    }
+
+    fn shared<C: ConnectionLike + Clone + Send + Sync + 'static>(&self, conn: C) -> Arc<dyn RateStore> {
+        let redis = RedisRateStore::new(conn).policy(self.on_redis_outage).replicas(self.replicas);
+        match self.mode {
+            RateLimitMode::Lease => Arc::new(LeasedRateStore::new(redis).slice(self.lease_slice)),
+            RateLimitMode::Exact => Arc::new(redis),
         }
     }
 

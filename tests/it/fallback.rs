@@ -683,12 +683,16 @@ const OUTAGE_MODELS: &str = "models:
   - {name: beta}
 ";
 
+// The outage policy as the per-request script (`mode: exact`) applies it; with leases, what a
+// replica holds is spent first (`lease::*` in the rate-limit crate).
 #[tokio::test]
 async fn redis_killed_with_fail_closed_refuses() {
     let mock = mock().await;
     let mut redis = RedisServer::start();
-    let yaml =
-        format!("redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_closed}}\n{OUTAGE_MODELS}", redis.url());
+    let yaml = format!(
+        "redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_closed, mode: exact}}\n{OUTAGE_MODELS}",
+        redis.url()
+    );
     let gw = TestGateway::in_front_of(&mock, &yaml).await;
     assert_eq!(chat(&gw.url(CHAT), "alpha", &[]).await.status, StatusCode::OK);
     redis.kill();
@@ -720,7 +724,7 @@ async fn redis_killed_with_fail_open_serves_on_per_process_budgets() {
     let mut redis = RedisServer::start();
     // Two replicas share rpm 4: during the outage this process allows 2 a minute.
     let yaml = format!(
-        "redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_open, replicas: 2}}\n{OUTAGE_MODELS}",
+        "redis: {{url: \"{}\"}}\nrate_limit: {{on_redis_outage: fail_open, replicas: 2, mode: exact}}\n{OUTAGE_MODELS}",
         redis.url()
     );
     let gw = TestGateway::in_front_of(&mock, &yaml).await;

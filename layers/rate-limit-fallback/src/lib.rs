@@ -49,8 +49,11 @@
 //! credentials never go there). rpm/tpm/rpd are the operator's limits for the model and apply
 //! to every request.
 //!
-//! Budgets live in a [`RateStore`]: [`MemoryRateStore`] in-process, or [`RedisRateStore`]
-//! shared by every replica (one Lua script per attempt; `fail_open`/`fail_closed` outages).
+//! Budgets live in a [`RateStore`]: [`MemoryRateStore`] in-process, [`RedisRateStore`] shared by
+//! every replica (one Lua script per attempt, exact; `fail_open`/`fail_closed` outages), or
+//! [`LeasedRateStore`] over a `RedisRateStore` (each replica spends leases of a slice of the
+//! budget locally: most checks make no round trip; over-admission across N replicas at most N
+//! slices per window, see its docs).
 //!
 //! # Wiring with Redis
 //!
@@ -60,6 +63,7 @@
 //!         .set_connection_timeout(Some(500ms)).set_response_timeout(Some(500ms)))?;
 //! // or: redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?
 //! let store = RedisRateStore::new(conn).policy(OutagePolicy::FailOpen).replicas(n);
+//! let store = LeasedRateStore::new(store).slice(0.05); // or keep the exact `store`
 //! let layer = RateLimitFallbackLayer::new(catalog, Arc::new(store)).max_wait(max_wait_seconds);
 //! ```
 //!
@@ -107,12 +111,14 @@
 
 pub mod classify;
 mod layer;
+mod lease;
 mod memory;
 mod redis;
 mod stats;
 pub mod store;
 
 pub use layer::{ERROR_BODY_LIMIT, RateLimitFallback, RateLimitFallbackLayer};
+pub use lease::{DEFAULT_COOLDOWN_REFRESH, DEFAULT_LEASE_SLICE, LeasedRateStore};
 pub use memory::MemoryRateStore;
 pub use redis::{OutagePolicy, RedisRateStore};
 pub use stats::Stats;

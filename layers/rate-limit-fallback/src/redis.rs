@@ -117,6 +117,94 @@ redis.call('PEXPIRE', KEYS[1], window * 2)
 return tostring(level)
 ";
 
+/// A lease ([`crate::LeasedRateStore`]): hands back what an earlier lease did not use, then
+/// takes up to `want` requests (rpm and rpd together) and between `tokens_need` and
+/// `tokens_want` tpm tokens, all or nothing per budget as [`CHECK_LUA`] would for one request.
+/// KEYS: rpm, tpm, rpd, cool. ARGV: rpm, tpm, rpd (-1 = unlimited), want, tokens_want,
+/// tokens_need, day boundary offset ms, lease id, window ms, requests handed back (rpd), tokens
+/// handed back, then the rpm members handed back. Returns `{kind, retry_after_ms, granted,
+/// tokens, valid_ms}` as strings: kind `ok` (granted may be 0 when `want` is), or the budget
+/// that refused (`cooldown` included); `valid_ms` is the time to the next day boundary.
+const LEASE_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm, rpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local want, twant, tneed = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local offset, id, window = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local back_rpd, back_tpm = tonumber(ARGV[10]), tonumber(ARGV[11])
+local day = math.floor((now - offset) / 86400000)
+local to_next_day = (day + 1) * 86400000 + offset - now
+if #ARGV > 11 and rpm >= 0 then redis.call('ZREM', KEYS[1], unpack(ARGV, 12)) end
+local count = 0
+if rpd >= 0 then
+  local d = redis.call('HMGET', KEYS[3], 'day', 'count')
+  if tonumber(d[1]) == day then count = tonumber(d[2]) or 0 end
+  if back_rpd > 0 then
+    count = math.max(count - back_rpd, 0)
+    redis.call('HSET', KEYS[3], 'day', tostring(day), 'count', tostring(count))
+    redis.call('PEXPIRE', KEYS[3], to_next_day + 60000)
+  end
+end
+local level = 0
+if tpm >= 0 then
+  local b = redis.call('HMGET', KEYS[2], 'level', 'ts')
+  level = tonumber(b[1]) or tpm
+  local ts = tonumber(b[2]) or now
+  if now > ts then level = level + (now - ts) * tpm / window end
+  level = math.min(level + back_tpm, tpm)
+  if back_tpm > 0 then
+    redis.call('HSET', KEYS[2], 'level', tostring(level), 'ts', tostring(now))
+    redis.call('PEXPIRE', KEYS[2], window * 2)
+  end
+end
+local cool = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+if cool > now then return {'cooldown', tostring(cool - now), '0', '0', '0'} end
+if want <= 0 and twant <= 0 then return {'ok', '0', '0', '0', tostring(to_next_day)} end
+local grant, why, wait = want, nil, 0
+local function refuse(kind, w)
+  if w < 1 then w = 1 end
+  if why == nil or w > wait then why, wait = kind, w end
+end
+if rpm >= 0 and want > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  local n = redis.call('ZCARD', KEYS[1])
+  if n + grant > rpm then grant = rpm - n end
+  if grant <= 0 then
+    if rpm == 0 then refuse('rpm', window) else
+      local e = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
+      refuse('rpm', tonumber(e[2]) + window - now)
+    end
+  end
+end
+if rpd >= 0 and want > 0 then
+  if count + grant > rpd then grant = rpd - count end
+  if grant <= 0 then refuse('rpd', to_next_day) end
+end
+local tokens = 0
+if tpm >= 0 and twant > 0 then
+  local need = math.min(tneed, tpm)
+  if level < need then
+    if tpm == 0 then refuse('tpm', window) else refuse('tpm', math.ceil((need - level) * window / tpm)) end
+  else
+    tokens = math.max(tneed, math.min(twant, math.floor(level)))
+  end
+end
+if why ~= nil then return {why, tostring(wait), '0', '0', '0'} end
+if rpm >= 0 and grant > 0 then
+  for i = 1, grant do redis.call('ZADD', KEYS[1], now, id .. ':' .. i) end
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if rpd >= 0 and grant > 0 then
+  redis.call('HSET', KEYS[3], 'day', tostring(day), 'count', tostring(count + grant))
+  redis.call('PEXPIRE', KEYS[3], to_next_day + 60000)
+end
+if tpm >= 0 and tokens > 0 then
+  redis.call('HSET', KEYS[2], 'level', tostring(level - tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[2], window * 2)
+end
+return {'ok', '0', tostring(grant), tostring(tokens), tostring(to_next_day)}
+";
+
 /// KEYS: cool. ARGV: duration ms. Extends, never shortens.
 const COOL_LUA: &str = r"
 local t = redis.call('TIME')
@@ -130,6 +218,46 @@ return 1
 static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(CHECK_LUA));
 static CORRECT: LazyLock<Script> = LazyLock::new(|| Script::new(CORRECT_LUA));
 static COOL: LazyLock<Script> = LazyLock::new(|| Script::new(COOL_LUA));
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_LUA));
+
+/// What a lease asks for and hands back (see [`LEASE_LUA`]).
+pub(crate) struct LeaseAsk<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) want: u64,
+    pub(crate) tokens_want: u64,
+    pub(crate) tokens_need: u64,
+    pub(crate) back_requests: u64,
+    pub(crate) back_tokens: u64,
+    pub(crate) back_members: &'a [String],
+}
+
+/// What a lease call answered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LeaseReply {
+    /// Granted (`requests` may be 0 when none were asked); valid until the next day boundary
+    /// at most (`valid`).
+    Granted { requests: u64, tokens: u64, valid: Duration },
+    /// Nothing taken.
+    Refused { limited_by: LimitKind, retry_after: Duration },
+}
+
+/// A script's `{kind, retry_after_ms}` as a refusal.
+fn refusal(kind: &str, wait_ms: &str) -> (LimitKind, Duration) {
+    let wait_ms = wait_ms.parse::<f64>().unwrap_or(0.0).max(0.0);
+    let retry_after = Duration::from_secs_f64(wait_ms / 1000.0).max(Duration::from_millis(1));
+    let limited_by = match kind {
+        "rpm" => LimitKind::Rpm,
+        "tpm" => LimitKind::Tpm,
+        "rpd" => LimitKind::Rpd,
+        _ => LimitKind::Cooldown,
+    };
+    (limited_by, retry_after)
+}
+
+/// A limit as a script argument (-1: unlimited).
+fn limit_arg(limit: Option<u64>) -> i64 {
+    limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX))
+}
 
 /// What a [`RedisRateStore`] does while Redis is unreachable (in a config: `fail_open`,
 /// `fail_closed`).
@@ -329,7 +457,7 @@ where
         limits: &Limits,
         tokens: u64,
     ) -> Option<Decision> {
-        let as_arg = |limit: Option<u64>| limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let as_arg = limit_arg;
         let member = format!("{}-{}", self.member_prefix, self.seq.fetch_add(1, Ordering::Relaxed));
         let mut conn = self.conn.clone();
         let mut invocation = CHECK.prepare_invoke();
@@ -350,16 +478,70 @@ where
             .arg(member)
             .arg(self.window.as_millis() as u64);
         let reply: (String, String) = self.run(invocation.invoke_async(&mut conn)).await?;
-        let wait_ms = reply.1.parse::<f64>().unwrap_or(0.0).max(0.0);
-        let retry_after = Duration::from_secs_f64(wait_ms / 1000.0).max(Duration::from_millis(1));
-        let limited_by = match reply.0.as_str() {
-            "ok" => return Some(Decision::Allowed),
-            "rpm" => LimitKind::Rpm,
-            "tpm" => LimitKind::Tpm,
-            "rpd" => LimitKind::Rpd,
-            _ => LimitKind::Cooldown,
-        };
+        if reply.0 == "ok" {
+            return Some(Decision::Allowed);
+        }
+        let (limited_by, retry_after) = refusal(&reply.0, &reply.1);
         Some(Decision::Limited { limited_by, retry_after })
+    }
+
+    /// One lease call for `model` (`None`: Redis unreachable).
+    pub(crate) async fn lease(&self, model: &str, limits: &Limits, ask: &LeaseAsk<'_>) -> Option<LeaseReply> {
+        let mut conn = self.conn.clone();
+        let mut invocation = LEASE.prepare_invoke();
+        invocation
+            .key(self.key(model, "rpm"))
+            .key(self.key(model, "tpm"))
+            .key(self.key(model, "rpd"))
+            .key(self.key(model, "cool"))
+            .arg(limit_arg(limits.rpm))
+            .arg(limit_arg(limits.tpm))
+            .arg(limit_arg(limits.rpd))
+            .arg(ask.want)
+            .arg(ask.tokens_want)
+            .arg(ask.tokens_need)
+            .arg(self.day_boundary.as_millis() as u64 % DAY.as_millis() as u64)
+            .arg(ask.id)
+            .arg(self.window.as_millis() as u64)
+            .arg(ask.back_requests)
+            .arg(ask.back_tokens);
+        for member in ask.back_members {
+            invocation.arg(member);
+        }
+        let reply: (String, String, String, String, String) = self.run(invocation.invoke_async(&mut conn)).await?;
+        if reply.0 != "ok" {
+            let (limited_by, retry_after) = refusal(&reply.0, &reply.1);
+            return Some(LeaseReply::Refused { limited_by, retry_after });
+        }
+        let number = |text: &str| text.parse::<f64>().map_or(0, |n| n.max(0.0) as u64);
+        Some(LeaseReply::Granted {
+            requests: number(&reply.2),
+            tokens: number(&reply.3),
+            valid: Duration::from_millis(number(&reply.4)),
+        })
+    }
+
+    /// The decision during an outage: the policy's.
+    pub(crate) fn outage_decision(
+        &self,
+        model: &str,
+        cooldowns: Cooldowns<'_>,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Decision {
+        match self.policy {
+            OutagePolicy::FailOpen => {
+                self.local.check_now_with(model, cooldowns, &divide_limits(limits, self.replicas), tokens)
+            }
+            OutagePolicy::FailClosed => {
+                Decision::Limited { limited_by: LimitKind::Unavailable, retry_after: Duration::from_secs(1) }
+            }
+        }
+    }
+
+    /// The rpm/tpm window.
+    pub(crate) fn window_len(&self) -> Duration {
+        self.window
     }
 
     /// Writes pending corrections until none is left, unless another caller is at it.
@@ -427,16 +609,9 @@ where
         tokens: u64,
     ) -> BoxFuture<'a, Decision> {
         Box::pin(async move {
-            if let Some(decision) = self.check_redis(model, cooldowns, limits, tokens).await {
-                return decision;
-            }
-            match self.policy {
-                OutagePolicy::FailOpen => {
-                    self.local.check_now_with(model, cooldowns, &divide_limits(limits, self.replicas), tokens)
-                }
-                OutagePolicy::FailClosed => {
-                    Decision::Limited { limited_by: LimitKind::Unavailable, retry_after: Duration::from_secs(1) }
-                }
+            match self.check_redis(model, cooldowns, limits, tokens).await {
+                Some(decision) => decision,
+                None => self.outage_decision(model, cooldowns, limits, tokens),
             }
         })
     }

@@ -163,6 +163,12 @@ pub trait RateStore: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
     }
+
+    /// Hands back what this replica holds of the shared budgets (leases), on graceful
+    /// shutdown. Nothing to do for a store that holds nothing.
+    fn release(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 impl<T: RateStore + ?Sized> RateStore for Arc<T> {
@@ -204,6 +210,10 @@ impl<T: RateStore + ?Sized> RateStore for Arc<T> {
 
     fn health(&self) -> StoreHealth {
         (**self).health()
+    }
+
+    fn release(&self) -> BoxFuture<'_, ()> {
+        (**self).release()
     }
 }
 

@@ -2,5 +2,6 @@
 //! budget across connections, Cluster, outages), and the layer against `service_fn` upstreams.
 
 mod layer;
+mod lease;
 mod redis;
 mod suite;

@@ -7,7 +7,7 @@ use llmgate_rate_limit_fallback::{Decision, LimitKind, OutagePolicy, RateStore, 
 use llmgate_test_support::redis::{RedisCluster, RedisServer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-async fn manager(url: &str) -> ConnectionManager {
+pub(crate) async fn manager(url: &str) -> ConnectionManager {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(Duration::from_millis(500)))

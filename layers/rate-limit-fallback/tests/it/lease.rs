@@ -1,0 +1,184 @@
+//! Leases against a real redis-server: two and three replicas share one budget within the
+//! stated bound (never more than the limit within the window the leases were taken in; at most
+//! limit + replicas × slice over any window), a replica that dies returns nothing and the bound
+//! still holds, and released leases go back to the others.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use llmgate_core::catalog::Limits;
+use llmgate_rate_limit_fallback::{Decision, LeasedRateStore, LimitKind, RateStore, RedisRateStore};
+use llmgate_test_support::redis::RedisServer;
+use redis::aio::ConnectionManager;
+use tokio::time::Instant;
+
+use crate::redis::manager;
+
+const RPM_50: Limits = Limits { rpm: Some(50), tpm: Some(1_000_000), rpd: Some(10_000) };
+
+async fn replica(server: &RedisServer, slice: f64) -> Arc<LeasedRateStore<ConnectionManager>> {
+    Arc::new(LeasedRateStore::new(RedisRateStore::new(manager(&server.url()).await)).slice(slice))
+}
+
+/// `per_replica` concurrent checks on each replica; how many each allowed.
+async fn hammer(replicas: &[Arc<LeasedRateStore<ConnectionManager>>], model: &str, per_replica: usize) -> Vec<usize> {
+    let tasks: Vec<Vec<_>> = replicas
+        .iter()
+        .map(|store| {
+            (0..per_replica)
+                .map(|_| {
+                    let (store, model) = (store.clone(), model.to_owned());
+                    tokio::spawn(async move { store.check(&model, &RPM_50, 10).await.is_allowed() })
+                })
+                .collect()
+        })
+        .collect();
+    let mut allowed = Vec::new();
+    for replica in tasks {
+        let mut n = 0;
+        for task in replica {
+            n += usize::from(task.await.unwrap());
+        }
+        allowed.push(n);
+    }
+    allowed
+}
+
+/// Within one window: never more than the limit; fewer by at most what the replicas may still
+/// hold (a slice each).
+async fn share_one_budget(n: usize, slice: f64, slice_requests: usize) {
+    let server = RedisServer::start();
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        replicas.push(replica(&server, slice).await);
+    }
+    let allowed: usize = hammer(&replicas, "m", 100).await.iter().sum();
+    assert!(allowed <= 50, "{n} replicas admitted {allowed} > rpm 50");
+    assert!(allowed + n * slice_requests >= 50, "{n} replicas admitted only {allowed}");
+    for store in &replicas {
+        assert_eq!(store.health().errors, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_one_budget_within_the_bound() {
+    share_one_budget(2, 0.05, 2).await;
+    share_one_budget(2, 0.2, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_one_budget_within_the_bound() {
+    share_one_budget(3, 0.05, 2).await;
+    share_one_budget(3, 0.2, 10).await;
+}
+
+/// A replica that takes a lease of 10, admits one and dies never hands the other 9 back: the
+/// others get what Redis has left (40), and all together stay within the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_dies_returns_nothing_and_the_bound_holds() {
+    let server = RedisServer::start();
+    let dying = replica(&server, 0.2).await;
+    assert_eq!(dying.check("m", &RPM_50, 10).await, Decision::Allowed);
+    drop(dying);
+    let (a, b) = (replica(&server, 0.2).await, replica(&server, 0.2).await);
+    let allowed: usize = hammer(&[a, b], "m", 100).await.iter().sum();
+    assert!(allowed <= 40, "the survivors admitted {allowed}, more than the 40 Redis had left");
+    assert!(allowed + 2 * 10 >= 40, "the survivors admitted only {allowed}");
+}
+
+/// What a replica holds goes back on release: the next replica gets all that is left.
+#[tokio::test]
+async fn released_leases_go_back_to_the_others() {
+    for release in [false, true] {
+        let server = RedisServer::start();
+        let first = replica(&server, 0.2).await;
+        assert_eq!(first.check("m", &RPM_50, 10).await, Decision::Allowed);
+        let conn = manager(&server.url()).await;
+        let rpd = || async {
+            let count: u64 =
+                redis::cmd("HGET").arg("llmgate:rl:{m}:rpd").arg("count").query_async(&mut conn.clone()).await.unwrap();
+            count
+        };
+        assert_eq!(rpd().await, 10, "a lease of 10 requests counts for the day");
+        if release {
+            first.release().await;
+            // Only the request admitted is left on the day's count.
+            assert_eq!(rpd().await, 1);
+        }
+        // One after the other: the second replica admits until Redis and its lease are empty.
+        let second = replica(&server, 0.2).await;
+        let mut allowed = 0;
+        while second.check("m", &RPM_50, 10).await.is_allowed() {
+            allowed += 1;
+        }
+        assert_eq!(allowed, if release { 49 } else { 40 }, "released: {release}");
+    }
+}
+
+/// Three replicas checking without pause across several short windows: over every window the
+/// admitted requests stay within limit + replicas × slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_any_window_three_replicas_stay_within_limit_plus_their_slices() {
+    const WINDOW: Duration = Duration::from_millis(500);
+    const RPM: u64 = 20;
+    const SLICE: usize = 4; // 20 % of 20
+    let server = RedisServer::start();
+    let limits = Limits { rpm: Some(RPM), tpm: None, rpd: None };
+    let admitted = Arc::new(Mutex::new(Vec::new()));
+    let until = Instant::now() + WINDOW * 4;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let redis = RedisRateStore::new(manager(&server.url()).await).window(WINDOW);
+        let store = Arc::new(LeasedRateStore::new(redis).slice(0.2).cooldown_refresh(Duration::from_millis(20)));
+        for _ in 0..4 {
+            let (store, admitted) = (store.clone(), admitted.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    if store.check("m", &limits, 1).await.is_allowed() {
+                        admitted.lock().unwrap().push(Instant::now());
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut times = admitted.lock().unwrap().clone();
+    times.sort();
+    assert!(times.len() as u64 > RPM * 2, "too few admitted to test anything: {}", times.len());
+    let bound = RPM as usize + 3 * SLICE;
+    for (i, start) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|t| **t < *start + WINDOW).count();
+        assert!(in_window <= bound, "{in_window} admitted within one window from {i}: bound {bound}");
+    }
+}
+
+/// A cooldown another replica starts reaches a replica that holds a whole budget's lease once
+/// its copy is read again (`cooldown_refresh`), long before the lease runs out; the replica that
+/// started it refuses at once.
+#[tokio::test]
+async fn a_cooldown_reaches_a_replica_that_holds_a_lease() {
+    let server = RedisServer::start();
+    let redis = RedisRateStore::new(manager(&server.url()).await);
+    let holder = LeasedRateStore::new(redis).slice(1.0).cooldown_refresh(Duration::from_millis(50));
+    assert_eq!(holder.check("m", &RPM_50, 10).await, Decision::Allowed, "the holder now has 49 in hand");
+    let other = replica(&server, 0.2).await;
+    other.cool_down("m", Duration::from_secs(30)).await;
+    assert!(matches!(other.check("m", &RPM_50, 10).await, Decision::Limited { limited_by: LimitKind::Cooldown, .. }));
+    let mut spent = 0;
+    loop {
+        match holder.check("m", &RPM_50, 10).await {
+            Decision::Allowed => spent += 1,
+            Decision::Limited { limited_by, .. } => {
+                assert_eq!(limited_by, LimitKind::Cooldown);
+                break;
+            }
+        }
+        assert!(spent < 49, "the lease ran out before the cooldown was read");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
