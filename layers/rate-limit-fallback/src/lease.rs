@@ -182,8 +182,8 @@ impl LeaseState {
 
     /// Time to top the lease up (in the background, while it still has some).
     fn wants_more(&self, slice: Slice, now: Instant, refresh: Duration) -> bool {
-        slice.requests.is_some_and(|s| self.requests * 2 < s)
-            || slice.tokens.is_some_and(|s| self.tokens < 0 || (self.tokens as u64) * 2 < s)
+        slice.requests.is_some_and(|s| self.requests.saturating_mul(2) < s)
+            || slice.tokens.is_some_and(|s| u64::try_from(self.tokens).map_or(true, |t| t.saturating_mul(2) < s))
             || self.fresh_until.is_none_or(|fresh| fresh < now + refresh / 2)
     }
 
@@ -263,7 +263,7 @@ where
                 }
                 let fresh = state.fresh_until.is_some_and(|fresh| fresh > now);
                 let has_requests = slice.requests.is_none() || state.requests >= 1;
-                let has_tokens = limits.tpm.is_none() || state.tokens >= need as i64;
+                let has_tokens = limits.tpm.is_none() || state.tokens >= i64::try_from(need).unwrap_or(i64::MAX);
                 if fresh && has_requests && has_tokens {
                     if slice.requests.is_some() {
                         state.requests -= 1;
