@@ -1,11 +1,12 @@
-//! Cost of one budget check per request: in-process, and in Redis (one EVALSHA round trip to a
-//! real redis-server on loopback, started by test-support).
+//! Cost of one budget check per request: in-process, in Redis (one EVALSHA round trip to a
+//! real redis-server on loopback, started by test-support), and on a lease of that Redis budget
+//! (a script call per lease of 512 requests, made in the background).
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use llmgate_core::catalog::Limits;
-use llmgate_rate_limit_fallback::{MemoryRateStore, RateStore, RedisRateStore};
+use llmgate_rate_limit_fallback::{LeasedRateStore, MemoryRateStore, RateStore, RedisRateStore};
 use llmgate_test_support::redis::RedisServer;
 
 // Limits high enough that every check is allowed and consumes all three budgets.
@@ -23,9 +24,15 @@ fn bench(c: &mut Criterion) {
     let server = RedisServer::start();
     let conn =
         runtime.block_on(async { redis::Client::open(server.url()).unwrap().get_connection_manager().await.unwrap() });
-    let redis: Arc<dyn RateStore> = Arc::new(RedisRateStore::new(conn).window(Duration::from_millis(100)));
+    let redis: Arc<dyn RateStore> = Arc::new(RedisRateStore::new(conn.clone()).window(Duration::from_millis(100)));
     c.bench_function("check/redis", |b| {
         b.to_async(&runtime).iter(|| async { black_box(redis.check("openai/gpt-4o-mini", &LIMITS, 100).await) })
+    });
+
+    let leased: Arc<dyn RateStore> =
+        Arc::new(LeasedRateStore::new(RedisRateStore::new(conn).window(Duration::from_millis(100))));
+    c.bench_function("check/redis-lease", |b| {
+        b.to_async(&runtime).iter(|| async { black_box(leased.check("openai/gpt-4o-mini", &LIMITS, 100).await) })
     });
 }
 

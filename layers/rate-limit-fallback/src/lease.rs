@@ -3,7 +3,8 @@
 //!
 //! **Leases.** A check takes one request (rpm and rpd together) and its token estimate (tpm)
 //! from the replica's lease of the model. A lease is topped up to one *slice* (`lease_slice` ×
-//! each limit: requests from the smaller of rpm and rpd, tokens from tpm; at least 1) by one
+//! each limit: requests from the smaller of rpm and rpd, at most [`MAX_LEASE_REQUESTS`], tokens
+//! from tpm; at least 1) by one
 //! script call that also hands back what an expired lease did not use; the call is made in the
 //! background once less than half a slice is left (ahead of need), and on the request's path
 //! only when the lease is empty. A lease lasts one window (and never past the next daily
@@ -50,6 +51,9 @@ use crate::{
 pub const DEFAULT_LEASE_SLICE: f64 = 0.05;
 /// The default age after which the local copy of a model's cooldown is read again.
 pub const DEFAULT_COOLDOWN_REFRESH: Duration = Duration::from_secs(1);
+/// The most requests one lease holds, whatever the limit: each is an entry of the rpm log
+/// (written by one script call), so a generous limit must not make a call write millions.
+pub const MAX_LEASE_REQUESTS: u64 = 512;
 
 const SHARDS: usize = 32;
 /// Checks of one request that found the lease empty go to Redis at most this often before the
@@ -122,7 +126,7 @@ impl Slice {
         let part = |limit: u64| ((limit as f64 * fraction) as u64).max(1);
         let requests = match (limits.rpm, limits.rpd) {
             (None, None) => None,
-            (a, b) => Some(part(a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX)))),
+            (a, b) => Some(part(a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX))).min(MAX_LEASE_REQUESTS)),
         };
         Self { requests, tokens: limits.tpm.map(part) }
     }

@@ -182,3 +182,16 @@ async fn a_cooldown_reaches_a_replica_that_holds_a_lease() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A generous limit does not make a lease write millions of rpm entries: a lease holds at most
+/// `MAX_LEASE_REQUESTS`.
+#[tokio::test]
+async fn a_lease_of_a_generous_limit_is_capped() {
+    let server = RedisServer::start();
+    let store = replica(&server, 0.05).await;
+    let generous = Limits { rpm: Some(1_000_000_000), tpm: None, rpd: None };
+    assert_eq!(store.check("m", &generous, 1).await, Decision::Allowed);
+    let entries: u64 =
+        redis::cmd("ZCARD").arg("llmgate:rl:{m}:rpm").query_async(&mut manager(&server.url()).await).await.unwrap();
+    assert_eq!(entries, llmgate_rate_limit_fallback::MAX_LEASE_REQUESTS);
+}
