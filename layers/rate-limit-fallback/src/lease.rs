@@ -395,7 +395,8 @@ where
         Some(reply) => {
             state.fresh_until = Some(now + refresh);
             state.refused = None;
-            state.cool_until = None;
+            // A cooldown is never shortened: one this replica started may not have reached Redis
+            // when this call read it.
             match reply {
                 LeaseReply::Granted { requests, tokens, valid } if state.limits == Some(limits) => {
                     state.requests += requests;
@@ -411,7 +412,8 @@ where
                     state.back_tokens += tokens;
                 }
                 LeaseReply::Refused { limited_by: LimitKind::Cooldown, retry_after } => {
-                    state.cool_until = Some(now + retry_after);
+                    let until = now + retry_after;
+                    state.cool_until = Some(state.cool_until.map_or(until, |at| at.max(until)));
                 }
                 LeaseReply::Refused { limited_by, retry_after } => {
                     state.refused = Some(Refusal {
