@@ -11,6 +11,11 @@
 //! boundary); its unused requests and tokens are handed back with the next call, and all of it
 //! on [`release`](RateStore::release) (graceful shutdown).
 //!
+//! **TPM corrections** are settled in the lease the estimate came out of, without a call: what
+//! a request did not use stays in the lease (and goes back with it), what it used beyond its
+//! estimate is taken from the lease (owed from the next grant when the lease runs short). A
+//! correction that finds no current lease goes to Redis (batched per model).
+//!
 //! **Cooldowns and refusals** are read from the local copy, which every lease call refreshes
 //! (it returns the model's shared cooldown) and which is refreshed at least every
 //! `cooldown_refresh` (default 1 s: in the background while traffic flows, on the path after
@@ -98,7 +103,8 @@ struct LeaseState {
     taking: bool,
     /// What expired leases did not use, handed back with the next call.
     back_requests: u64,
-    back_tokens: u64,
+    /// Tokens to give back (negative: tokens spent beyond the lease, still owed).
+    back_tokens: i64,
     /// The rpm entries of the leases held: lease id, requests granted, when.
     grants: Vec<(String, u64, Instant)>,
 }
@@ -139,7 +145,7 @@ struct Take {
     tokens_want: u64,
     tokens_need: u64,
     back_requests: u64,
-    back_tokens: u64,
+    back_tokens: i64,
     back_members: Vec<String>,
 }
 
@@ -157,7 +163,7 @@ impl LeaseState {
         if self.expires.is_some_and(|at| at <= now) {
             // Its rpm entries have left the window in Redis too.
             self.back_requests += std::mem::take(&mut self.requests);
-            self.back_tokens += u64::try_from(std::mem::take(&mut self.tokens)).unwrap_or(0);
+            self.back_tokens = self.back_tokens.saturating_add(std::mem::take(&mut self.tokens));
             self.expires = None;
         }
         self.grants.retain(|(_, _, at)| *at + window > now);
@@ -165,7 +171,7 @@ impl LeaseState {
 
     fn hand_back_all(&mut self) {
         self.back_requests += std::mem::take(&mut self.requests);
-        self.back_tokens += u64::try_from(std::mem::take(&mut self.tokens)).unwrap_or(0);
+        self.back_tokens = self.back_tokens.saturating_add(std::mem::take(&mut self.tokens));
         self.expires = None;
     }
 
@@ -335,6 +341,19 @@ where
             })
             .collect();
         for (model, lease) in leases {
+            // A top-up under way would take again what is handed back: let it land first.
+            loop {
+                let taken = {
+                    let state = lease.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !state.taking {
+                        break;
+                    }
+                    let mut taken = Box::pin(lease.taken.notified());
+                    taken.as_mut().enable();
+                    taken
+                };
+                taken.await;
+            }
             let (limits, take) = {
                 let mut state = lease.state.lock().unwrap_or_else(PoisonError::into_inner);
                 let Some(limits) = state.limits else { continue };
@@ -389,7 +408,7 @@ where
     let filed = match reply {
         None => {
             state.back_requests += take.back_requests;
-            state.back_tokens += take.back_tokens;
+            state.back_tokens = state.back_tokens.saturating_add(take.back_tokens);
             None
         }
         Some(reply) => {
@@ -409,7 +428,7 @@ where
                 LeaseReply::Granted { requests, tokens, .. } => {
                     // The limits changed meanwhile: this lease goes back with the next call.
                     state.back_requests += requests;
-                    state.back_tokens += tokens;
+                    state.back_tokens = state.back_tokens.saturating_add(i64::try_from(tokens).unwrap_or(i64::MAX));
                 }
                 LeaseReply::Refused { limited_by: LimitKind::Cooldown, retry_after } => {
                     let until = now + retry_after;
@@ -464,13 +483,25 @@ where
         estimated: u64,
         actual: u64,
     ) -> BoxFuture<'a, ()> {
-        if actual < estimated {
-            // Tokens come back: a tpm refusal remembered here may no longer hold.
-            let lease = self.lease(model);
-            let mut state = lease.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if limits.tpm.is_none() || estimated == actual {
+            return Box::pin(async {});
+        }
+        // The estimate came out of this replica's lease: the difference is settled there (what
+        // is left goes back with the lease, what was overspent is owed from the next grant).
+        let lease = self.lease(model);
+        let mut state = lease.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.limits != Some(*limits) || state.expires.is_none_or(|at| at <= Instant::now()) {
+            drop(state);
+            return self.redis.correct_tokens(model, limits, estimated, actual);
+        }
+        let given_back =
+            i64::try_from(estimated).unwrap_or(i64::MAX).saturating_sub(i64::try_from(actual).unwrap_or(i64::MAX));
+        state.tokens = state.tokens.saturating_add(given_back);
+        if given_back > 0 {
+            // Tokens came back: a tpm refusal remembered here may no longer hold.
             state.refused = state.refused.filter(|refusal| refusal.limited_by != LimitKind::Tpm);
         }
-        self.redis.correct_tokens(model, limits, estimated, actual)
+        Box::pin(async {})
     }
 
     fn cool_down<'a>(&'a self, model: &'a str, duration: Duration) -> BoxFuture<'a, ()> {

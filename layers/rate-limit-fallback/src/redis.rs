@@ -122,7 +122,7 @@ return tostring(level)
 /// `tokens_want` tpm tokens, all or nothing per budget as [`CHECK_LUA`] would for one request.
 /// KEYS: rpm, tpm, rpd, cool. ARGV: rpm, tpm, rpd (-1 = unlimited), want, tokens_want,
 /// tokens_need, day boundary offset ms, lease id, window ms, requests handed back (rpd), tokens
-/// handed back, then the rpm members handed back. Returns `{kind, retry_after_ms, granted,
+/// handed back (negative: spent beyond a lease, taken now), then the rpm members handed back. Returns `{kind, retry_after_ms, granted,
 /// tokens, valid_ms}` as strings: kind `ok` (granted may be 0 when `want` is), or the budget
 /// that refused (`cooldown` included); `valid_ms` is the time to the next day boundary.
 const LEASE_LUA: &str = r"
@@ -152,7 +152,7 @@ if tpm >= 0 then
   local ts = tonumber(b[2]) or now
   if now > ts then level = level + (now - ts) * tpm / window end
   level = math.min(level + back_tpm, tpm)
-  if back_tpm > 0 then
+  if back_tpm ~= 0 then
     redis.call('HSET', KEYS[2], 'level', tostring(level), 'ts', tostring(now))
     redis.call('PEXPIRE', KEYS[2], window * 2)
   end
@@ -227,7 +227,7 @@ pub(crate) struct LeaseAsk<'a> {
     pub(crate) tokens_want: u64,
     pub(crate) tokens_need: u64,
     pub(crate) back_requests: u64,
-    pub(crate) back_tokens: u64,
+    pub(crate) back_tokens: i64,
     pub(crate) back_members: &'a [String],
 }
 

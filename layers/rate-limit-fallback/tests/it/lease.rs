@@ -195,3 +195,25 @@ async fn a_lease_of_a_generous_limit_is_capped() {
         redis::cmd("ZCARD").arg("llmgate:rl:{m}:rpm").query_async(&mut manager(&server.url()).await).await.unwrap();
     assert_eq!(entries, llmgate_rate_limit_fallback::MAX_LEASE_REQUESTS);
 }
+
+/// TPM corrections are settled in the lease without a Redis call, and reach the shared bucket
+/// when the lease goes back: the bucket then holds what was really used.
+#[tokio::test]
+async fn tpm_corrections_are_settled_in_the_lease_and_reach_redis_with_it() {
+    let server = RedisServer::start();
+    // A long window: the bucket's refill during the test is a few tokens.
+    let redis = || async { RedisRateStore::new(manager(&server.url()).await).window(Duration::from_secs(3600)) };
+    let limits = Limits { rpm: None, tpm: Some(1_000), rpd: None };
+    let replica = LeasedRateStore::new(redis().await).slice(1.0);
+    // The lease takes the whole bucket; the request is estimated at 100 tokens and used 10.
+    assert_eq!(replica.check("m", &limits, 100).await, Decision::Allowed);
+    replica.correct_tokens("m", &limits, 100, 10).await;
+    // Another request estimated at 800 fits in what the lease still holds (990).
+    assert_eq!(replica.check("m", &limits, 800).await, Decision::Allowed);
+    replica.correct_tokens("m", &limits, 800, 900).await;
+    replica.release().await;
+    // 10 + 900 used: 90 left in the shared bucket.
+    let exact = redis().await;
+    assert_eq!(exact.check("m", &limits, 90).await, Decision::Allowed);
+    assert!(!exact.check("m", &limits, 20).await.is_allowed());
+}
