@@ -5,15 +5,21 @@ what it needs and builds the release binaries first.
 On loopback it starts the mock upstream, a bare proxy hop per engine (`llmgate bare-proxy`: the
 same upstream and host, no layers), and the full reference proxy per engine (every layer on:
 metadata route, Redis stores, context routing, rate limits with generous budgets, Langfuse export
-to the stand-in), then drives each with oha at concurrency 1, 32 and 256, JSON and SSE, in
+to the stand-in), then drives each with oha at concurrency 1, 32, 256 and 1,024, JSON and SSE, in
 interleaved rounds (medians are reported). It prints and writes RPS, p50/p99 latency, time to
-first byte, the latency added over the bare hyper hop, CPU ms per request and RSS, checks the
+first byte, the latency added over the bare hyper hop, CPU ms per request, Redis CPU µs per
+request (from /proc/<redis pid>/stat, for the targets that use Redis) and RSS, checks the
 budget, and holds 1,000 open streams against each full proxy for the memory figure.
 
+The decomposition (issue 18): the first engine's full stack is also run as
+`full-<engine>-mem` (in-memory stores, no Langfuse), `full-<engine>-mem-lf` (in-memory stores,
+Langfuse export) and `full-<engine>-redis` (Redis stores, no Langfuse), next to `full-<engine>`
+(Redis and Langfuse) and the bare hop.
+
 Environment: BENCH_DURATION (seconds per run, default 1.5), BENCH_ROUNDS (default 3),
-BENCH_ENGINES (default "hyper pingora"), BENCH_STREAMS (default 1000), BENCH_OUT (JSON path,
-default docs/bench-result.json), BENCH_DOC (markdown to update, default docs/performance.md;
-empty: do not write).
+BENCH_ENGINES (default "hyper pingora"), BENCH_STREAMS (default 1000), BENCH_DECOMPOSE (default
+1; 0 skips the decomposition targets), BENCH_OUT (JSON path, default docs/bench-result.json),
+BENCH_DOC (markdown to update, default docs/performance.md; empty: do not write).
 """
 
 import json
@@ -35,6 +41,7 @@ DURATION = float(os.environ.get("BENCH_DURATION", "1.5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 ENGINES = os.environ.get("BENCH_ENGINES", "hyper pingora").split()
 STREAMS = int(os.environ.get("BENCH_STREAMS", "1000"))
+DECOMPOSE = os.environ.get("BENCH_DECOMPOSE", "1") != "0"
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "docs" / "bench-result.json"))
 DOC = os.environ.get("BENCH_DOC", str(ROOT / "docs" / "performance.md"))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -57,6 +64,7 @@ SCENARIOS = [
     ("json c=1 plain", 1, JSON_BODY, PLAIN_PATH),
     ("json c=32", 32, JSON_BODY, METADATA_PATH),
     ("json c=256", 256, JSON_BODY, METADATA_PATH),
+    ("json c=1024", 1024, JSON_BODY, METADATA_PATH),
     ("sse c=1", 1, SSE_BODY, METADATA_PATH),
     ("sse c=32", 32, SSE_BODY, METADATA_PATH),
     ("sse c=256", 256, SSE_BODY, METADATA_PATH),
@@ -169,8 +177,8 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-run-"))
     mock_port, redis_port, langfuse_port = free_port(), free_port(), free_port()
     start("mock", [llmgate, "mock-upstream", "--port", str(mock_port)], mock_port)
-    start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", str(workdir)], redis_port)
+    redis = start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--dir", str(workdir)], redis_port)
     langfuse = start("langfuse", [str(BIN / "langfuse-stand-in"), "--port", str(langfuse_port),
                                   "--project", "bench:pk-lf-bench:sk-lf-bench"], langfuse_port)
     secrets = workdir / "secrets.yaml"
@@ -185,27 +193,37 @@ def main():
     )
     mock_url = f"http://127.0.0.1:{mock_port}/v1"
 
+    def full_config(name, engine, port, with_redis, with_langfuse):
+        config = workdir / f"{name}.yaml"
+        text = (f'listen: "127.0.0.1:{port}"\nrequest_timeout_secs: 30\nengine: {engine}\n'
+                f'upstreams:\n  mock: {{url: "{mock_url}", mode: openai}}\ndefault_upstream: mock\n'
+                f"models:\n{models}rate_limit: {{max_wait_seconds: 0}}\n")
+        if with_redis:
+            text += f'redis: {{url: "redis://127.0.0.1:{redis_port}"}}\n'
+        if with_langfuse:
+            # The exporter's defaults: what keeps up is the product, not a tuned queue.
+            text += (f'langfuse:\n  host: "http://127.0.0.1:{langfuse_port}"\n  secrets_path: "{secrets}"\n'
+                     f"  emit: all\n  export: {{batch_delay_ms: 200}}\n")
+        config.write_text(text)
+        return config
+
     targets = {}  # name -> (port, proc)
+    uses_redis = set()
     for engine in ENGINES:
         port = free_port()
         proc = start(f"bare-{engine}", [llmgate, "bare-proxy", "--engine", engine], port,
                      {"UPSTREAM_URL": mock_url, "PORT": str(port), "HOST": "127.0.0.1", "REQUEST_TIMEOUT": "30"})
         targets[f"bare-{engine}"] = (port, proc)
-    for engine in ENGINES:
-        port = free_port()
-        config = workdir / f"full-{engine}.yaml"
-        config.write_text(
-            f'listen: "127.0.0.1:{port}"\nrequest_timeout_secs: 30\nengine: {engine}\n'
-            f'upstreams:\n  mock: {{url: "{mock_url}", mode: openai}}\ndefault_upstream: mock\n'
-            f"models:\n{models}"
-            f'redis: {{url: "redis://127.0.0.1:{redis_port}"}}\n'
-            f'langfuse:\n  host: "http://127.0.0.1:{langfuse_port}"\n  secrets_path: "{secrets}"\n  emit: all\n'
-            # A queue deep enough for ~20,000 spans/s between exports, so that none is dropped.
-            f"  export: {{batch_max_spans: 512, batch_delay_ms: 200, queue_max_spans: 16384, timeout_ms: 10000}}\n"
-            f"rate_limit: {{max_wait_seconds: 0}}\n"
-        )
-        proc = start(f"full-{engine}", [llmgate, "serve", "--config", str(config)], port)
-        targets[f"full-{engine}"] = (port, proc)
+    variants = [("", True, True)]
+    for i, engine in enumerate(ENGINES):
+        parts = variants + ([("-mem", False, False), ("-mem-lf", False, True), ("-redis", True, False)]
+                            if DECOMPOSE and i == 0 else [])
+        for suffix, with_redis, with_langfuse in parts:
+            name, port = f"full-{engine}{suffix}", free_port()
+            config = full_config(name, engine, port, with_redis, with_langfuse)
+            targets[name] = (port, start(name, [llmgate, "serve", "--config", str(config)], port))
+            if with_redis:
+                uses_redis.add(name)
 
     print(f"bench: {len(targets)} proxies, {len(SCENARIOS)} scenarios, {ROUNDS} rounds of {DURATION:g}s; "
           f"logs in {LOGS}{ulimit_note}", flush=True)
@@ -214,28 +232,32 @@ def main():
 
     results = {}
     # The mock alone, for reference: what the loopback and the load generator cost.
-    for scenario, concurrency, body, path in SCENARIOS[:1] + SCENARIOS[4:5]:
+    for scenario, concurrency, body, path in [sc for sc in SCENARIOS if sc[0] in ("json c=1 metadata", "sse c=1")]:
         runs = [oha(f"http://127.0.0.1:{mock_port}{path}", concurrency, body, DURATION) for _ in range(ROUNDS)]
         results.setdefault(scenario, {})["mock"] = summarise(runs, None)
     for scenario, concurrency, body, path in SCENARIOS:
         runs = {name: [] for name in targets}
         cpu = {name: 0.0 for name in targets}
+        redis_cpu = {name: 0.0 for name in targets}
         for _ in range(ROUNDS):
             for name, (port, proc) in targets.items():
                 route = PLAIN_PATH if name.startswith("bare") else path
-                before = cpu_seconds(proc.pid)
+                before, redis_before = cpu_seconds(proc.pid), cpu_seconds(redis.pid)
                 run = oha(f"http://127.0.0.1:{port}{route}", concurrency, body, DURATION)
                 cpu[name] += cpu_seconds(proc.pid) - before
+                redis_cpu[name] += cpu_seconds(redis.pid) - redis_before
                 runs[name].append(run)
         for name in targets:
             ok = sum(run["ok"] for run in runs[name])
             results.setdefault(scenario, {})[name] = summarise(runs[name], cpu[name] * 1e3 / ok if ok else None)
             results[scenario][name]["rss_mib"] = status_kib(targets[name][1].pid, "VmRSS") / 1024
+            if name in uses_redis and ok:
+                results[scenario][name]["redis_cpu_us_per_request"] = redis_cpu[name] * 1e6 / ok
         print_scenario(scenario, results[scenario])
 
     streams = {}
     for name, (port, proc) in targets.items():
-        if not name.startswith("full"):
+        if name not in [f"full-{engine}" for engine in ENGINES]:
             continue
         reset = reset_peak_rss(proc.pid)
         run = oha(f"http://127.0.0.1:{port}{METADATA_PATH}", STREAMS, SSE_BODY, 8,
@@ -258,7 +280,7 @@ def main():
         print(f"{name}: {values}")
     stop_all()
 
-    budget = check_budget(results, streams)
+    budget = check_budget(results, streams, background)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(),
@@ -297,16 +319,18 @@ def summarise(runs, cpu_ms_per_request):
 
 def print_scenario(scenario, by_target):
     print(f"\n{scenario}")
-    print(f"  {'target':<14}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'ttfb p50':>10}{'+p50 ms':>9}{'cpu ms/req':>12}{'failed':>8}")
+    print(f"  {'target':<20}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'ttfb p50':>10}{'+p50 ms':>9}{'cpu ms/req':>12}"
+          f"{'redis us/req':>14}{'failed':>8}")
     base = by_target.get("bare-hyper")
     for name, r in by_target.items():
         added = f"{r['p50_ms'] - base['p50_ms']:+.3f}" if base and name != "mock" else ""
         cpu = f"{r['cpu_ms_per_request']:.3f}" if r.get("cpu_ms_per_request") is not None else ""
-        print(f"  {name:<14}{r['rps']:>10.0f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['ttfb_p50_ms']:>10.3f}"
-              f"{added:>9}{cpu:>12}{r['failed']:>8}", flush=True)
+        redis = f"{r['redis_cpu_us_per_request']:.1f}" if "redis_cpu_us_per_request" in r else ""
+        print(f"  {name:<20}{r['rps']:>10.0f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['ttfb_p50_ms']:>10.3f}"
+              f"{added:>9}{cpu:>12}{redis:>14}{r['failed']:>8}", flush=True)
 
 
-def check_budget(results, streams):
+def check_budget(results, streams, background):
     lines = []
 
     def add(what, measured, budget, ok):
@@ -329,6 +353,22 @@ def check_budget(results, streams):
         sse = results["sse c=1"]
         dt = sse[full]["ttfb_p50_ms"] - sse[bare]["ttfb_p50_ms"]
         add(f"{engine}: SSE c=1, added time to first byte (p50)", f"{dt:+.3f} ms", "≤ 0.2 ms", dt <= 0.2)
+        # Issue 18: Redis CPU per request, the Redis + Langfuse stack against the bare hop (c=32 on a
+        # machine with fewer than 8 cores, c=256 on one with more), nothing failed or lost.
+        redis_us = max(results[sc][full].get("redis_cpu_us_per_request", 0) for sc in ("json c=32", "json c=256"))
+        add(f"{engine}: Redis CPU per request (JSON c=32 and c=256, the larger)", f"{redis_us:.1f} µs", "≤ 5 µs",
+            redis_us <= 5)
+        loaded = "json c=256" if (os.cpu_count() or 1) >= 8 else "json c=32"
+        ratio = results[loaded][full]["rps"] / results[loaded][bare]["rps"]
+        add(f"{engine}: {loaded.split()[1]} JSON, Redis + Langfuse stack vs bare hop", f"{ratio:.2f}×", "≥ 0.5×",
+            ratio >= 0.5)
+        failed = sum(r[full]["failed"] for r in results.values() if full in r)
+        values = background.get(full, {})
+        # A failed record attempt is retried (not lost); a failed span export is given up (lost).
+        lost = sum(v for k, v in values.items()
+                   if 'outcome="dropped"' in k or (k.startswith("langfuse_spans") and 'outcome="failed"' in k))
+        add(f"{engine}: failed requests, spans dropped or failed, records dropped or failed (every concurrency)",
+            f"{failed} failed, {lost} lost", "0", failed == 0 and lost == 0)
         s = streams.get(full)
         if s:
             rss = s["peak_rss_mib"] if s["peak_rss_mib"] is not None else s["rss_after_mib"]
@@ -338,7 +378,7 @@ def check_budget(results, streams):
 
 
 def counters(port):
-    wanted = ("llmgate_insertion_records_total", "llmgate_langfuse_spans_total")
+    wanted = ("llmgate_insertion_records_total", "llmgate_insertion_writes_total", "llmgate_langfuse_spans_total")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values = {}
@@ -382,6 +422,17 @@ def write_doc(path, report):
             rows.append(f"| {scenario} | {name} | {r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
                         f"{r['ttfb_p50_ms']:.3f} | {added} | {cpu} | {rss} | {r['failed']} |")
     budget = [f"| {'✓' if b['pass'] else '✗'} | {b['what']} | {b['measured']} | {b['budget']} |" for b in report["budget"]]
+    decomposition = []
+    for scenario in ("json c=32", "json c=256", "json c=1024"):
+        by_target = report["results"].get(scenario, {})
+        base = by_target.get("bare-hyper")
+        for name, r in by_target.items():
+            if not base or name.startswith("bare-pingora") or name == "full-pingora":
+                continue
+            cpu = f"{r['cpu_ms_per_request']:.3f}" if r.get("cpu_ms_per_request") is not None else ""
+            redis = f"{r['redis_cpu_us_per_request']:.1f}" if "redis_cpu_us_per_request" in r else "–"
+            decomposition.append(f"| {scenario} | {name} | {r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | "
+                                 f"{r['p50_ms']:.2f} | {cpu} | {redis} |")
     streams = [f"| {name} | {s['concurrent_streams']} | {s['completed']} | {s['failed']} | "
                f"{s['peak_rss_mib'] if s['peak_rss_mib'] is None else round(s['peak_rss_mib'])} |"
                for name, s in report["open_streams"].items()]
@@ -408,6 +459,13 @@ def write_doc(path, report):
         "| open streams | concurrent | completed | failed | peak RSS MiB |",
         "|---|---|---|---|---|",
         *streams,
+        "",
+        "Decomposition (hyper engine): `-mem` in-memory stores, no Langfuse; `-mem-lf` in-memory stores "
+        "and Langfuse export; `-redis` Redis stores, no Langfuse; `full-hyper` Redis and Langfuse.",
+        "",
+        "| scenario | target | req/s | × bare hop | p50 ms | CPU ms/req | Redis CPU µs/req |",
+        "|---|---|---|---|---|---|---|",
+        *decomposition,
         END,
     ])
     text = path.read_text()
