@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 install_missing redis-server:redis-server cmake:cmake python3:python3
 install_oha
-cargo build --release --quiet --bin llmgate
+cargo build --release --quiet --features pingora --bin llmgate
 cargo build --release --quiet -p llmgate-test-support --bin langfuse-stand-in
 # 1,000 open streams need twice as many sockets, plus the load generator's.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
