@@ -42,21 +42,37 @@ async fn call(gw: &TestGateway, method: Method, path: &str, key: Option<&str>, b
     (reply.status, json)
 }
 
+/// A gateway with the keys of [`auth_yaml`] in front of the mock, exporting to the Langfuse
+/// stand-in's projects p1 (the default) and p2.
+struct Isolated {
+    lf: llmgate_test_support::langfuse::LangfuseStandIn,
+    mock: llmgate::mock_upstream::MockUpstream,
+    gw: TestGateway,
+    _dir: crate::support::TempDir,
+}
+
+impl Isolated {
+    async fn start() -> Self {
+        let (lf, dir, secrets) = langfuse_with_two_projects().await;
+        let mock = mock().await;
+        let yaml = format!(
+            "{}langfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: 20}}}}\n",
+            auth_yaml(),
+            lf.url(),
+            secrets.display()
+        );
+        let gw = TestGateway::in_front_of(&mock, &yaml).await;
+        Self { lf, mock, gw, _dir: dir }
+    }
+}
+
 fn log_record(rollout: &str, code: i64) -> Value {
     json!({"program": "eval_protocol", "message": "m", "tags": [format!("rollout_id:{rollout}")], "status": {"code": code}})
 }
 
 #[tokio::test]
 async fn every_route_refuses_another_projects_data() {
-    let (lf, _dir, secrets) = langfuse_with_two_projects().await;
-    let mock = mock().await;
-    let yaml = format!(
-        "{}langfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: 20}}}}\n",
-        auth_yaml(),
-        lf.url(),
-        secrets.display()
-    );
-    let gw = TestGateway::in_front_of(&mock, &yaml).await;
+    let Isolated { lf, mock, gw, _dir } = Isolated::start().await;
     let chat = chat_body("gpt-4o-mini", false);
     let none = json!({});
     let forbidden = |(status, body): (StatusCode, Value), what: &str| {
@@ -365,15 +381,7 @@ fn project_routes(project: Option<&str>) -> Vec<(Method, String, Value)> {
 
 #[tokio::test]
 async fn every_route_by_project_and_kind_of_key() {
-    let (lf, _dir, secrets) = langfuse_with_two_projects().await;
-    let mock = mock().await;
-    let yaml = format!(
-        "{}langfuse: {{host: \"{}\", secrets_path: \"{}\", export: {{batch_delay_ms: 20}}}}\n",
-        auth_yaml(),
-        lf.url(),
-        secrets.display()
-    );
-    let gw = TestGateway::in_front_of(&mock, &yaml).await;
+    let Isolated { lf: _lf, mock: _mock, gw, _dir } = Isolated::start().await;
     let admitted = |status: StatusCode| status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN;
     // (key, its project, another): a plain key, a hashed key, an `api_keys` key for every project.
     for (key, own, other) in [(TEAM_A, "p2", Some("p1")), (TEAM_B, "p1", Some("p2")), (OPS, "p1", None)] {
