@@ -137,6 +137,7 @@ per_engine!(
     http10_upstream_still_answers_the_client_in_http11,
     upstream_timeout_is_a_504,
     graceful_shutdown_finishes_an_in_flight_stream,
+    graceful_shutdown_closes_idle_connections_at_once,
     h2c_clients_are_served,
     upstream_connections_are_reused,
     expect_100_continue_is_answered,
@@ -323,6 +324,82 @@ async fn graceful_shutdown_finishes_an_in_flight_stream(engine: Engine) {
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"), "{rest:?}");
     within(serving).await.expect("the server ends after the drain");
     assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
+}
+
+/// A raw-TCP HTTP/1.1 upstream: `GET …/held` starts a chunked SSE stream that ends only once
+/// `release` is sent; anything else is a `content-length` "ok". Connections are kept alive.
+async fn held_stream_upstream() -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = oneshot::channel::<()>();
+    let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let released = released.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => pending.extend_from_slice(&buf[..read]),
+                        }
+                    }
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head: Vec<u8> = pending.drain(..end).collect();
+                    if !head.starts_with(b"GET /v1/held ") {
+                        if stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let first = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n";
+                    if stream.write_all(first).await.is_err() {
+                        return;
+                    }
+                    if let Some(released) = released.lock().await.take() {
+                        let _ = released.await;
+                    }
+                    if stream.write_all(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, release)
+}
+
+async fn graceful_shutdown_closes_idle_connections_at_once(engine: Engine) {
+    let (upstream, release) = held_stream_upstream().await;
+    // A drain longer than the hang guard: an idle connection held until the drain ends fails.
+    let base_url = format!("http://{upstream}/v1");
+    let mut proxy = EngineProxy::start(engine, &base_url, Duration::from_secs(10), Duration::from_secs(60)).await;
+    // A keep-alive connection that was served once and now waits for its next request.
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.ends_with(b"\r\n\r\nok") {
+        let n = within(idle.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // A stream in flight, held open by the upstream until released.
+    let response = open(request(Method::GET, &proxy.url("/v1/held"), &[], "")).await;
+    let mut body = response.into_body();
+    let first = within(body.frame()).await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "data: 1\n\n");
+
+    let serving = proxy.begin_shutdown();
+    // The idle connection is closed while the stream is still held: at the start of the drain.
+    let closed = within(idle.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "the idle connection is still open: {closed:?}");
+    release.send(()).unwrap();
+    let rest = within(body.collect()).await.expect("the stream finishes").to_bytes();
+    assert_eq!(&rest[..], b"data: [DONE]\n\n");
+    within(serving).await.expect("the server ends after the drain");
 }
 
 async fn h2c_clients_are_served(engine: Engine) {

@@ -13,8 +13,9 @@
 //! bounded queue to a dispatcher there, and response frames come back through a bounded channel.
 //! The stack service is `Send` but not `Sync`, which is why pingora's threads never hold it.
 //!
-//! **Shutdown.** When `shutdown` resolves, the listener stops accepting, responses in progress
-//! are sent with `Connection: close`, and in-flight requests and streams get up to `drain` to
+//! **Shutdown.** When `shutdown` resolves, the listener stops accepting, idle keep-alive
+//! connections are closed at once (h2 ones get a GOAWAY), responses in progress are sent with
+//! `Connection: close`, and in-flight requests and streams get up to `drain` to
 //! finish; then pingora stops at once. Pingora's own SIGTERM path (a fixed 300 s grace period by
 //! default) is never used: the caller owns signals.
 //!
@@ -485,7 +486,19 @@ impl HttpServerApp for App {
 
 impl App {
     async fn handle(&self, mut session: ServerSession, shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
+        let read = if session.is_http2() {
+            session.read_request().await
+        } else {
+            // An h1 connection waiting for its next request is idle: close it as soon as the
+            // drain begins, as hyper's graceful shutdown does (h2 gets a GOAWAY from pingora).
+            let mut stopping = shutdown.clone();
+            tokio::select! {
+                biased;
+                read = session.read_request() => read,
+                _ = stopping.wait_for(|&stop| stop) => return None,
+            }
+        };
+        match read {
             Ok(true) => {}
             Ok(false) => return None,
             Err(error) => {
