@@ -8,10 +8,16 @@
 //! for keep-alive.
 //!
 //! **Where things run.** Pingora's `Server::run` builds its own runtimes and must not run inside
-//! a tokio runtime, so it gets a plain thread. The stack itself (and anything it spawns: usage
-//! taps, background records) runs on the caller's runtime: requests are handed over through a
-//! bounded queue to a dispatcher there, and response frames come back through a bounded channel.
-//! The stack service is `Send` but not `Sync`, which is why pingora's threads never hold it.
+//! a tokio runtime, so it gets a plain thread. Each request is served on the Pingora worker that
+//! read it: the stack is called there (a clone per request, as the hyper host does; the service
+//! is `Send` but not `Sync`, so the shared original sits behind a mutex) and its response body is
+//! written from there, with no hand-off between runtimes. While the stack's futures and bodies are
+//! polled or dropped, the caller's runtime is entered ([`OnCallerRuntime`]): what the stack
+//! spawns (insertion records, usage taps, rate-limit corrections), its timers and its upstream
+//! sockets belong to the caller's runtime, which outlives connections and the Pingora server
+//! (pingora shuts its runtimes down, dropping their tasks, when it stops). The previous design
+//! handed each request to the caller's runtime through a queue and each response frame back
+//! through a channel; `docs/performance.md` has what dropping that hand-off bought.
 //!
 //! **Shutdown.** When `shutdown` resolves, the listener stops accepting, idle keep-alive
 //! connections are closed at once (h2 ones get a GOAWAY), responses in progress are sent with
@@ -42,7 +48,7 @@ use std::{
     os::fd::IntoRawFd,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -50,7 +56,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version, header};
+use http::{HeaderValue, Method, Request, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llmgate_core::{BoxError, GatewayBody, body, body::HostedService};
@@ -65,6 +71,7 @@ use pingora_core::{
 };
 use tokio::{
     net::TcpListener,
+    runtime::Handle,
     sync::{Notify, mpsc, oneshot, watch},
 };
 use tower::ServiceExt;
@@ -110,7 +117,8 @@ impl PingoraHost {
         Self { threads, h2c: true }
     }
 
-    /// Pingora worker threads (network I/O; the stack runs on the caller's runtime).
+    /// Pingora worker threads (they serve connections and call the stack; what the stack spawns
+    /// runs on the caller's runtime).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
         self
@@ -141,13 +149,13 @@ impl PingoraHost {
         fds.add(key.clone(), listener.into_raw_fd());
         let fds: ListenFds = Arc::new(fds.into());
 
-        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(1024);
+        let runtime = Handle::try_current().map_err(io::Error::other)?;
         let in_flight = Arc::new(InFlight::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (trigger_tx, trigger_rx) = watch::channel(false);
         let mut options = HttpServerOptions::default();
         options.h2c = self.h2c;
-        let app = App { jobs: jobs_tx, in_flight: in_flight.clone(), options };
+        let app = App { service: Mutex::new(service), runtime, in_flight: in_flight.clone(), options };
         let mut listening = Listening::new(format!("llmgate {key}"), app);
         listening.add_tcp(&key);
         let hosted = Hosted { inner: listening, fds, stop: stop_rx, threads: self.threads };
@@ -168,28 +176,14 @@ impl PingoraHost {
             let _ = done_tx.send(());
         })?;
 
-        // Owns the service: a `&S` held across an await would make this future `!Send` (a
-        // service need not be `Sync`).
-        let dispatch = async move {
-            while let Some(job) = jobs_rx.recv().await {
-                tokio::spawn(job.run(service.clone()));
-            }
-        };
-        let lifecycle = async {
-            tokio::pin!(shutdown, done_rx);
-            tokio::select! {
-                () = &mut shutdown => {
-                    tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
-                    let _ = trigger_tx.send(true);
-                    let _ = done_rx.await;
-                }
-                _ = &mut done_rx => tracing::warn!("the Pingora server stopped on its own"),
-            }
-        };
-        tokio::pin!(lifecycle);
+        tokio::pin!(shutdown, done_rx);
         tokio::select! {
-            () = dispatch => lifecycle.await,
-            () = &mut lifecycle => {}
+            () = &mut shutdown => {
+                tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
+                let _ = trigger_tx.send(true);
+                let _ = done_rx.await;
+            }
+            _ = &mut done_rx => tracing::warn!("the Pingora server stopped on its own"),
         }
         Ok(())
     }
@@ -262,14 +256,14 @@ impl ShutdownSignalWatch for Stop {
 }
 
 /// The listening service, started with our listener and our shutdown watch.
-struct Hosted {
-    inner: Listening<App>,
+struct Hosted<S> {
+    inner: Listening<App<S>>,
     fds: ListenFds,
     stop: watch::Receiver<bool>,
     threads: usize,
 }
 
-impl ServiceWithDependents for Hosted {
+impl<S: HostedService> ServiceWithDependents for Hosted<S> {
     fn start_service<'life0, 'async_trait>(
         &'life0 mut self,
         _fds: Option<ListenFds>,
@@ -300,76 +294,60 @@ impl ServiceWithDependents for Hosted {
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<http::Response<GatewayBody>, Infallible>> + Send>>;
 
-/// A request handed to the caller's runtime.
-struct Job {
-    request: Request<GatewayBody>,
-    head: oneshot::Sender<Head>,
-    frames: mpsc::Sender<Msg>,
+/// A stack's response future or body, polled and dropped with the caller's runtime entered, so
+/// that what it spawns, its timers and its sockets live on that runtime, not on Pingora's.
+struct OnCallerRuntime<T> {
+    /// `None` only while dropping.
+    inner: Option<T>,
+    runtime: Handle,
 }
 
-struct Head {
-    parts: http::response::Parts,
-    exact: Option<u64>,
-    end: bool,
+impl<T> OnCallerRuntime<T> {
+    fn new(inner: T, runtime: &Handle) -> Self {
+        Self { inner: Some(inner), runtime: runtime.clone() }
+    }
 }
 
-enum Msg {
-    Data(Bytes),
-    Trailers(HeaderMap),
-    End,
-    Error(BoxError),
+impl<T> Drop for OnCallerRuntime<T> {
+    fn drop(&mut self) {
+        // A body dropped mid-stream may spawn its last work (a record, a cancellation report).
+        let _entered = self.runtime.enter();
+        self.inner = None;
+    }
 }
 
-impl Job {
-    /// Calls the stack and pumps the response body to the Pingora side (on the caller's runtime).
-    async fn run<S: HostedService>(self, service: S) {
-        let Job { request, mut head, frames } = self;
-        // Boxed so that `tokio::spawn`'s `Send` check sees no `dyn Error` lifetimes (as in the
-        // hyper host).
-        let call: ResponseFuture = Box::pin(service.oneshot(request));
-        // A client that went away before the head closes `head`: drop the call at once (as
-        // hyper drops the service future), so nothing it waits for (a retry, a rate-limit wait)
-        // happens on its behalf.
-        let response = tokio::select! {
-            response = call => match response {
-                Ok(response) => response,
-                Err(never) => match never {},
-            },
-            () = head.closed() => return,
-        };
-        let (parts, mut body) = response.into_parts();
-        let end = body.is_end_stream();
-        let exact = body.size_hint().exact();
-        if head.send(Head { parts, exact, end }).is_err() || end {
-            return;
+impl<F: Future + Unpin> Future for OnCallerRuntime<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let _entered = this.runtime.enter();
+        match this.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll(cx),
+            None => Poll::Pending,
         }
-        loop {
-            // A client that went away closes `frames`: drop the body at once (the usage tap
-            // reports a cancellation, the upstream connection is closed).
-            let frame = tokio::select! {
-                frame = body.frame() => frame,
-                () = frames.closed() => return,
-            };
-            let msg = match frame {
-                None => Msg::End,
-                Some(Err(error)) => Msg::Error(error),
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => Msg::Data(data),
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => Msg::Trailers(trailers),
-                        Err(_) => continue,
-                    },
-                },
-            };
-            let last = matches!(msg, Msg::End | Msg::Error(_));
-            if frames.send(msg).await.is_err() || last {
-                return;
-            }
-            if body.is_end_stream() {
-                let _ = frames.send(Msg::End).await;
-                return;
-            }
+    }
+}
+
+impl<B: Body + Unpin> Body for OnCallerRuntime<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let _entered = this.runtime.enter();
+        match this.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(SizeHint::default, Body::size_hint)
     }
 }
 
@@ -459,13 +437,16 @@ async fn feed_request_body(session: &mut ServerSession, tx: mpsc::Sender<Result<
     }
 }
 
-struct App {
-    jobs: mpsc::Sender<Job>,
+struct App<S> {
+    /// Cloned for each request; behind a mutex because a service need not be `Sync`.
+    service: Mutex<S>,
+    /// The caller's runtime, entered while the stack is polled.
+    runtime: Handle,
     in_flight: Arc<InFlight>,
     options: HttpServerOptions,
 }
 
-impl HttpServerApp for App {
+impl<S: HostedService> HttpServerApp for App<S> {
     fn process_new_http<'life0, 'life1, 'async_trait>(
         self: &'life0 Arc<Self>,
         session: ServerSession,
@@ -484,7 +465,7 @@ impl HttpServerApp for App {
     }
 }
 
-impl App {
+impl<S: HostedService> App<S> {
     async fn handle(&self, mut session: ServerSession, shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
         let read = if session.is_http2() {
             session.read_request().await
@@ -526,17 +507,15 @@ impl App {
             let (tx, rx) = mpsc::channel(4);
             (body::boxed(RequestBody { rx, remaining, done: false }), Some(tx))
         };
-        let (head_tx, mut head_rx) = oneshot::channel();
-        let (frames_tx, mut frames_rx) = mpsc::channel(16);
-        let job = Job { request: Request::from_parts(parts, body), head: head_tx, frames: frames_tx };
-        if self.jobs.send(job).await.is_err() {
-            let _ = session.respond_error(503).await;
-            return None;
-        }
+        let service = self.service.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        // Boxed so that the connection's future sees no `dyn Error` lifetimes in its `Send`
+        // check (as in the hyper host).
+        let call: ResponseFuture = Box::pin(service.oneshot(Request::from_parts(parts, body)));
+        let mut call = OnCallerRuntime::new(call, &self.runtime);
 
         // Feed the request body until the response head arrives.
         let mut body_read = feeder.is_none();
-        let head = match feeder {
+        let response = match feeder {
             None => None,
             Some(tx) => {
                 // hyper answers `Expect: 100-continue` when the body is first read; so do we.
@@ -549,7 +528,7 @@ impl App {
                 let feed = feed_request_body(&mut session, tx);
                 tokio::pin!(feed);
                 tokio::select! {
-                    head = &mut head_rx => Some(head),
+                    response = &mut call => Some(response),
                     complete = &mut feed => {
                         body_read = complete;
                         None
@@ -558,14 +537,15 @@ impl App {
             }
         };
         // From here on, watch the client: a disconnect drops the pending call and the response
-        // body (through `head_rx` and `frames_rx`), as hyper does. On h1 the connection can only
-        // be read once the request body is done; an h2 stream reset is seen either way.
+        // body, as hyper does (nothing the call waits for, a retry or a rate-limit wait, happens
+        // on its behalf; the usage tap reports a cancellation). On h1 the connection can only be
+        // read once the request body is done; an h2 stream reset is seen either way.
         let mut watching = body_read || !h1;
-        let head = match head {
-            Some(head) => head,
+        let response = match response {
+            Some(response) => response,
             None => loop {
                 tokio::select! {
-                    head = &mut head_rx => break head,
+                    response = &mut call => break response,
                     gone = client_gone(&mut session), if watching => {
                         if gone {
                             tracing::debug!("the client went away before the response head");
@@ -577,14 +557,19 @@ impl App {
                 }
             },
         };
-        let Ok(Head { mut parts, exact, end }) = head else {
-            let _ = session.respond_error(500).await;
-            return None;
+        drop(call);
+        let response = match response {
+            Ok(response) => response,
+            Err(never) => match never {},
         };
         if !body_read {
             // The rest of the request body was never read: this connection cannot be reused.
             session.set_keepalive(None);
         }
+        let (mut parts, body) = response.into_parts();
+        let end = body.is_end_stream();
+        let exact = body.size_hint().exact();
+        let mut body = OnCallerRuntime::new(body, &self.runtime);
 
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
@@ -618,8 +603,8 @@ impl App {
             // (pingora: "sent data after end of body") and the connection would not be reused.
             let mut unwritten = exact.filter(|_| !bodiless);
             loop {
-                let msg = tokio::select! {
-                    msg = frames_rx.recv() => msg,
+                let frame = tokio::select! {
+                    frame = body.frame() => frame,
                     gone = client_gone(&mut session), if watching => {
                         if gone {
                             tracing::debug!("the client went away mid-response");
@@ -630,8 +615,23 @@ impl App {
                         continue;
                     }
                 };
-                match msg {
-                    Some(Msg::Data(data)) => {
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    // The stream failed midway: close the connection without finishing the
+                    // body, so the client sees a cut stream rather than a complete one.
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "the response body failed midway");
+                        return None;
+                    }
+                    None => {
+                        if session.write_response_body(Bytes::new(), true).await.is_err() {
+                            return None;
+                        }
+                        break;
+                    }
+                };
+                match frame.into_data() {
+                    Ok(data) => {
                         if let Some(left) = unwritten.as_mut() {
                             *left = left.saturating_sub(data.len() as u64);
                             if *left == 0 {
@@ -642,23 +642,19 @@ impl App {
                             tracing::debug!(%error, "the client went away mid-response");
                             return None;
                         }
-                    }
-                    Some(Msg::Trailers(trailers)) => {
-                        let _ = session.write_response_trailers(trailers).await;
-                    }
-                    Some(Msg::End) => {
-                        if session.write_response_body(Bytes::new(), true).await.is_err() {
-                            return None;
+                        // Finish at once, not on the next poll of a body that has nothing left.
+                        if body.is_end_stream() {
+                            if session.write_response_body(Bytes::new(), true).await.is_err() {
+                                return None;
+                            }
+                            break;
                         }
-                        break;
                     }
-                    // The stream failed midway: close the connection without finishing the
-                    // body, so the client sees a cut stream rather than a complete one.
-                    Some(Msg::Error(error)) => {
-                        tracing::debug!(%error, "the response body failed midway");
-                        return None;
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = session.write_response_trailers(trailers).await;
+                        }
                     }
-                    None => return None,
                 }
             }
         }
