@@ -7,23 +7,22 @@
 //! head, then each body frame as it comes (SSE is never buffered), and hands the connection back
 //! for keep-alive.
 //!
-//! **Where things run.** Pingora's `Server::run` builds its own runtimes and must not run inside
-//! a tokio runtime, so it gets a plain thread. Each request is served on the Pingora worker that
-//! read it: the stack is called there (a clone per request, as the hyper host does; the service
-//! is `Send` but not `Sync`, so the shared original sits behind a mutex) and its response body is
-//! written from there, with no hand-off between runtimes. While the stack's futures and bodies are
-//! polled or dropped, the caller's runtime is entered ([`OnCallerRuntime`]): what the stack
-//! spawns (insertion records, usage taps, rate-limit corrections), its timers and its upstream
-//! sockets belong to the caller's runtime, which outlives connections and the Pingora server
-//! (pingora shuts its runtimes down, dropping their tasks, when it stops). The previous design
-//! handed each request to the caller's runtime through a queue and each response frame back
-//! through a channel; `docs/performance.md` has what dropping that hand-off bought.
+//! **Where things run.** Everything runs on the caller's tokio runtime, as with the hyper host:
+//! this host accepts on the caller's listener and runs each connection through pingora-core's
+//! [`ServerApp`] (its HTTP/1.1 and h2 protocol code, keep-alive and h2c detection), calling the
+//! stack in the connection's task (a clone per request, as the hyper host does; the service is
+//! `Send` but not `Sync`, so the shared original sits behind a mutex). What the stack spawns
+//! (insertion records, usage taps, rate-limit corrections) lands on the caller's runtime, which
+//! outlives connections. Pingora's `Server` (its own runtimes and listener) is not used: measured
+//! on the benchmark, it costs a hand-off between runtimes per request, either through a queue and
+//! a frame channel or as cross-runtime wake-ups when the stack's sockets stay on the caller's
+//! runtime, while running the stack on Pingora's runtimes would drop background work when they
+//! stop (`docs/performance.md`, "The Pingora host's threads").
 //!
-//! **Shutdown.** When `shutdown` resolves, the listener stops accepting, idle keep-alive
-//! connections are closed at once (h2 ones get a GOAWAY), responses in progress are sent with
-//! `Connection: close`, and in-flight requests and streams get up to `drain` to
-//! finish; then pingora stops at once. Pingora's own SIGTERM path (a fixed 300 s grace period by
-//! default) is never used: the caller owns signals.
+//! **Shutdown.** When `shutdown` resolves, the listener is closed, idle keep-alive connections
+//! are closed at once (h2 ones get a GOAWAY), responses in progress are sent with
+//! `Connection: close`, and in-flight requests and streams get up to `drain` to finish; then the
+//! remaining connections are closed.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -45,7 +44,6 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    os::fd::IntoRawFd,
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
@@ -61,18 +59,14 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llmgate_core::{BoxError, GatewayBody, body, body::HostedService};
 use pingora_core::{
-    apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream},
-    protocols::http::ServerSession,
-    server::{
-        Fds, ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
-        configuration::{Opt, ServerConf},
-    },
-    services::{ServiceReadyNotifier, ServiceWithDependents, listening::Service as Listening},
+    apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp},
+    protocols::{http::ServerSession, l4::stream::Stream as TcpSession},
+    server::ShutdownWatch,
 };
 use tokio::{
     net::TcpListener,
-    runtime::Handle,
-    sync::{Notify, mpsc, oneshot, watch},
+    sync::{Notify, mpsc, watch},
+    task::JoinSet,
 };
 use tower::ServiceExt;
 
@@ -82,7 +76,7 @@ use llmgate_core::forward::strip_hop_by_hop;
 /// in-flight requests and streams for up to `drain`.
 ///
 /// The same shape as the hyper engine's `serve`; see [`PingoraHost`] for the knobs.
-/// Returns once the Pingora server has stopped.
+/// Returns once every connection has finished or the drain timeout passed.
 pub async fn serve_pingora<S>(
     listener: TcpListener,
     service: S,
@@ -98,7 +92,6 @@ where
 /// A Pingora host with its options.
 #[derive(Clone, Debug)]
 pub struct PingoraHost {
-    threads: usize,
     h2c: bool,
 }
 
@@ -111,17 +104,9 @@ impl Default for PingoraHost {
 // === impl PingoraHost ===
 
 impl PingoraHost {
-    /// One Pingora worker thread per CPU, h2c on (as the hyper host).
+    /// h2c on (as the hyper host).
     pub fn new() -> Self {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self { threads, h2c: true }
-    }
-
-    /// Pingora worker threads (they serve connections and call the stack; what the stack spawns
-    /// runs on the caller's runtime).
-    pub fn threads(mut self, threads: usize) -> Self {
-        self.threads = threads.max(1);
-        self
+        Self { h2c: true }
     }
 
     /// Accept HTTP/2 with prior knowledge on the plain-text port (default on).
@@ -141,50 +126,46 @@ impl PingoraHost {
     where
         S: HostedService,
     {
-        // Pingora binds its own listeners; hand it ours through its fd table (the mechanism of
-        // its zero-downtime upgrades), so an ephemeral port works and nothing is bound twice.
-        let listener = listener.into_std()?;
-        let key = listener.local_addr()?.to_string();
-        let mut fds = Fds::new();
-        fds.add(key.clone(), listener.into_raw_fd());
-        let fds: ListenFds = Arc::new(fds.into());
-
-        let runtime = Handle::try_current().map_err(io::Error::other)?;
-        let in_flight = Arc::new(InFlight::default());
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (trigger_tx, trigger_rx) = watch::channel(false);
         let mut options = HttpServerOptions::default();
         options.h2c = self.h2c;
-        let app = App { service: Mutex::new(service), runtime, in_flight: in_flight.clone(), options };
-        let mut listening = Listening::new(format!("llmgate {key}"), app);
-        listening.add_tcp(&key);
-        let hosted = Hosted { inner: listening, fds, stop: stop_rx, threads: self.threads };
-        let signal = Stop { trigger: trigger_rx, stop: stop_tx, in_flight, drain };
-
-        // Pingora's own grace period is never used (the drain happens before it stops).
-        let conf = ServerConf {
-            threads: self.threads,
-            grace_period_seconds: Some(0),
-            graceful_shutdown_timeout_seconds: Some(drain.as_secs().max(1)),
-            ..ServerConf::default()
-        };
-        let (done_tx, done_rx) = oneshot::channel::<()>();
-        std::thread::Builder::new().name("pingora-host".into()).spawn(move || {
-            let mut server = Server::new_with_opt_and_conf(None::<Opt>, conf);
-            server.add_service(hosted);
-            server.run(RunArgs { shutdown_signal: Box::new(signal) });
-            let _ = done_tx.send(());
-        })?;
-
-        tokio::pin!(shutdown, done_rx);
-        tokio::select! {
-            () = &mut shutdown => {
-                tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
-                let _ = trigger_tx.send(true);
-                let _ = done_rx.await;
-            }
-            _ = &mut done_rx => tracing::warn!("the Pingora server stopped on its own"),
+        let in_flight = Arc::new(InFlight::default());
+        let app = Arc::new(App { service: Mutex::new(service), in_flight: in_flight.clone(), options });
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                Some(_) = connections.join_next() => continue,
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let (app, stop) = (app.clone(), stop_rx.clone());
+            connections.spawn(async move {
+                // A connection kept alive comes back for its next request (h1).
+                let mut next = app.process_new(Box::new(TcpSession::from(stream)), &stop).await;
+                while let Some(stream) = next {
+                    next = app.process_new(stream, &stop).await;
+                }
+            });
         }
+        drop(listener);
+        tracing::info!("shutting down: draining in-flight requests for up to {:?}", drain);
+        // Closes idle connections and turns keep-alive off for responses still to come.
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(drain, in_flight.idle()).await.is_err() {
+            tracing::warn!("drain timeout passed; closing the remaining connections");
+        }
+        // Dropping the set closes what is left (connections idle before their first byte).
+        drop(connections);
         Ok(())
     }
 }
@@ -227,129 +208,9 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Pingora's shutdown signal: the caller's `shutdown`, then a drain bounded by `drain`.
-struct Stop {
-    trigger: watch::Receiver<bool>,
-    stop: watch::Sender<bool>,
-    in_flight: Arc<InFlight>,
-    drain: Duration,
-}
-
-impl ShutdownSignalWatch for Stop {
-    fn recv<'life0, 'async_trait>(&'life0 self) -> Pin<Box<dyn Future<Output = ShutdownSignal> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            let mut trigger = self.trigger.clone();
-            // A dropped trigger means the serving future itself was dropped: stop at once.
-            let requested = trigger.wait_for(|&stop| stop).await.is_ok();
-            // Stops the accept loop and turns keep-alive off for responses still to come.
-            let _ = self.stop.send(true);
-            if requested && tokio::time::timeout(self.drain, self.in_flight.idle()).await.is_err() {
-                tracing::warn!("drain timeout passed; closing the remaining connections");
-            }
-            ShutdownSignal::FastShutdown
-        })
-    }
-}
-
-/// The listening service, started with our listener and our shutdown watch.
-struct Hosted<S> {
-    inner: Listening<App<S>>,
-    fds: ListenFds,
-    stop: watch::Receiver<bool>,
-    threads: usize,
-}
-
-impl<S: HostedService> ServiceWithDependents for Hosted<S> {
-    fn start_service<'life0, 'async_trait>(
-        &'life0 mut self,
-        _fds: Option<ListenFds>,
-        _shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
-        ready_notifier: ServiceReadyNotifier,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
-        ready_notifier.notify_ready();
-        let fds = Some(self.fds.clone());
-        let stop = self.stop.clone();
-        Box::pin(pingora_core::services::Service::start_service(&mut self.inner, fds, stop, listeners_per_fd))
-    }
-
-    fn name(&self) -> &str {
-        "llmgate"
-    }
-
-    fn threads(&self) -> Option<usize> {
-        Some(self.threads)
-    }
-}
-
 // === The app ===
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<http::Response<GatewayBody>, Infallible>> + Send>>;
-
-/// A stack's response future or body, polled and dropped with the caller's runtime entered, so
-/// that what it spawns, its timers and its sockets live on that runtime, not on Pingora's.
-struct OnCallerRuntime<T> {
-    /// `None` only while dropping.
-    inner: Option<T>,
-    runtime: Handle,
-}
-
-impl<T> OnCallerRuntime<T> {
-    fn new(inner: T, runtime: &Handle) -> Self {
-        Self { inner: Some(inner), runtime: runtime.clone() }
-    }
-}
-
-impl<T> Drop for OnCallerRuntime<T> {
-    fn drop(&mut self) {
-        // A body dropped mid-stream may spawn its last work (a record, a cancellation report).
-        let _entered = self.runtime.enter();
-        self.inner = None;
-    }
-}
-
-impl<F: Future + Unpin> Future for OnCallerRuntime<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        let _entered = this.runtime.enter();
-        match this.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll(cx),
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl<B: Body + Unpin> Body for OnCallerRuntime<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = &mut *self;
-        let _entered = this.runtime.enter();
-        match this.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(SizeHint::default, Body::size_hint)
-    }
-}
 
 /// The request body as the stack sees it, fed by the Pingora side.
 struct RequestBody {
@@ -440,8 +301,6 @@ async fn feed_request_body(session: &mut ServerSession, tx: mpsc::Sender<Result<
 struct App<S> {
     /// Cloned for each request; behind a mutex because a service need not be `Sync`.
     service: Mutex<S>,
-    /// The caller's runtime, entered while the stack is polled.
-    runtime: Handle,
     in_flight: Arc<InFlight>,
     options: HttpServerOptions,
 }
@@ -510,8 +369,7 @@ impl<S: HostedService> App<S> {
         let service = self.service.lock().unwrap_or_else(PoisonError::into_inner).clone();
         // Boxed so that the connection's future sees no `dyn Error` lifetimes in its `Send`
         // check (as in the hyper host).
-        let call: ResponseFuture = Box::pin(service.oneshot(Request::from_parts(parts, body)));
-        let mut call = OnCallerRuntime::new(call, &self.runtime);
+        let mut call: ResponseFuture = Box::pin(service.oneshot(Request::from_parts(parts, body)));
 
         // Feed the request body until the response head arrives.
         let mut body_read = feeder.is_none();
@@ -557,7 +415,6 @@ impl<S: HostedService> App<S> {
                 }
             },
         };
-        drop(call);
         let response = match response {
             Ok(response) => response,
             Err(never) => match never {},
@@ -566,10 +423,9 @@ impl<S: HostedService> App<S> {
             // The rest of the request body was never read: this connection cannot be reused.
             session.set_keepalive(None);
         }
-        let (mut parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
         let end = body.is_end_stream();
         let exact = body.size_hint().exact();
-        let mut body = OnCallerRuntime::new(body, &self.runtime);
 
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
