@@ -59,11 +59,7 @@ pub async fn serve_on(
     match engine {
         Engine::Hyper => llmgate_hyper::serve(listener, service, shutdown, drain).await,
         #[cfg(feature = "pingora")]
-        Engine::Pingora => {
-            if let Err(error) = llmgate_pingora::serve_pingora(listener, service, shutdown, drain).await {
-                tracing::error!(%error, "the Pingora host failed");
-            }
-        }
+        Engine::Pingora => llmgate_pingora::serve_pingora(listener, service, shutdown, drain).await,
         #[cfg(not(feature = "pingora"))]
         Engine::Pingora => tracing::error!("{}", crate::config::PINGORA_NOT_BUILT),
     }

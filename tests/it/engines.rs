@@ -69,11 +69,7 @@ impl EngineProxy {
         };
         let task = match engine {
             Engine::Hyper => tokio::spawn(llmgate_hyper::serve(listener, service, shutdown, drain)),
-            Engine::Pingora => tokio::spawn(async move {
-                llmgate_pingora::serve_pingora(listener, service, shutdown, drain)
-                    .await
-                    .expect("the Pingora host runs");
-            }),
+            Engine::Pingora => tokio::spawn(llmgate_pingora::serve_pingora(listener, service, shutdown, drain)),
         };
         Self { addr, shutdown: Some(tx), task }
     }

@@ -42,6 +42,6 @@ async fn main() -> Result<(), BoxError> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    serve_pingora(listener, BoxCloneService::new(stack), shutdown, Duration::from_secs(10)).await?;
+    serve_pingora(listener, BoxCloneService::new(stack), shutdown, Duration::from_secs(10)).await;
     Ok(())
 }

@@ -38,14 +38,14 @@
 //!     }));
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
-//!     serve_pingora(listener, service, shutdown, Duration::from_secs(30)).await
+//!     serve_pingora(listener, service, shutdown, Duration::from_secs(30)).await;
+//!     Ok(())
 //! }
 //! ```
 
 use std::{
     convert::Infallible,
     future::Future,
-    io,
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
@@ -80,12 +80,7 @@ use llmgate_core::forward::strip_hop_by_hop;
 /// The same shape as the hyper engine's `serve`; see [`PingoraHost`] for the knobs.
 /// Returns once the in-flight requests have finished or the drain timeout passed, with the
 /// remaining connections closed.
-pub async fn serve_pingora<S>(
-    listener: TcpListener,
-    service: S,
-    shutdown: impl Future<Output = ()>,
-    drain: Duration,
-) -> io::Result<()>
+pub async fn serve_pingora<S>(listener: TcpListener, service: S, shutdown: impl Future<Output = ()>, drain: Duration)
 where
     S: HostedService,
 {
@@ -119,13 +114,7 @@ impl PingoraHost {
     }
 
     /// Serves `service` on `listener`; see [`serve_pingora`].
-    pub async fn serve<S>(
-        self,
-        listener: TcpListener,
-        service: S,
-        shutdown: impl Future<Output = ()>,
-        drain: Duration,
-    ) -> io::Result<()>
+    pub async fn serve<S>(self, listener: TcpListener, service: S, shutdown: impl Future<Output = ()>, drain: Duration)
     where
         S: HostedService,
     {
@@ -169,7 +158,6 @@ impl PingoraHost {
         }
         // Dropping the set closes what is left (connections idle before their first byte).
         drop(connections);
-        Ok(())
     }
 }
 
