@@ -14,7 +14,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, channel::Channel};
+use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use llmgate::{
     core::{
@@ -168,24 +168,7 @@ async fn json_passthrough(engine: Engine) {
 async fn catch_all_streams_a_request_body_of_unknown_size(engine: Engine) {
     let mock = mock().await;
     let proxy = EngineProxy::in_front_of(engine, &mock.url()).await;
-    let (mut tx, channel) = Channel::<Bytes, BoxError>::new(1);
-    tokio::spawn(async move {
-        for part in ["one ", "two ", "three"] {
-            if tx.send_data(Bytes::from_static(part.as_bytes())).await.is_err() {
-                return;
-            }
-        }
-    });
-    let client: Client<_, GatewayBody> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::builder()
-        .method(Method::PUT)
-        .uri(proxy.url("/v1/files/abc?purpose=x"))
-        .body(channel.boxed_unsync())
-        .unwrap();
-    let response = within(client.request(req)).await.expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let echo: serde_json::Value =
-        serde_json::from_slice(&within(response.into_body().collect()).await.unwrap().to_bytes()).unwrap();
+    let echo = put_streamed_body(&proxy.url("/v1/files/abc?purpose=x")).await;
     assert_eq!(echo["body"], "one two three");
     assert_eq!(echo["uri"], "/v1/files/abc?purpose=x");
     assert_eq!(echo["headers"]["transfer-encoding"], "chunked");

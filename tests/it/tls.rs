@@ -11,12 +11,8 @@ use std::{
 };
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::{Method, StatusCode, Version};
-use http_body_util::{BodyExt, channel::Channel};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use llmgate::mock_upstream::MockUpstream;
-use llmgate_core::{BoxError, GatewayBody};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::{
     ServerConfig,
@@ -210,20 +206,7 @@ async fn h2_is_used_where_the_upstream_offers_it() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 
     // A request body of unknown size is streamed as h2 DATA frames.
-    let (mut tx, channel) = Channel::<Bytes, BoxError>::new(1);
-    tokio::spawn(async move {
-        for part in ["one ", "two ", "three"] {
-            if tx.send_data(Bytes::from_static(part.as_bytes())).await.is_err() {
-                return;
-            }
-        }
-    });
-    let client: Client<_, GatewayBody> = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::put(gw.url("/v1/files/abc")).body(channel.boxed_unsync()).unwrap();
-    let response = within(client.request(req)).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let echo: serde_json::Value =
-        serde_json::from_slice(&within(response.into_body().collect()).await.unwrap().to_bytes()).unwrap();
+    let echo = put_streamed_body(&gw.url("/v1/files/abc")).await;
     assert_eq!(echo["body"], "one two three");
 
     let requests = mock.requests();

@@ -178,6 +178,25 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// PUTs `one two three` to `url` as a body of unknown size (three frames, no content-length)
+/// and returns what the mock echoes of it.
+pub async fn put_streamed_body(url: &str) -> Value {
+    use http_body_util::channel::Channel;
+    let (mut tx, channel) = Channel::<Bytes, llmgate_core::BoxError>::new(1);
+    tokio::spawn(async move {
+        for part in ["one ", "two ", "three"] {
+            if tx.send_data(Bytes::from_static(part.as_bytes())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let client: Client<_, llmgate_core::GatewayBody> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::put(url).body(channel.boxed_unsync()).expect("request");
+    let response = within(client.request(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    serde_json::from_slice(&within(response.into_body().collect()).await.expect("body").to_bytes()).expect("JSON echo")
+}
+
 pub fn chat_body(model: &str, stream: bool) -> Value {
     serde_json::json!({
         "model": model,
