@@ -21,7 +21,8 @@
 //! # Tokenizers
 //!
 //! [`Tokenizer::for_model`] picks `o200k_base` for gpt-4o, gpt-4.1, gpt-4.5, gpt-5 and the
-//! o-series, `cl100k_base` for gpt-4 and gpt-3.5 (both via `tiktoken-rs`, loaded once), and for
+//! o-series, `cl100k_base` for gpt-4 and gpt-3.5 (tiktoken's tables from `tiktoken-rs`, counted by a
+//! compact counter of this crate, loaded once), and for
 //! every other model a bytes-based estimate: **⌈text bytes / 3⌉**, deliberately conservative
 //! (English averages about 4 bytes per token on current tokenizers, code and non-Latin scripts
 //! fewer), plus the same overheads.
@@ -49,7 +50,8 @@ use std::{io, sync::OnceLock};
 
 use llmgate_core::{catalog::ModelSpec, ext::TokenEstimate};
 use serde_json::{Map, Value};
-use tiktoken_rs::CoreBPE;
+
+use crate::bpe::{CL100K_PATTERN, TokenCounter};
 
 /// Tokens every message costs besides its fields (OpenAI cookbook, gpt-3.5 and later).
 pub const TOKENS_PER_MESSAGE: u64 = 3;
@@ -75,13 +77,22 @@ pub const SAMPLE_SLICE_BYTES: usize = 2 * 1024;
 /// redone exactly.
 pub const SAMPLE_MARGIN: u64 = 8;
 
-// Each tokenizer takes ~40 MB and a few hundred ms to load: loaded on first need only.
-static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
-static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+// Each tokenizer takes a few hundred ms to load (and ~50 MB while it does, ~4 MB after):
+// loaded on first need only.
+static O200K: OnceLock<Option<TokenCounter>> = OnceLock::new();
+static CL100K: OnceLock<Option<TokenCounter>> = OnceLock::new();
 
-fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Option<CoreBPE> {
-    match f() {
-        Ok(bpe) => Some(bpe),
+fn load<E: std::fmt::Display>(
+    name: &str,
+    tables: fn() -> Result<tiktoken_rs::CoreBPE, E>,
+    pattern: &str,
+) -> Option<TokenCounter> {
+    let counter = match tables() {
+        Ok(bpe) => TokenCounter::new(&bpe, pattern),
+        Err(error) => Err(error.to_string()),
+    };
+    match counter {
+        Ok(counter) => Some(counter),
         Err(error) => {
             tracing::error!(%error, "could not load the {name} tokenizer; using the bytes-based estimate");
             None
@@ -89,7 +100,7 @@ fn load<E: std::fmt::Display>(name: &str, f: fn() -> Result<CoreBPE, E>) -> Opti
     }
 }
 
-/// Loads both tokenizers now (~80 MB, a sizeable fraction of a second), so that the first
+/// Loads both tokenizers now (~4 MB each once loaded, a sizeable fraction of a second), so that the first
 /// request that needs one does not pay for it. Call it off the async runtime's worker threads.
 /// Without it each loads when first needed, on tokio's blocking pool (see the crate docs).
 pub fn warm_up() {
@@ -131,10 +142,14 @@ impl Tokenizer {
     }
 
     /// The tokenizer's tables, loaded on first use (blocking).
-    fn bpe(self) -> Option<&'static CoreBPE> {
+    fn bpe(self) -> Option<&'static TokenCounter> {
         match self {
-            Self::O200k => O200K.get_or_init(|| load("o200k_base", tiktoken_rs::o200k_base)).as_ref(),
-            Self::Cl100k => CL100K.get_or_init(|| load("cl100k_base", tiktoken_rs::cl100k_base)).as_ref(),
+            Self::O200k => O200K
+                .get_or_init(|| load("o200k_base", tiktoken_rs::o200k_base, tiktoken_rs::O200K_BASE_PAT_STR))
+                .as_ref(),
+            Self::Cl100k => {
+                CL100K.get_or_init(|| load("cl100k_base", tiktoken_rs::cl100k_base, CL100K_PATTERN)).as_ref()
+            }
             Self::Bytes => None,
         }
     }
@@ -154,7 +169,7 @@ impl Tokenizer {
         }
     }
 
-    /// Loads the tables now, if not yet (blocking: a few hundred ms and ~40 MB each).
+    /// Loads the tables now, if not yet (blocking: a few hundred ms; ~4 MB each once loaded).
     pub fn load(self) {
         let _ = self.bpe();
     }
@@ -344,12 +359,12 @@ fn requested_output(json: &Map<String, Value>) -> u64 {
 
 /// The tokens of every counted text (without the fixed part); with `sample`, texts over
 /// [`SAMPLE_ABOVE`] are counted on a sample.
-fn count(json: &Map<String, Value>, bpe: &CoreBPE, sample: bool) -> Count {
+fn count(json: &Map<String, Value>, bpe: &TokenCounter, sample: bool) -> Count {
     let mut total = Count { tokens: 0, sampled: false };
     let mut add = |text: &str| {
         let (tokens, sampled) = match sample && text.len() > SAMPLE_ABOVE {
             true => (count_sample(text, bpe), true),
-            false => (bpe.count_ordinary(text) as u64, false),
+            false => (bpe.count(text) as u64, false),
         };
         total.tokens = total.tokens.saturating_add(tokens);
         total.sampled |= sampled;
@@ -363,7 +378,7 @@ fn count(json: &Map<String, Value>, bpe: &CoreBPE, sample: bool) -> Count {
 }
 
 /// `text`'s tokens extrapolated from [`SAMPLE_SLICES`] slices spread evenly over it.
-fn count_sample(text: &str, bpe: &CoreBPE) -> u64 {
+fn count_sample(text: &str, bpe: &TokenCounter) -> u64 {
     let floor = |mut i: usize| {
         while !text.is_char_boundary(i) {
             i -= 1;
@@ -376,7 +391,7 @@ fn count_sample(text: &str, bpe: &CoreBPE) -> u64 {
         let start = floor(slice * stride);
         let end = floor((start + SAMPLE_SLICE_BYTES).min(text.len()));
         bytes += (end - start) as u64;
-        tokens += bpe.count_ordinary(&text[start..end]) as u64;
+        tokens += bpe.count(&text[start..end]) as u64;
     }
     if bytes == 0 {
         return 0;
@@ -612,8 +627,8 @@ mod tests {
         assert_eq!(estimator.bound(), text_bytes + fixed);
 
         let bpe = Tokenizer::O200k.bpe().unwrap();
-        let text_tokens: u64 = texts.iter().map(|t| bpe.count_ordinary(t) as u64).sum::<u64>()
-            + bpe.count_ordinary(&tool.to_string()) as u64;
+        let text_tokens: u64 =
+            texts.iter().map(|t| bpe.count(t) as u64).sum::<u64>() + bpe.count(&tool.to_string()) as u64;
         let exact = estimator.estimate(Tokenizer::O200k, Some(1));
         assert_eq!(exact, Estimate { tokens: text_tokens + fixed, method: Method::Tokenizer });
         assert!(!exact.token_estimate().estimated);

@@ -32,8 +32,8 @@
 //! the model the request goes to, and the event's `estimated_tokens` is the estimate of the model
 //! that did not fit. A request is tokenized only when its byte bound passes the window; texts
 //! over 64 KiB are then counted on a sample unless that lands near the window (see
-//! [`estimate`]). Tokenizing more than 64 KiB of text, or loading a tokenizer (each ~40 MB,
-//! loaded on first need unless [`ContextRoutingLayer::warm_up`] or [`warm_up`] ran), happens on
+//! [`estimate`]). Tokenizing more than 64 KiB of text, or loading a tokenizer (a few hundred ms; ~4 MB
+//! each once loaded, on first need unless [`ContextRoutingLayer::warm_up`] or [`warm_up`] ran), happens on
 //! tokio's blocking pool; a request that fits by its byte bound never loads one.
 //!
 //! **Requires** `LlmRequest` (else untouched). **Reads** `FallbackEvents`, `BodyEdits`, response
@@ -87,6 +87,7 @@
 #![warn(missing_docs)]
 
 mod body;
+mod bpe;
 pub mod detect;
 pub mod estimate;
 mod layer;
