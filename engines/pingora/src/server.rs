@@ -19,7 +19,8 @@
 //! channel; or cross-runtime wake-ups, at 1.5× the CPU per request) or on Pingora's runtimes,
 //! which drop every task, background records included, when they stop. Without it the
 //! throughput is the same within noise and 1,000 open streams take ~80 MiB less (no 64 KiB
-//! socket read buffer per connection).
+//! socket read buffer per connection). A connection gets a small write buffer instead
+//! (the `connection` module), so a response head and its body leave in one write.
 //!
 //! **Shutdown.** When `shutdown` resolves, the listener is closed, idle keep-alive connections
 //! are closed at once (h2 ones get a GOAWAY), responses in progress are sent with
@@ -60,9 +61,11 @@ use http::{HeaderValue, Method, Request, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llmgate_core::{BoxError, GatewayBody, body, body::HostedService};
+
+use crate::connection::Buffered;
 use pingora_core::{
     apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp},
-    protocols::{http::ServerSession, l4::stream::Stream as TcpSession},
+    protocols::http::ServerSession,
     server::ShutdownWatch,
 };
 use tokio::{
@@ -143,7 +146,7 @@ impl PingoraHost {
             let (app, stop) = (app.clone(), stop_rx.clone());
             connections.spawn(async move {
                 // A connection kept alive comes back for its next request (h1).
-                let mut next = app.process_new(Box::new(TcpSession::from(stream)), &stop).await;
+                let mut next = app.process_new(Box::new(Buffered::from(stream)), &stop).await;
                 while let Some(stream) = next {
                     next = app.process_new(stream, &stop).await;
                 }
@@ -468,6 +471,11 @@ impl<S: HostedService> App<S> {
                     // body, so the client sees a cut stream rather than a complete one.
                     Some(Err(error)) => {
                         tracing::debug!(%error, "the response body failed midway");
+                        if h1 {
+                            // What the client was given so far (the head, part of a body with
+                            // a length) is still in the connection's write buffer: send it first.
+                            session.shutdown().await;
+                        }
                         return None;
                     }
                     None => {
