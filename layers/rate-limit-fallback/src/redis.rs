@@ -125,6 +125,8 @@ return tostring(level)
 /// handed back (negative: spent beyond a lease, taken now), then the rpm members handed back. Returns `{kind, retry_after_ms, granted,
 /// tokens, valid_ms}` as strings: kind `ok` (granted may be 0 when `want` is), or the budget
 /// that refused (`cooldown` included); `valid_ms` is the time to the next day boundary.
+/// The granted rpm entries go in with one `ZADD` per 1,000: one call per entry cost Redis
+/// ~2.5 µs each, half of its CPU per request on the benchmark's plain route.
 const LEASE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -191,7 +193,15 @@ if tpm >= 0 and twant > 0 then
 end
 if why ~= nil then return {why, tostring(wait), '0', '0', '0'} end
 if rpm >= 0 and grant > 0 then
-  for i = 1, grant do redis.call('ZADD', KEYS[1], now, id .. ':' .. i) end
+  local entries = {}
+  for i = 1, grant do
+    entries[#entries + 1] = now
+    entries[#entries + 1] = id .. ':' .. i
+    if #entries == 2000 or i == grant then
+      redis.call('ZADD', KEYS[1], unpack(entries))
+      entries = {}
+    end
+  end
   redis.call('PEXPIRE', KEYS[1], window)
 end
 if rpd >= 0 and grant > 0 then
