@@ -11,6 +11,11 @@ first byte, the latency added over the bare hyper hop, CPU ms per request, Redis
 request (from /proc/<redis pid>/stat, for the targets that use Redis) and RSS, checks the
 budget, and holds 1,000 open streams against each full proxy for the memory figure.
 
+Every process on the machine is accounted for per run: the proxy, Redis, the Langfuse stand-in,
+the mock upstream and the load generator (oha, from the children's rusage), each as CPU per
+completed request. Where the cores are saturated, requests/s is the cores over the sum, which
+is what the ratios against the bare hop are made of.
+
 The decomposition (issue 18): the first engine's full stack is also run as
 `full-<engine>-mem` (in-memory stores, no Langfuse), `full-<engine>-mem-lf` (in-memory stores,
 Langfuse export) and `full-<engine>-redis` (Redis stores, no Langfuse), next to `full-<engine>`
@@ -24,6 +29,7 @@ BENCH_DOC (markdown to update, default docs/performance.md; empty: do not write)
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -118,6 +124,16 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+HELPERS = ("redis", "langfuse", "mock", "oha")
+
+
+def machine_cpu(proxy, helpers):
+    """CPU seconds so far of the proxy, each helper process and the finished load generators."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # only oha is ever waited for
+    return {"proxy": cpu_seconds(proxy.pid), **{name: cpu_seconds(p.pid) for name, p in helpers.items()},
+            "oha": children.ru_utime + children.ru_stime}
+
+
 def status_kib(pid, key):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -164,23 +180,22 @@ def median_of(runs, key):
 def main():
     ulimit_note = ""
     try:
-        import resource
-
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = min(hard, 65536)
         if soft < want:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:
         ulimit_note = f" (could not raise the open-file limit: {error})"
 
     llmgate = str(BIN / "llmgate")
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-run-"))
     mock_port, redis_port, langfuse_port = free_port(), free_port(), free_port()
-    start("mock", [llmgate, "mock-upstream", "--port", str(mock_port)], mock_port)
+    mock = start("mock", [llmgate, "mock-upstream", "--port", str(mock_port)], mock_port)
     redis = start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                             "--appendonly", "no", "--dir", str(workdir)], redis_port)
     langfuse = start("langfuse", [str(BIN / "langfuse-stand-in"), "--port", str(langfuse_port),
                                   "--project", "bench:pk-lf-bench:sk-lf-bench"], langfuse_port)
+    helpers = {"redis": redis, "langfuse": langfuse, "mock": mock}
     secrets = workdir / "secrets.yaml"
     secrets.write_text("langfuse_keys:\n  bench: {public_key: pk-lf-bench, secret_key: sk-lf-bench}\n"
                        "default_project_id: bench\n")
@@ -208,7 +223,7 @@ def main():
         return config
 
     targets = {}  # name -> (port, proc)
-    uses_redis = set()
+    uses_redis, uses_langfuse = set(), set()
     for engine in ENGINES:
         port = free_port()
         proc = start(f"bare-{engine}", [llmgate, "bare-proxy", "--engine", engine], port,
@@ -224,6 +239,8 @@ def main():
             targets[name] = (port, start(name, [llmgate, "serve", "--config", str(config)], port))
             if with_redis:
                 uses_redis.add(name)
+            if with_langfuse:
+                uses_langfuse.add(name)
 
     print(f"bench: {len(targets)} proxies, {len(SCENARIOS)} scenarios, {ROUNDS} rounds of {DURATION:g}s; "
           f"logs in {LOGS}{ulimit_note}", flush=True)
@@ -237,22 +254,27 @@ def main():
         results.setdefault(scenario, {})["mock"] = summarise(runs, None)
     for scenario, concurrency, body, path in SCENARIOS:
         runs = {name: [] for name in targets}
-        cpu = {name: 0.0 for name in targets}
-        redis_cpu = {name: 0.0 for name in targets}
+        cpu = {name: dict.fromkeys(("proxy", *HELPERS), 0.0) for name in targets}
         for _ in range(ROUNDS):
             for name, (port, proc) in targets.items():
                 route = PLAIN_PATH if name.startswith("bare") else path
-                before, redis_before = cpu_seconds(proc.pid), cpu_seconds(redis.pid)
+                before = machine_cpu(proc, helpers)
                 run = oha(f"http://127.0.0.1:{port}{route}", concurrency, body, DURATION)
-                cpu[name] += cpu_seconds(proc.pid) - before
-                redis_cpu[name] += cpu_seconds(redis.pid) - redis_before
+                if name in uses_langfuse:
+                    time.sleep(0.5)  # the exporter's last batch of this run (200 ms delay), on this run's account
+                for part, seconds in machine_cpu(proc, helpers).items():
+                    cpu[name][part] += seconds - before[part]
                 runs[name].append(run)
         for name in targets:
             ok = sum(run["ok"] for run in runs[name])
-            results.setdefault(scenario, {})[name] = summarise(runs[name], cpu[name] * 1e3 / ok if ok else None)
+            results.setdefault(scenario, {})[name] = summarise(runs[name], cpu[name]["proxy"] * 1e3 / ok if ok else None)
             results[scenario][name]["rss_mib"] = status_kib(targets[name][1].pid, "VmRSS") / 1024
+            if ok:
+                # Every process's CPU per completed request (µs); "redis" only where the target uses it.
+                results[scenario][name]["cpu_us_per_request"] = {
+                    part: seconds * 1e6 / ok for part, seconds in cpu[name].items()}
             if name in uses_redis and ok:
-                results[scenario][name]["redis_cpu_us_per_request"] = redis_cpu[name] * 1e6 / ok
+                results[scenario][name]["redis_cpu_us_per_request"] = cpu[name]["redis"] * 1e6 / ok
         print_scenario(scenario, results[scenario])
 
     streams = {}
@@ -429,10 +451,14 @@ def write_doc(path, report):
         for name, r in by_target.items():
             if not base or name.startswith("bare-pingora") or name == "full-pingora":
                 continue
+            parts = r.get("cpu_us_per_request", {})
             cpu = f"{r['cpu_ms_per_request']:.3f}" if r.get("cpu_ms_per_request") is not None else ""
             redis = f"{r['redis_cpu_us_per_request']:.1f}" if "redis_cpu_us_per_request" in r else "–"
+            stand_in = f"{parts['langfuse']:.1f}" if parts.get("langfuse", 0) >= 0.5 else "–"
+            driver = f"{parts.get('mock', 0) + parts.get('oha', 0):.1f}" if parts else ""
+            total = f"{sum(parts.values()) / 1e3:.3f}" if parts else ""
             decomposition.append(f"| {scenario} | {name} | {r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | "
-                                 f"{r['p50_ms']:.2f} | {cpu} | {redis} |")
+                                 f"{r['p50_ms']:.2f} | {cpu} | {redis} | {stand_in} | {driver} | {total} |")
     streams = [f"| {name} | {s['concurrent_streams']} | {s['completed']} | {s['failed']} | "
                f"{s['peak_rss_mib'] if s['peak_rss_mib'] is None else round(s['peak_rss_mib'])} |"
                for name, s in report["open_streams"].items()]
@@ -461,10 +487,13 @@ def write_doc(path, report):
         *streams,
         "",
         "Decomposition (hyper engine): `-mem` in-memory stores, no Langfuse; `-mem-lf` in-memory stores "
-        "and Langfuse export; `-redis` Redis stores, no Langfuse; `full-hyper` Redis and Langfuse.",
+        "and Langfuse export; `-redis` Redis stores, no Langfuse; `full-hyper` Redis and Langfuse. "
+        "CPU per completed request of every process on the machine: the proxy, Redis, the Langfuse "
+        "stand-in, the mock upstream with the load generator (oha), and all of them together.",
         "",
-        "| scenario | target | req/s | × bare hop | p50 ms | CPU ms/req | Redis CPU µs/req |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | target | req/s | × bare hop | p50 ms | proxy CPU ms/req | Redis CPU µs/req | "
+        "stand-in CPU µs/req | mock + oha CPU µs/req | all CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *decomposition,
         END,
     ])
