@@ -270,7 +270,8 @@ def main():
             results.setdefault(scenario, {})[name] = summarise(runs[name], cpu[name]["proxy"] * 1e3 / ok if ok else None)
             results[scenario][name]["rss_mib"] = status_kib(targets[name][1].pid, "VmRSS") / 1024
             if ok:
-                # Every process's CPU per completed request (µs); "redis" only where the target uses it.
+                # Every process's CPU per completed request (µs); Redis's counts for every target
+                # (it runs on the same cores), `redis_cpu_us_per_request` only where the target uses it.
                 results[scenario][name]["cpu_us_per_request"] = {
                     part: seconds * 1e6 / ok for part, seconds in cpu[name].items()}
             if name in uses_redis and ok:

@@ -60,9 +60,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llmgate_core::{BoxError, GatewayBody, body, body::HostedService};
-
-use crate::connection::Buffered;
+use llmgate_core::{BoxError, GatewayBody, body, body::HostedService, forward::strip_hop_by_hop};
 use pingora_core::{
     apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp},
     protocols::http::ServerSession,
@@ -75,7 +73,7 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-use llmgate_core::forward::strip_hop_by_hop;
+use crate::connection::Buffered;
 
 /// Serves `service` on `listener` with a Pingora server until `shutdown` resolves, then drains
 /// in-flight requests and streams for up to `drain`.
