@@ -1,6 +1,6 @@
 //! Cost of one budget check per request: in-process, in Redis (one EVALSHA round trip to a
 //! real redis-server on loopback, started by test-support), and on a lease of that Redis budget
-//! (a script call per lease of 512 requests, made in the background).
+//! (a script call per lease, made in the background, and at least once per cooldown refresh).
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 

@@ -3,8 +3,7 @@
 //!
 //! **Leases.** A check takes one request (rpm and rpd together) and its token estimate (tpm)
 //! from the replica's lease of the model. A lease is topped up to one *slice* (`lease_slice` ×
-//! each limit: requests from the smaller of rpm and rpd, at most [`MAX_LEASE_REQUESTS`], tokens
-//! from tpm; at least 1) by one
+//! each limit: requests from the smaller of rpm and rpd, tokens from tpm; at least 1) by one
 //! script call that also hands back what an expired lease did not use; the call is made in the
 //! background once less than half a slice is left (ahead of need), and on the request's path
 //! only when the lease is empty. A lease lasts one window (and never past the next daily
@@ -56,9 +55,6 @@ use crate::{
 pub const DEFAULT_LEASE_SLICE: f64 = 0.05;
 /// The default age after which the local copy of a model's cooldown is read again.
 pub const DEFAULT_COOLDOWN_REFRESH: Duration = Duration::from_secs(1);
-/// The most requests one lease holds, whatever the limit: each is an entry of the rpm log
-/// (written by one script call), so a generous limit must not make a call write millions.
-pub const MAX_LEASE_REQUESTS: u64 = 512;
 
 const SHARDS: usize = 32;
 /// Checks of one request that found the lease empty go to Redis at most this often before the
@@ -105,7 +101,8 @@ struct LeaseState {
     back_requests: u64,
     /// Tokens to give back (negative: tokens spent beyond the lease, still owed).
     back_tokens: i64,
-    /// The rpm entries of the leases held: lease id, requests granted, when.
+    /// The rpm log entries of the leases held (see [`rpm_entry`]): lease id, requests granted,
+    /// when.
     grants: Vec<(String, u64, Instant)>,
 }
 
@@ -132,7 +129,7 @@ impl Slice {
         let part = |limit: u64| ((limit as f64 * fraction) as u64).max(1);
         let requests = match (limits.rpm, limits.rpd) {
             (None, None) => None,
-            (a, b) => Some(part(a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX))).min(MAX_LEASE_REQUESTS)),
+            (a, b) => Some(part(a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX)))),
         };
         Self { requests, tokens: limits.tpm.map(part) }
     }
@@ -146,7 +143,12 @@ struct Take {
     tokens_need: u64,
     back_requests: u64,
     back_tokens: i64,
-    back_members: Vec<String>,
+    back_entries: Vec<(String, u64)>,
+}
+
+/// A lease's entry in the rpm log: `<requests>:<lease id>` (the format the lease script writes).
+fn rpm_entry(id: &str, requests: u64) -> String {
+    format!("{requests}:{id}")
 }
 
 // === impl LeaseState ===
@@ -175,19 +177,20 @@ impl LeaseState {
         self.expires = None;
     }
 
-    /// The rpm entries of the `n` requests held (the newest grants'), to hand back.
-    fn members_held(&self, n: u64) -> Vec<String> {
-        let mut members = Vec::new();
+    /// The rpm log entries of the `n` requests held (the newest grants') and how many of each
+    /// entry's requests they are, to hand back.
+    fn entries_held(&self, n: u64) -> Vec<(String, u64)> {
+        let mut entries = Vec::new();
         let mut left = n;
         for (id, granted, _) in self.grants.iter().rev() {
-            let take = left.min(*granted);
-            members.extend((granted - take + 1..=*granted).map(|i| format!("{id}:{i}")));
-            left -= take;
             if left == 0 {
                 break;
             }
+            let back = left.min(*granted);
+            entries.push((rpm_entry(id, *granted), back));
+            left -= back;
         }
-        members
+        entries
     }
 
     /// Time to top the lease up (in the background, while it still has some).
@@ -209,7 +212,7 @@ impl LeaseState {
             tokens_need,
             back_requests: std::mem::take(&mut self.back_requests),
             back_tokens: std::mem::take(&mut self.back_tokens),
-            back_members: Vec::new(),
+            back_entries: Vec::new(),
         }
     }
 }
@@ -357,15 +360,15 @@ where
             let (limits, take) = {
                 let mut state = lease.state.lock().unwrap_or_else(PoisonError::into_inner);
                 let Some(limits) = state.limits else { continue };
-                let members = state.members_held(state.requests);
+                let entries = state.entries_held(state.requests);
                 state.hand_back_all();
                 state.grants.clear();
                 state.fresh_until = None;
                 let mut take = state.take(Slice { requests: None, tokens: None }, 0, self.lease_id());
-                take.back_members = members;
+                take.back_entries = entries;
                 (limits, take)
             };
-            if take.back_requests == 0 && take.back_tokens == 0 && take.back_members.is_empty() {
+            if take.back_requests == 0 && take.back_tokens == 0 && take.back_entries.is_empty() {
                 continue;
             }
             let ask = ask_of(&take);
@@ -384,7 +387,7 @@ fn ask_of(take: &Take) -> LeaseAsk<'_> {
         tokens_need: take.tokens_need,
         back_requests: take.back_requests,
         back_tokens: take.back_tokens,
-        back_members: &take.back_members,
+        back_entries: &take.back_entries,
     }
 }
 

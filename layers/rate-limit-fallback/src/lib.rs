@@ -118,7 +118,7 @@ mod stats;
 pub mod store;
 
 pub use layer::{ERROR_BODY_LIMIT, RateLimitFallback, RateLimitFallbackLayer};
-pub use lease::{DEFAULT_COOLDOWN_REFRESH, DEFAULT_LEASE_SLICE, LeasedRateStore, MAX_LEASE_REQUESTS};
+pub use lease::{DEFAULT_COOLDOWN_REFRESH, DEFAULT_LEASE_SLICE, LeasedRateStore};
 pub use memory::MemoryRateStore;
 pub use redis::{OutagePolicy, RedisRateStore};
 pub use stats::Stats;

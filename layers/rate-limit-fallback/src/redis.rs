@@ -1,9 +1,9 @@
 //! The Redis store: one Lua script per attempt checks and consumes rpm, tpm and rpd of a model
 //! and its cooldown atomically, on the server's clock, so every replica shares one budget.
 //!
-//! Keys are hash-tagged per model (`llmgate:rl:{<model>}:rpm`, `…:tpm`, `…:rpd`, `…:cool`, and
-//! `…:cool:<scope>` for a client scope's cooldown, the scope being a digest, never a key), so
-//! one script's keys share a Redis Cluster slot. Scripts go out as `EVALSHA` and are loaded on
+//! Keys are hash-tagged per model (`llmgate:rl:{<model>}:rpm` and its sum `…:rpm:sum`, `…:tpm`,
+//! `…:rpd`, `…:cool`, and `…:cool:<scope>` for a client scope's cooldown, the scope being a
+//! digest, never a key), so one script's keys share a Redis Cluster slot. Scripts go out as `EVALSHA` and are loaded on
 //! `NOSCRIPT` ([`redis::Script::invoke_async`]).
 //!
 //! **TPM corrections are batched per model**, without a timer: a correction adds its difference
@@ -33,18 +33,79 @@ use crate::{
     },
 };
 
-/// KEYS: rpm, tpm, rpd, cool[, a second cool]. ARGV: rpm, tpm, tokens, rpd (-1 = unlimited),
-/// day boundary offset ms, unique member, window ms. Returns `{kind, retry_after_ms}` as
-/// strings, kind `ok` when allowed. The cooldown keys are the model's shared one and/or a
-/// client scope's (see [`Cooldowns`]); the later end counts.
-const CHECK_LUA: &str = r"
+/// The rpm log, shared by [`CHECK_LUA`] and [`LEASE_LUA`]: KEYS[1] is a sorted set of grants
+/// scored by when they were made (ms), each member `<requests>:<unique id>` (one request per
+/// per-request check, a whole lease's requests in one entry), and KEYS[2] the sum of their
+/// requests, so counting costs O(1) however large a lease is. Both keys live one window from
+/// the last grant; a sum that is missing (evicted, or written by a release without it) is
+/// summed again from the entries, an empty log counts 0.
+macro_rules! rpm_log_lua {
+    () => {
+        r"
+local function grant_size(member) return tonumber(string.match(member, '^(%d+):')) or 1 end
+local rpm_total, rpm_dirty = nil, false
+local function rpm_used(now, window)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    rpm_total = 0
+    return 0
+  end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  rpm_total = tonumber(redis.call('GET', KEYS[2]) or '')
+  if rpm_total == nil then
+    rpm_total, rpm_dirty = 0, true
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do rpm_total = rpm_total + grant_size(m) end
+  end
+  if #old > 0 then
+    for _, m in ipairs(old) do rpm_total = rpm_total - grant_size(m) end
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+    rpm_dirty = true
+  end
+  if rpm_total < 0 then rpm_total = 0 end
+  return rpm_total
+end
+local function rpm_retry(rpm, now, window)
+  if rpm <= 0 then return window end
+  local free, from = rpm_total - rpm + 1, 0
+  while true do
+    local e = redis.call('ZRANGE', KEYS[1], from, from + 15, 'WITHSCORES')
+    if #e == 0 then return window end
+    for i = 1, #e, 2 do
+      free = free - grant_size(e[i])
+      if free <= 0 then return tonumber(e[i + 1]) + window - now end
+    end
+    from = from + 16
+  end
+end
+local function rpm_add(now, window, n, id)
+  redis.call('ZADD', KEYS[1], now, string.format('%d:%s', n, id))
+  redis.call('PEXPIRE', KEYS[1], window)
+  rpm_total, rpm_dirty = rpm_total + n, true
+end
+local function rpm_save(window)
+  if not rpm_dirty then return end
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl == -2 then redis.call('DEL', KEYS[2]) return end
+  if ttl < 1 then ttl = window end
+  redis.call('SET', KEYS[2], tostring(rpm_total), 'PX', ttl)
+end
+"
+    };
+}
+
+/// KEYS: rpm, rpm sum, tpm, rpd, cool[, a second cool]. ARGV: rpm, tpm, tokens, rpd (-1 =
+/// unlimited), day boundary offset ms, unique member, window ms. Returns `{kind,
+/// retry_after_ms}` as strings, kind `ok` when allowed. The cooldown keys are the model's shared
+/// one and/or a client scope's (see [`Cooldowns`]); the later end counts.
+const CHECK_LUA: &str = concat!(
+    rpm_log_lua!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rpm, tpm, tokens, rpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local offset, window = tonumber(ARGV[5]), tonumber(ARGV[7])
-local cool = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
-if KEYS[5] then
-  local other = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+local cool = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+if KEYS[6] then
+  local other = tonumber(redis.call('GET', KEYS[6]) or '0') or 0
   if other > cool then cool = other end
 end
 if cool > now then return {'cooldown', tostring(cool - now)} end
@@ -53,19 +114,10 @@ local function refuse(kind, w)
   if w < 1 then w = 1 end
   if why == nil or w > wait then why, wait = kind, w end
 end
-if rpm >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-  local n = redis.call('ZCARD', KEYS[1])
-  if n >= rpm then
-    if rpm == 0 then refuse('rpm', window) else
-      local e = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
-      refuse('rpm', tonumber(e[2]) + window - now)
-    end
-  end
-end
+if rpm >= 0 and rpm_used(now, window) >= rpm then refuse('rpm', rpm_retry(rpm, now, window)) end
 local level = 0
 if tpm >= 0 then
-  local b = redis.call('HMGET', KEYS[2], 'level', 'ts')
+  local b = redis.call('HMGET', KEYS[3], 'level', 'ts')
   level = tonumber(b[1]) or tpm
   local ts = tonumber(b[2]) or now
   if now > ts then level = level + (now - ts) * tpm / window end
@@ -79,25 +131,29 @@ local day = math.floor((now - offset) / 86400000)
 local to_next_day = (day + 1) * 86400000 + offset - now
 local count = 0
 if rpd >= 0 then
-  local d = redis.call('HMGET', KEYS[3], 'day', 'count')
+  local d = redis.call('HMGET', KEYS[4], 'day', 'count')
   if tonumber(d[1]) == day then count = tonumber(d[2]) or 0 end
   if count >= rpd then refuse('rpd', to_next_day) end
 end
-if why ~= nil then return {why, tostring(wait)} end
+if why ~= nil then
+  rpm_save(window)
+  return {why, tostring(wait)}
+end
 if rpm >= 0 then
-  redis.call('ZADD', KEYS[1], now, ARGV[6])
-  redis.call('PEXPIRE', KEYS[1], window)
+  rpm_add(now, window, 1, ARGV[6])
+  rpm_save(window)
 end
 if tpm >= 0 then
-  redis.call('HSET', KEYS[2], 'level', tostring(level - tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[2], window * 2)
+  redis.call('HSET', KEYS[3], 'level', tostring(level - tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[3], window * 2)
 end
 if rpd >= 0 then
-  redis.call('HSET', KEYS[3], 'day', tostring(day), 'count', tostring(count + 1))
-  redis.call('PEXPIRE', KEYS[3], to_next_day + 60000)
+  redis.call('HSET', KEYS[4], 'day', tostring(day), 'count', tostring(count + 1))
+  redis.call('PEXPIRE', KEYS[4], to_next_day + 60000)
 end
 return {'ok', '0'}
-";
+"
+);
 
 /// KEYS: tpm. ARGV: tpm, tokens to take (negative gives back), window ms.
 const CORRECT_LUA: &str = r"
@@ -120,15 +176,17 @@ return tostring(level)
 /// A lease ([`crate::LeasedRateStore`]): hands back what an earlier lease did not use, then
 /// takes up to `want` requests (rpm and rpd together) and between `tokens_need` and
 /// `tokens_want` tpm tokens, all or nothing per budget as [`CHECK_LUA`] would for one request.
-/// KEYS: rpm, tpm, rpd, cool. ARGV: rpm, tpm, rpd (-1 = unlimited), want, tokens_want,
-/// tokens_need, day boundary offset ms, lease id, window ms, requests handed back (rpd), tokens
-/// handed back (negative: spent beyond a lease, taken now), then the rpm members handed back. Returns `{kind, retry_after_ms, granted,
+/// KEYS: rpm, rpm sum, tpm, rpd, cool. ARGV: rpm, tpm, rpd (-1 = unlimited), want,
+/// tokens_want, tokens_need, day boundary offset ms, lease id, window ms, requests handed back
+/// (rpd), tokens handed back (negative: spent beyond a lease, taken now), then pairs of an rpm
+/// log entry and how many of its requests go back. Returns `{kind, retry_after_ms, granted,
 /// tokens, valid_ms}` as strings: kind `ok` (granted may be 0 when `want` is), or the budget
 /// that refused (`cooldown` included); `valid_ms` is the time to the next day boundary.
-/// The granted rpm entries go in with one `ZADD` per 1,000: a call per entry cost ~1.3 µs of
-/// Redis CPU each on top of the insertion (INFO commandstats: the script 1.29 → 0.95 ms for
-/// ~256 entries). The entries themselves remain the larger part (docs/performance.md).
-const LEASE_LUA: &str = r"
+/// A grant is one rpm log entry whatever its size, so the call costs the same for 1 request
+/// or 100,000 (one entry per request cost ~3 µs of Redis CPU per request: docs/performance.md).
+const LEASE_LUA: &str = concat!(
+    rpm_log_lua!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rpm, tpm, rpd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -137,47 +195,59 @@ local offset, id, window = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
 local back_rpd, back_tpm = tonumber(ARGV[10]), tonumber(ARGV[11])
 local day = math.floor((now - offset) / 86400000)
 local to_next_day = (day + 1) * 86400000 + offset - now
-if #ARGV > 11 and rpm >= 0 then redis.call('ZREM', KEYS[1], unpack(ARGV, 12)) end
+if rpm >= 0 then
+  rpm_used(now, window)
+  for i = 12, #ARGV - 1, 2 do
+    local member, back = ARGV[i], tonumber(ARGV[i + 1]) or 0
+    local score = redis.call('ZSCORE', KEYS[1], member)
+    if score and back > 0 then
+      local size = grant_size(member)
+      back = math.min(back, size)
+      redis.call('ZREM', KEYS[1], member)
+      if size > back then
+        redis.call('ZADD', KEYS[1], score, string.format('%d:%s', size - back, string.match(member, '^%d+:(.*)$')))
+      end
+      rpm_total, rpm_dirty = math.max(rpm_total - back, 0), true
+    end
+  end
+end
 local count = 0
 if rpd >= 0 then
-  local d = redis.call('HMGET', KEYS[3], 'day', 'count')
+  local d = redis.call('HMGET', KEYS[4], 'day', 'count')
   if tonumber(d[1]) == day then count = tonumber(d[2]) or 0 end
   if back_rpd > 0 then
     count = math.max(count - back_rpd, 0)
-    redis.call('HSET', KEYS[3], 'day', tostring(day), 'count', tostring(count))
-    redis.call('PEXPIRE', KEYS[3], to_next_day + 60000)
+    redis.call('HSET', KEYS[4], 'day', tostring(day), 'count', tostring(count))
+    redis.call('PEXPIRE', KEYS[4], to_next_day + 60000)
   end
 end
 local level = 0
 if tpm >= 0 then
-  local b = redis.call('HMGET', KEYS[2], 'level', 'ts')
+  local b = redis.call('HMGET', KEYS[3], 'level', 'ts')
   level = tonumber(b[1]) or tpm
   local ts = tonumber(b[2]) or now
   if now > ts then level = level + (now - ts) * tpm / window end
   level = math.min(level + back_tpm, tpm)
   if back_tpm ~= 0 then
-    redis.call('HSET', KEYS[2], 'level', tostring(level), 'ts', tostring(now))
-    redis.call('PEXPIRE', KEYS[2], window * 2)
+    redis.call('HSET', KEYS[3], 'level', tostring(level), 'ts', tostring(now))
+    redis.call('PEXPIRE', KEYS[3], window * 2)
   end
 end
-local cool = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
-if cool > now then return {'cooldown', tostring(cool - now), '0', '0', '0'} end
-if want <= 0 and twant <= 0 then return {'ok', '0', '0', '0', tostring(to_next_day)} end
+local cool = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+local function answer(reply)
+  rpm_save(window)
+  return reply
+end
+if cool > now then return answer({'cooldown', tostring(cool - now), '0', '0', '0'}) end
+if want <= 0 and twant <= 0 then return answer({'ok', '0', '0', '0', tostring(to_next_day)}) end
 local grant, why, wait = want, nil, 0
 local function refuse(kind, w)
   if w < 1 then w = 1 end
   if why == nil or w > wait then why, wait = kind, w end
 end
 if rpm >= 0 and want > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-  local n = redis.call('ZCARD', KEYS[1])
-  if n + grant > rpm then grant = rpm - n end
-  if grant <= 0 then
-    if rpm == 0 then refuse('rpm', window) else
-      local e = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
-      refuse('rpm', tonumber(e[2]) + window - now)
-    end
-  end
+  if rpm_total + grant > rpm then grant = rpm - rpm_total end
+  if grant <= 0 then refuse('rpm', rpm_retry(rpm, now, window)) end
 end
 if rpd >= 0 and want > 0 then
   if count + grant > rpd then grant = rpd - count end
@@ -192,29 +262,19 @@ if tpm >= 0 and twant > 0 then
     tokens = math.max(tneed, math.min(twant, math.floor(level)))
   end
 end
-if why ~= nil then return {why, tostring(wait), '0', '0', '0'} end
-if rpm >= 0 and grant > 0 then
-  local entries = {}
-  for i = 1, grant do
-    entries[#entries + 1] = now
-    entries[#entries + 1] = id .. ':' .. i
-    if #entries == 2000 or i == grant then
-      redis.call('ZADD', KEYS[1], unpack(entries))
-      entries = {}
-    end
-  end
-  redis.call('PEXPIRE', KEYS[1], window)
-end
+if why ~= nil then return answer({why, tostring(wait), '0', '0', '0'}) end
+if rpm >= 0 and grant > 0 then rpm_add(now, window, grant, id) end
 if rpd >= 0 and grant > 0 then
-  redis.call('HSET', KEYS[3], 'day', tostring(day), 'count', tostring(count + grant))
-  redis.call('PEXPIRE', KEYS[3], to_next_day + 60000)
+  redis.call('HSET', KEYS[4], 'day', tostring(day), 'count', tostring(count + grant))
+  redis.call('PEXPIRE', KEYS[4], to_next_day + 60000)
 end
 if tpm >= 0 and tokens > 0 then
-  redis.call('HSET', KEYS[2], 'level', tostring(level - tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[2], window * 2)
+  redis.call('HSET', KEYS[3], 'level', tostring(level - tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[3], window * 2)
 end
-return {'ok', '0', tostring(grant), tostring(tokens), tostring(to_next_day)}
-";
+return answer({'ok', '0', string.format('%d', grant), tostring(tokens), tostring(to_next_day)})
+"
+);
 
 /// KEYS: cool. ARGV: duration ms. Extends, never shortens.
 const COOL_LUA: &str = r"
@@ -239,7 +299,8 @@ pub(crate) struct LeaseAsk<'a> {
     pub(crate) tokens_need: u64,
     pub(crate) back_requests: u64,
     pub(crate) back_tokens: i64,
-    pub(crate) back_members: &'a [String],
+    /// rpm log entries and how many of their requests go back.
+    pub(crate) back_entries: &'a [(String, u64)],
 }
 
 /// What a lease call answered.
@@ -472,7 +533,11 @@ where
         let member = format!("{}-{}", self.member_prefix, self.seq.fetch_add(1, Ordering::Relaxed));
         let mut conn = self.conn.clone();
         let mut invocation = CHECK.prepare_invoke();
-        invocation.key(self.key(model, "rpm")).key(self.key(model, "tpm")).key(self.key(model, "rpd"));
+        invocation
+            .key(self.key(model, "rpm"))
+            .key(self.key(model, "rpm:sum"))
+            .key(self.key(model, "tpm"))
+            .key(self.key(model, "rpd"));
         match cooldowns {
             Cooldowns::Shared => invocation.key(self.key(model, "cool")),
             Cooldowns::SharedAndScope(scope) => {
@@ -502,6 +567,7 @@ where
         let mut invocation = LEASE.prepare_invoke();
         invocation
             .key(self.key(model, "rpm"))
+            .key(self.key(model, "rpm:sum"))
             .key(self.key(model, "tpm"))
             .key(self.key(model, "rpd"))
             .key(self.key(model, "cool"))
@@ -516,8 +582,8 @@ where
             .arg(self.window.as_millis() as u64)
             .arg(ask.back_requests)
             .arg(ask.back_tokens);
-        for member in ask.back_members {
-            invocation.arg(member);
+        for (entry, requests) in ask.back_entries {
+            invocation.arg(entry).arg(requests);
         }
         let reply: (String, String, String, String, String) = self.run(invocation.invoke_async(&mut conn)).await?;
         if reply.0 != "ok" {

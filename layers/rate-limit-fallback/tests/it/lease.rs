@@ -183,17 +183,71 @@ async fn a_cooldown_reaches_a_replica_that_holds_a_lease() {
     }
 }
 
-/// A generous limit does not make a lease write millions of rpm entries: a lease holds at most
-/// `MAX_LEASE_REQUESTS`.
+/// A lease is one entry of the rpm log whatever its size, with the log's sum beside it: a
+/// generous limit costs Redis no more than a small one.
 #[tokio::test]
-async fn a_lease_of_a_generous_limit_is_capped() {
+async fn a_lease_is_one_rpm_log_entry_whatever_its_size() {
     let server = RedisServer::start();
     let store = replica(&server, 0.05).await;
     let generous = Limits { rpm: Some(1_000_000_000), tpm: None, rpd: None };
     assert_eq!(store.check("m", &generous, 1).await, Decision::Allowed);
-    let entries: u64 =
-        redis::cmd("ZCARD").arg("llmgate:rl:{m}:rpm").query_async(&mut manager(&server.url()).await).await.unwrap();
-    assert_eq!(entries, llmgate_rate_limit_fallback::MAX_LEASE_REQUESTS);
+    let mut conn = manager(&server.url()).await;
+    let entries: Vec<String> =
+        redis::cmd("ZRANGE").arg("llmgate:rl:{m}:rpm").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].starts_with("50000000:"), "{entries:?}");
+    let sum: u64 = redis::cmd("GET").arg("llmgate:rl:{m}:rpm:sum").query_async(&mut conn).await.unwrap();
+    assert_eq!(sum, 50_000_000);
+}
+
+/// Exact mode's per-request checks and leases count in one rpm log: an exact store admits what
+/// a lease left, and its retry-after is when the oldest grant leaves the window.
+#[tokio::test]
+async fn exact_checks_and_leases_share_one_rpm_log() {
+    let server = RedisServer::start();
+    let window = Duration::from_secs(3);
+    let limits = Limits { rpm: Some(50), tpm: None, rpd: None };
+    let exact = RedisRateStore::new(manager(&server.url()).await).window(window);
+    assert_eq!(exact.check("m", &limits, 1).await, Decision::Allowed);
+    let leased = LeasedRateStore::new(RedisRateStore::new(manager(&server.url()).await).window(window)).slice(0.2);
+    assert_eq!(leased.check("m", &limits, 1).await, Decision::Allowed, "a lease of 10 taken");
+    let mut allowed = 0;
+    while exact.check("m", &limits, 1).await.is_allowed() {
+        allowed += 1;
+    }
+    assert_eq!(allowed, 39, "50 - 1 exact - 10 leased");
+    match exact.check("m", &limits, 1).await {
+        Decision::Limited { limited_by: LimitKind::Rpm, retry_after } => {
+            assert!(retry_after <= window && retry_after > window / 2, "{retry_after:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Half of the lease goes back on release: 9 unused requests free 9 places.
+    leased.release().await;
+    let mut freed = 0;
+    while exact.check("m", &limits, 1).await.is_allowed() {
+        freed += 1;
+    }
+    assert_eq!(freed, 9);
+}
+
+/// The log's sum is rebuilt from its entries when it is missing (evicted, or a log written by an
+/// older release that kept none), so counting never starts from zero on a full log.
+#[tokio::test]
+async fn a_missing_rpm_sum_is_rebuilt_from_the_entries() {
+    let server = RedisServer::start();
+    let limits = Limits { rpm: Some(20), tpm: None, rpd: None };
+    let leased = replica(&server, 0.5).await;
+    assert_eq!(leased.check("m", &limits, 1).await, Decision::Allowed, "a lease of 10 taken");
+    assert_eq!(server.command(&["DEL", "llmgate:rl:{m}:rpm:sum"]).as_deref(), Some(":1"));
+    // An entry in the old format (one request, no count) counts one.
+    assert_eq!(server.command(&["ZADD", "llmgate:rl:{m}:rpm", "99999999999999", "old-member"]).as_deref(), Some(":1"));
+    let exact = RedisRateStore::new(manager(&server.url()).await);
+    let mut allowed = 0;
+    while exact.check("m", &limits, 1).await.is_allowed() {
+        allowed += 1;
+    }
+    assert_eq!(allowed, 9, "20 - 10 leased - 1 old entry");
 }
 
 /// TPM corrections are settled in the lease without a Redis call, and reach the shared bucket
