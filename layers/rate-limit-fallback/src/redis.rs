@@ -3,8 +3,8 @@
 //!
 //! Keys are hash-tagged per model (`llmgate:rl:{<model>}:rpm` and its sum `…:rpm:sum`, `…:tpm`,
 //! `…:rpd`, `…:cool`, and `…:cool:<scope>` for a client scope's cooldown, the scope being a
-//! digest, never a key), so one script's keys share a Redis Cluster slot. Scripts go out as `EVALSHA` and are loaded on
-//! `NOSCRIPT` ([`redis::Script::invoke_async`]).
+//! digest, never a key), so one script's keys share a Redis Cluster slot. Scripts go out as
+//! `EVALSHA` and are loaded on `NOSCRIPT` ([`redis::Script::invoke_async`]).
 //!
 //! **TPM corrections are batched per model**, without a timer: a correction adds its difference
 //! to its model's pending sum; the first one to find no write under way writes every pending
@@ -36,24 +36,22 @@ use crate::{
 /// The rpm log, shared by [`CHECK_LUA`] and [`LEASE_LUA`]: KEYS[1] is a sorted set of grants
 /// scored by when they were made (ms), each member `<requests>:<unique id>` (one request per
 /// per-request check, a whole lease's requests in one entry), and KEYS[2] the sum of their
-/// requests, so counting costs O(1) however large a lease is. Both keys live one window from
-/// the last grant; a sum that is missing (evicted, or written by a release without it) is
-/// summed again from the entries, an empty log counts 0.
+/// requests, so counting costs O(1) however large a lease is. Both keys expire together, one
+/// window after the last grant; a sum that is missing (evicted, or a log written by a release
+/// without it) is summed again from the entries. A sum whose log alone was evicted counts
+/// requests that are gone until it expires: fewer admitted, never more.
 macro_rules! rpm_log_lua {
     () => {
         r"
 local function grant_size(member) return tonumber(string.match(member, '^(%d+):')) or 1 end
 local rpm_total, rpm_dirty = nil, false
 local function rpm_used(now, window)
-  if redis.call('EXISTS', KEYS[1]) == 0 then
-    rpm_total = 0
-    return 0
-  end
   local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window)
   rpm_total = tonumber(redis.call('GET', KEYS[2]) or '')
   if rpm_total == nil then
-    rpm_total, rpm_dirty = 0, true
+    rpm_total = 0
     for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do rpm_total = rpm_total + grant_size(m) end
+    rpm_dirty = rpm_total > 0
   end
   if #old > 0 then
     for _, m in ipairs(old) do rpm_total = rpm_total - grant_size(m) end

@@ -222,7 +222,7 @@ async fn exact_checks_and_leases_share_one_rpm_log() {
         }
         other => panic!("{other:?}"),
     }
-    // Half of the lease goes back on release: 9 unused requests free 9 places.
+    // The lease's 9 unused requests go back on release and free 9 places.
     leased.release().await;
     let mut freed = 0;
     while exact.check("m", &limits, 1).await.is_allowed() {
