@@ -1,5 +1,5 @@
 //! Per-request cost of insertion ids: minting an id with its six tags, recording it in the
-//! in-process store and in Redis (one MULTI/SADD/EXPIRE/EXEC round trip to a real redis-server
+//! in-process store and in Redis (one SADD/EXPIRE pipeline, one round trip to a real redis-server
 //! on loopback, started by test-support), and the whole layer on a JSON completion (mint, tags,
 //! `metadata` body edit, header, in-line record) against the same upstream without it.
 //!

@@ -33,7 +33,7 @@
 //! (`metadata`, scoped to `litellm`), the `x-insertion-id` response header.
 //!
 //! Stores: [`MemoryStore`] (sharded, in process) and [`RedisStore`] (single node or Redis
-//! Cluster: a batch is one MULTI/EXEC with one `SADD` of all its ids per rollout and one
+//! Cluster: a batch is one pipeline with one `SADD` of all its ids per rollout and one
 //! `EXPIRE`).
 //!
 //! # Example

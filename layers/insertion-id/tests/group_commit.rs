@@ -160,6 +160,46 @@ async fn share_the_next_write() {
     assert_eq!((counters.recorded, counters.writes, counters.failed, counters.retried), (100, 2, 0, 0));
 }
 
+/// When a write returns with records waiting, the writer lets the tasks that are ready run
+/// before it takes the next group: a completion that becomes ready as the write returns (here:
+/// the one waiting for the first completion to finish) joins the record that waited, instead
+/// of following it in a write of its own. With nothing waiting, the next record is written at
+/// once (the first write here).
+#[tokio::test]
+async fn records_ready_when_a_write_returns_join_the_waiting_ones() {
+    tokio::task::LocalSet::new().run_until(join_the_waiting_ones()).await;
+}
+
+async fn join_the_waiting_ones() {
+    let server = RedisServer::start();
+    let store = Observed::new(RedisStore::single_node(server.url()).unwrap(), true, 0);
+    let layer = InsertionIdLayer::new(store.clone()).record_timeout(Duration::from_secs(3600));
+    let rollouts = ["ready-0".to_owned()];
+    let started = Arc::new(AtomicUsize::new(0));
+
+    let first = tokio::task::spawn_local(complete(layer.clone(), rollouts[0].clone(), started.clone()));
+    store.calls.subscribe().wait_for(|calls| *calls == 1).await.unwrap();
+    let waiting = tokio::task::spawn_local(complete(layer.clone(), rollouts[0].clone(), started.clone()));
+    let ready = tokio::task::spawn_local({
+        let (layer, rollout, started) = (layer.clone(), rollouts[0].clone(), started.clone());
+        async move {
+            let first = first.await.unwrap();
+            (first, complete(layer, rollout, started).await)
+        }
+    });
+    while started.load(Ordering::SeqCst) < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(store.writes(), [1]);
+
+    store.gate.send_replace(true);
+    let (first, ready) = ready.await.unwrap();
+    let ids = BTreeSet::from([first, waiting.await.unwrap(), ready]);
+    assert_eq!(ids.len(), 3);
+    assert_eq!(stored(&store, &rollouts).await, ids);
+    assert_eq!(store.writes(), [1, 2]);
+}
+
 /// Many concurrent completions on a multi-thread runtime, with the first writes failing: every
 /// id ends up stored, the failed ones through the retry queue, none dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
