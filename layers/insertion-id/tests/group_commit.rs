@@ -95,6 +95,15 @@ async fn upstream(_req: Request<GatewayBody>) -> Result<Response<GatewayBody>, B
     Ok(response)
 }
 
+/// A Redis server, a store on it whose first write waits at the gate, and a layer that waits
+/// for its records as long as the test needs.
+fn gated_store() -> (RedisServer, Arc<Observed>, InsertionIdLayer) {
+    let server = RedisServer::start();
+    let store = Observed::new(RedisStore::single_node(server.url()).unwrap(), true, 0);
+    let layer = InsertionIdLayer::new(store.clone()).record_timeout(Duration::from_secs(3600));
+    (server, store, layer)
+}
+
 /// Sends one rollout completion through `layer` and reads it whole; its insertion id.
 /// `started` counts the completions that began: in the same poll, a completion runs from there
 /// to handing its record to the writer.
@@ -127,9 +136,7 @@ async fn records_due_during_a_write_share_the_next_one() {
 }
 
 async fn share_the_next_write() {
-    let server = RedisServer::start();
-    let store = Observed::new(RedisStore::single_node(server.url()).unwrap(), true, 0);
-    let layer = InsertionIdLayer::new(store.clone()).record_timeout(Duration::from_secs(3600));
+    let (_server, store, layer) = gated_store();
     let rollouts: Vec<String> = (0..4).map(|i| format!("group-{i}")).collect();
     let started = Arc::new(AtomicUsize::new(0));
 
@@ -171,9 +178,7 @@ async fn records_ready_when_a_write_returns_join_the_waiting_ones() {
 }
 
 async fn join_the_waiting_ones() {
-    let server = RedisServer::start();
-    let store = Observed::new(RedisStore::single_node(server.url()).unwrap(), true, 0);
-    let layer = InsertionIdLayer::new(store.clone()).record_timeout(Duration::from_secs(3600));
+    let (_server, store, layer) = gated_store();
     let rollouts = ["ready-0".to_owned()];
     let started = Arc::new(AtomicUsize::new(0));
 
