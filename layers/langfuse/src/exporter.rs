@@ -3,9 +3,11 @@
 //! Spans are handed over with [`LangfuseExporter::enqueue`] (the layers hand over a request's
 //! record, whose spans the exporter task writes: the exporter knows it only as `WriteSpans`, so
 //! it imports nothing of the layers'), which never waits: a short lock around a
-//! push onto a queue bounded in spans (default 8192). **When the queue is full the new spans
-//! are dropped** (like OpenTelemetry's `BatchSpanProcessor`), counted in `dropped` and, per
-//! rollout, in the [`SpanLosses`] shared with `/traces` (see [`LangfuseExporter::losses`]).
+//! push onto a queue bounded in spans (default 8192). **When the queue is full the oldest
+//! records are dropped** to make room for the new one (OpenTelemetry's `BatchSpanProcessor`
+//! drops the new span instead; the newest spans are the ones a client is about to ask for),
+//! counted in `dropped` and, per rollout, in the [`SpanLosses`] shared with `/traces` (see
+//! [`LangfuseExporter::losses`]). A record with more spans than the whole queue is dropped.
 //!
 //! One background task drains the queue when it holds 64 spans (fewer if the batches or the
 //! queue are smaller) and every `schedule_delay`, so a request seldom wakes it. It only sorts
@@ -21,11 +23,11 @@
 //! storage or queue failure, which passes, so it is retried like the OTLP-retryable codes);
 //! 400/401/403 and other statuses drop the batch (`failed`, and per rollout in the
 //! [`SpanLosses`]), 401/403 logged at error level. At most `max_concurrent_exports` exports run
-//! at once; past that the drain task waits, the queue fills and new spans are dropped, so
-//! memory stays bounded during an outage.
+//! at once; past that the drain task waits, the queue fills and the oldest spans are dropped,
+//! so memory stays bounded during an outage.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::Write as _,
     sync::{
         Arc, Mutex,
@@ -97,7 +99,7 @@ impl ExporterConfig {
         }
     }
 
-    /// Queue capacity in spans (default 8192); a full queue drops the new spans.
+    /// Queue capacity in spans (default 8192); a full queue drops its oldest spans.
     pub fn max_queue_spans(mut self, n: usize) -> Self {
         self.max_queue_spans = n.max(1);
         self
@@ -226,7 +228,7 @@ impl Queued {
 /// short lock and wakes the task only every [`WAKE_SPANS`]: a wake-up per request would cost
 /// the request path a cross-thread notification.
 struct Queue {
-    items: Mutex<Vec<Queued>>,
+    items: Mutex<VecDeque<Queued>>,
     /// Spans in `items`, readable without the lock.
     depth: AtomicUsize,
     capacity: usize,
@@ -243,7 +245,7 @@ const WAKE_SPANS: usize = 64;
 impl Queue {
     fn new(capacity: usize, batch: usize) -> Self {
         Self {
-            items: Mutex::new(Vec::new()),
+            items: Mutex::new(VecDeque::new()),
             depth: AtomicUsize::new(0),
             capacity,
             wake_at: WAKE_SPANS.min(batch).min(capacity.div_ceil(2)).max(1),
@@ -252,26 +254,35 @@ impl Queue {
         }
     }
 
-    /// Adds `queued` unless its spans do not fit or the exporter task is gone (then gives it
-    /// back).
-    fn push(&self, queued: Queued) -> Result<(), Queued> {
+    /// Adds `queued`, pushing out the oldest records until it fits.
+    fn push(&self, queued: Queued) -> Pushed {
         let n = queued.spans();
-        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        let depth = self.depth.load(Ordering::Relaxed);
-        if self.closed.load(Ordering::Relaxed) || depth + n > self.capacity {
-            return Err(queued);
+        if n > self.capacity {
+            return Pushed::Refused(queued);
         }
-        items.push(queued);
+        let mut evicted = Vec::new();
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::Relaxed) {
+            return Pushed::Refused(queued);
+        }
+        let before = self.depth.load(Ordering::Relaxed);
+        let mut depth = before;
+        while depth + n > self.capacity {
+            let Some(oldest) = items.pop_front() else { break };
+            depth -= oldest.spans();
+            evicted.push(oldest);
+        }
+        items.push_back(queued);
         self.depth.store(depth + n, Ordering::Relaxed);
         drop(items);
-        if depth < self.wake_at && depth + n >= self.wake_at {
+        if before < self.wake_at && depth + n >= self.wake_at {
             self.wake.notify_one();
         }
-        Ok(())
+        Pushed::Queued { evicted }
     }
 
     /// Swaps everything queued into `into` (empty, its capacity reused by the next pushes).
-    fn take(&self, into: &mut Vec<Queued>) {
+    fn take(&self, into: &mut VecDeque<Queued>) {
         let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::swap(&mut *items, into);
         self.depth.store(0, Ordering::Relaxed);
@@ -289,6 +300,14 @@ impl Queue {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
     }
+}
+
+/// What [`Queue::push`] did with a record.
+enum Pushed {
+    /// Queued, after pushing out the oldest records (usually none) to make room.
+    Queued { evicted: Vec<Queued> },
+    /// Not queued: the exporter task is gone, or the record alone is larger than the queue.
+    Refused(Queued),
 }
 
 // === LangfuseExporter ===
@@ -350,8 +369,9 @@ impl LangfuseExporter {
         &self.inner.losses
     }
 
-    /// Queues `span` for the project of `keys` without waiting. Returns `false` (and counts
-    /// it as dropped) when the queue is full or the exporter stopped.
+    /// Queues `span` for the project of `keys` without waiting; a full queue drops its oldest
+    /// spans (counted) to make room. Returns `false` (and counts it as dropped) when the
+    /// exporter stopped.
     pub fn enqueue(&self, keys: &LangfuseKeys, span: Span) -> bool {
         self.enqueue_spans(keys, Box::new(span))
     }
@@ -362,18 +382,25 @@ impl LangfuseExporter {
     }
 
     fn push(&self, queued: Queued) -> bool {
-        let n = queued.spans();
-        if n == 0 {
+        if queued.spans() == 0 {
             return true;
         }
         match self.inner.queue.push(queued) {
-            Ok(()) => true,
-            Err(queued) => {
-                Counters::add(&self.inner.counters.dropped, n);
-                count_lost(&self.inner.losses, queued.spans.rollout().as_ref(), n);
+            Pushed::Queued { evicted } => {
+                evicted.iter().for_each(|old| self.count_dropped(old));
+                true
+            }
+            Pushed::Refused(queued) => {
+                self.count_dropped(&queued);
                 false
             }
         }
+    }
+
+    fn count_dropped(&self, queued: &Queued) {
+        let n = queued.spans();
+        Counters::add(&self.inner.counters.dropped, n);
+        count_lost(&self.inner.losses, queued.spans.rollout().as_ref(), n);
     }
 
     /// Counts a request that was not recorded because it had no project.
@@ -439,7 +466,7 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let queue = self.queue.clone();
-        let mut drained = Vec::new();
+        let mut drained = VecDeque::new();
         loop {
             tokio::select! {
                 biased;
@@ -474,7 +501,7 @@ impl Worker {
     }
 
     /// Moves the queue into the batches; `buffer` is the spare the queue swaps with.
-    async fn drain(&mut self, buffer: &mut Vec<Queued>) {
+    async fn drain(&mut self, buffer: &mut VecDeque<Queued>) {
         self.queue.take(buffer);
         for queued in buffer.drain(..) {
             self.push(queued).await;

@@ -11,7 +11,7 @@
 //! keeps what the spans need (bounded body heads as bytes, a few small strings) and hands a
 //! request's record to a [`LangfuseExporter`] in one non-blocking push when the root finishes;
 //! the background task builds the spans, batches them per project, gzips and POSTs them to
-//! `{host}/api/public/otel/v1/traces`. **A full queue drops the new spans** and counts them;
+//! `{host}/api/public/otel/v1/traces`. **A full queue drops its oldest spans** and counts them;
 //! Langfuse being slow, failing or unreachable never delays a response. See [`exporter`] for
 //! the retry rules.
 //!

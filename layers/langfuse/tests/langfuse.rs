@@ -398,8 +398,9 @@ async fn flush_on_shutdown_exports_what_is_queued() {
     assert!(state.exports.iter().all(|e| e.spans == 2));
 }
 
+/// A full queue pushes out its oldest spans to take the new ones (spec: langfuse.md §6.3).
 #[tokio::test(flavor = "current_thread")]
-async fn a_full_queue_drops_the_new_span_and_counts_it() {
+async fn a_full_queue_drops_the_oldest_spans_and_counts_them() {
     let lf = stand_in().await;
     let config = fast_config(&lf).max_queue_spans(2).schedule_delay(Duration::from_secs(3600));
     let exporter = LangfuseExporter::spawn(config, LangfuseClient::http());
@@ -413,12 +414,12 @@ async fn a_full_queue_drops_the_new_span_and_counts_it() {
     };
     // The drain task cannot run before this task yields: the queue holds exactly two.
     let accepted: Vec<bool> = (1..=5).map(|n| exporter.enqueue(&keys(1), span(n))).collect();
-    assert_eq!(accepted, vec![true, true, false, false, false]);
+    assert_eq!(accepted, vec![true; 5]);
     let snap = exporter.snapshot();
     assert_eq!((snap.dropped, snap.queue_depth), (3, 2));
     assert!(exporter.flush(Instant::now() + Duration::from_secs(10)).await);
     let names: Vec<String> = lf.state(|s| s.observations("p1").iter().map(|o| o.name.clone()).collect());
-    assert_eq!(names, vec!["s1", "s2"], "the oldest spans are kept, the new ones dropped");
+    assert_eq!(names, vec!["s4", "s5"], "the newest spans are kept, the oldest dropped");
     assert_eq!(exporter.snapshot().exported, 2);
 }
 
@@ -782,9 +783,9 @@ async fn lost_spans_are_counted_per_rollout() {
     let config = fast_config(&lf).max_queue_spans(2).schedule_delay(Duration::from_secs(3600));
     let exporter = LangfuseExporter::spawn(config, LangfuseClient::http());
     let svc = stack(LangfuseLayer::new(exporter.clone()), false);
-    // The drain task cannot run before this task yields: the first request's two spans fill
-    // the queue, the next two requests' are dropped.
-    for rollout in ["r-kept", "r-lost", "r-lost"] {
+    // The drain task cannot run before this task yields: each request's two spans fill the
+    // queue, pushing out the request before it; the last one's are kept.
+    for rollout in ["r-lost", "r-lost", "r-kept"] {
         let req = Req { project: Some(project(1)), insertion: Some(insertion()), stream: false, rollout };
         run(svc.clone(), request(req)).await;
     }
