@@ -408,7 +408,7 @@ pub async fn collect(config: &Config, project: Option<&str>, since: Duration) ->
     let reader = langfuse.reader(client).ok_or("no Langfuse host configured (langfuse.host or LANGFUSE_HOST)")?;
     let secrets =
         langfuse.secrets_path.as_deref().ok_or("no secrets file configured (langfuse.secrets_path or SECRETS_PATH)")?;
-    let projects = Projects::load(secrets).map_err(|e| format!("secrets file {}: {e}", secrets.display()))?;
+    let projects = Projects::load(secrets).map_err(|e| e.describe(secrets))?;
     let project = projects.resolve(project)?.ok_or("no project: name one with --project")?;
     let now = SystemTime::now();
     let window = (now.checked_sub(since).unwrap_or(SystemTime::UNIX_EPOCH), now + Duration::from_secs(60));

@@ -435,9 +435,7 @@ impl LangfuseSettings {
     /// The projects of the secrets file (none without one).
     pub fn projects(&self) -> Result<Projects, BoxError> {
         Ok(match &self.secrets_path {
-            Some(path) => {
-                Projects::from(Secrets::load(path).map_err(|e| format!("secrets file {}: {e}", path.display()))?)
-            }
+            Some(path) => Projects::from(Secrets::load(path).map_err(|e| e.describe(path))?),
             None => Projects::empty(),
         })
     }

@@ -88,6 +88,19 @@ impl fmt::Display for SecretsError {
     }
 }
 
+impl SecretsError {
+    /// The message, naming the file at `path` where the message alone does not; it starts
+    /// with the message the spec gives either way.
+    pub fn describe(&self, path: &Path) -> String {
+        match self {
+            Self::NotFound { .. } | Self::Read { .. } | Self::InvalidFormat { .. } => self.to_string(),
+            Self::MissingKey { .. } | Self::UnknownDefaultProject { .. } => {
+                format!("{self} (in {})", path.display())
+            }
+        }
+    }
+}
+
 impl std::error::Error for SecretsError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -413,6 +426,26 @@ mod tests {
             assert!(!error.to_string().contains("SECRET"), "{error}");
             assert!(!format!("{error:?}").contains("SECRET"), "{error:?}");
         }
+    }
+
+    /// A startup error starts with the spec's message and names the file once.
+    #[test]
+    fn a_described_error_names_the_file_once() {
+        let missing = Path::new("/nowhere/secrets.yaml");
+        let error = Secrets::load(missing).unwrap_err();
+        let text = error.describe(missing);
+        assert!(text.starts_with("Secrets file not found!"), "{text}");
+        assert_eq!(text.matches("/nowhere/secrets.yaml").count(), 1, "{text}");
+
+        let file = TempFile::new("langfuse_keys: {p1: {public_key: pk}}\ndefault_project_id: p1\n");
+        let text = Secrets::load(&file.0).unwrap_err().describe(&file.0);
+        assert!(text.starts_with("Missing required key in secrets file: langfuse_keys.p1.secret_key"), "{text}");
+        assert_eq!(text.matches(&*file.0.to_string_lossy()).count(), 1, "{text}");
+
+        let file = TempFile::new("langfuse_keys: [\n");
+        let text = Secrets::load(&file.0).unwrap_err().describe(&file.0);
+        assert!(text.starts_with("Invalid format in secrets file"), "{text}");
+        assert_eq!(text.matches(&*file.0.to_string_lossy()).count(), 1, "{text}");
     }
 
     #[test]
