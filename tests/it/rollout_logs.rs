@@ -193,6 +193,7 @@ async fn bad_input_gets_a_400_with_a_detail_and_stores_nothing() {
         let reply = send(method.clone(), &gw.url(path), &[], "{}").await;
         assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
         assert_eq!(reply.headers["allow"], allow);
+        assert_eq!(reply.json()["detail"], "Method Not Allowed", "{method} {path}");
     }
     assert_eq!(get(&gw, "/status?rollout_id=r").await.json()["status"], Value::Null);
     assert!(mock.requests().is_empty());

@@ -9,7 +9,10 @@ use std::{error::Error as StdError, fmt, time::Duration};
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
-use crate::body::{GatewayBody, json_response};
+use crate::{
+    body::{GatewayBody, json_response},
+    ext::RouteKind,
+};
 
 /// The boxed error used inside a stack.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -36,6 +39,9 @@ pub enum GatewayError {
     MethodNotAllowed {
         /// The value of the `Allow` header.
         allow: &'static str,
+        /// The gateway route, where it is one: a traces, logs or status route answers
+        /// `{"detail": "Method Not Allowed"}` instead of an OpenAI error.
+        route: Option<RouteKind>,
     },
     /// No model has a context window large enough for the request.
     ContextLengthExceeded {
@@ -138,9 +144,14 @@ impl GatewayError {
             "param": null,
             "code": self.code(),
         }});
-        let mut response = json_response(self.status(), &body);
+        let mut response = match self {
+            Self::MethodNotAllowed { route: Some(route), .. } if route.answers_detail() => {
+                json_response(self.status(), &json!({"detail": "Method Not Allowed"}))
+            }
+            _ => json_response(self.status(), &body),
+        };
         match self {
-            Self::MethodNotAllowed { allow } => {
+            Self::MethodNotAllowed { allow, .. } => {
                 response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             Self::RateLimited { retry_after: Some(after), .. }
@@ -181,7 +192,7 @@ impl fmt::Display for GatewayError {
                 write!(f, "Request body is larger than the limit of {limit} bytes")
             }
             Self::PayloadTooLarge { limit: None } => f.write_str("Request body is larger than the configured limit"),
-            Self::MethodNotAllowed { allow } => {
+            Self::MethodNotAllowed { allow, .. } => {
                 write!(f, "Method not allowed on this route; allowed: {allow}")
             }
             Self::ContextLengthExceeded { estimate, max, model } => write!(

@@ -60,6 +60,14 @@ pub enum RouteKind {
     Status,
 }
 
+impl RouteKind {
+    /// Whether the route answers errors as `{"detail": "…"}` (the traces, logs and status
+    /// routes, as the original gateway's, whose clients parse it) rather than OpenAI-style.
+    pub fn answers_detail(self) -> bool {
+        !matches!(self, Self::ChatCompletions)
+    }
+}
+
 /// The five ids of an Eval Protocol rollout route.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RolloutIds {

@@ -22,9 +22,11 @@
 //!   `GatewayError::BadRequest` naming the segment (`project_id` is capped at 200 characters,
 //!   `encoded_base_url` at 4096). A `:` inside a value is fine: tags split on the first colon.
 //! - **Methods.** A chat route with a method other than `POST` is refused with
-//!   `GatewayError::MethodNotAllowed { allow: "POST" }`, a trace route with one other than
-//!   `GET` with `allow: "GET"` (the rescue layer renders 405 and the `Allow` header). Segment
-//!   errors are checked first.
+//!   `GatewayError::MethodNotAllowed { allow: "POST", route: Some(ChatCompletions) }`, a trace
+//!   or status route with one other than `GET` with `allow: "GET"`, a logs route with one
+//!   other than `GET` or `POST` with `allow: "GET, POST"` (the rescue layer renders 405 and the
+//!   `Allow` header: an OpenAI error on a chat route, `{"detail": "Method Not Allowed"}` on the
+//!   others). Segment errors are checked first.
 //! - A request that already carries a `RouteMeta` passes through untouched.
 //!
 //! **Requires:** nothing. **Provides:** `RouteMeta` (routes only). Refusals are returned as
@@ -166,10 +168,14 @@ mod tests {
         assert_eq!(headers[header::ALLOW], "POST");
         assert!(std::str::from_utf8(&body).unwrap().contains("method_not_allowed"));
         assert_eq!(calls, 0);
-        let (status, headers, _, calls) = send("POST", "/v1/traces").await;
-        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(headers[header::ALLOW], "GET");
-        assert_eq!(calls, 0);
+        // The traces, logs and status routes answer in the original's `{"detail"}` shape.
+        for (method, path, allow) in [("POST", "/v1/traces", "GET"), ("PUT", "/logs", "GET, POST")] {
+            let (status, headers, body, calls) = send(method, path).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(headers[header::ALLOW], allow);
+            assert_eq!(&body[..], br#"{"detail":"Method Not Allowed"}"#);
+            assert_eq!(calls, 0);
+        }
     }
 
     #[tokio::test]

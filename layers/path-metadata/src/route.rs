@@ -307,18 +307,18 @@ pub fn apply<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
     match meta.kind {
         RouteKind::ChatCompletions => {
             if req.method() != Method::POST {
-                return Err(GatewayError::MethodNotAllowed { allow: "POST" });
+                return Err(GatewayError::MethodNotAllowed { allow: "POST", route: Some(meta.kind) });
             }
             *req.uri_mut() = rewrite_to_chat(req.uri())?;
         }
         RouteKind::Traces | RouteKind::TracesPointwise | RouteKind::Status => {
             if req.method() != Method::GET {
-                return Err(GatewayError::MethodNotAllowed { allow: "GET" });
+                return Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(meta.kind) });
             }
         }
         RouteKind::Logs => {
             if req.method() != Method::GET && req.method() != Method::POST {
-                return Err(GatewayError::MethodNotAllowed { allow: "GET, POST" });
+                return Err(GatewayError::MethodNotAllowed { allow: "GET, POST", route: Some(meta.kind) });
             }
         }
     }
@@ -549,15 +549,30 @@ mod tests {
         assert_eq!(req.extensions().get::<RouteMeta>().and_then(|m| m.project.as_deref()), Some("p"));
 
         let mut req = Request::get("/project_id/p/chat/completions").body(()).unwrap_or_default();
-        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "POST" }));
+        assert_eq!(
+            apply(&mut req),
+            Err(GatewayError::MethodNotAllowed { allow: "POST", route: Some(RouteKind::ChatCompletions) })
+        );
         let mut req = Request::put("/traces").body(()).unwrap_or_default();
-        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
+        assert_eq!(
+            apply(&mut req),
+            Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(RouteKind::Traces) })
+        );
         let mut req = Request::head("/v1/traces/pointwise").body(()).unwrap_or_default();
-        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
+        assert_eq!(
+            apply(&mut req),
+            Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(RouteKind::TracesPointwise) })
+        );
         let mut req = Request::post("/status").body(()).unwrap_or_default();
-        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
+        assert_eq!(
+            apply(&mut req),
+            Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(RouteKind::Status) })
+        );
         let mut req = Request::delete("/v1/logs").body(()).unwrap_or_default();
-        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET, POST" }));
+        assert_eq!(
+            apply(&mut req),
+            Err(GatewayError::MethodNotAllowed { allow: "GET, POST", route: Some(RouteKind::Logs) })
+        );
         for mut req in [Request::get("/logs"), Request::post("/project_id/p/logs"), Request::get("/v1/status")]
             .map(|r| r.body(()).unwrap_or_default())
         {
