@@ -127,7 +127,7 @@ pub fn answer(respond: impl Fn() -> Response<GatewayBody> + Clone + Send + Sync 
 pub fn detail_errors(branch: BoxStack) -> BoxStack {
     BoxCloneService::new(branch.map_result(|result| match result {
         Err(error) => match GatewayError::find(&*error) {
-            Some(refusal) => Ok(json_response(refusal.status(), &json!({"detail": refusal.to_string()}))),
+            Some(refusal) => Ok(refusal.to_detail_response()),
             None => Err(error),
         },
         ok => ok,

@@ -39,9 +39,6 @@ pub enum GatewayError {
     MethodNotAllowed {
         /// The value of the `Allow` header.
         allow: &'static str,
-        /// The gateway route, where it is one: a traces, logs or status route answers
-        /// `{"detail": "Method Not Allowed"}` instead of an OpenAI error.
-        route: Option<RouteKind>,
     },
     /// No model has a context window large enough for the request.
     ContextLengthExceeded {
@@ -144,14 +141,24 @@ impl GatewayError {
             "param": null,
             "code": self.code(),
         }});
-        let mut response = match self {
-            Self::MethodNotAllowed { route: Some(route), .. } if route.answers_detail() => {
-                json_response(self.status(), &json!({"detail": "Method Not Allowed"}))
-            }
-            _ => json_response(self.status(), &body),
+        self.with_headers(json_response(self.status(), &body))
+    }
+
+    /// The `{"detail": "…"}` response for this error, the shape of the traces, logs and status
+    /// routes (see [`RouteKind::answers_detail`]), with the same status and headers. A 405 says
+    /// `Method Not Allowed`, as the original gateway's framework did.
+    pub fn to_detail_response(&self) -> Response<GatewayBody> {
+        let detail = match self {
+            Self::MethodNotAllowed { .. } => "Method Not Allowed".to_owned(),
+            _ => self.to_string(),
         };
+        self.with_headers(json_response(self.status(), &json!({ "detail": detail })))
+    }
+
+    /// `response` with the `Allow` or `Retry-After` header this error calls for.
+    fn with_headers(&self, mut response: Response<GatewayBody>) -> Response<GatewayBody> {
         match self {
-            Self::MethodNotAllowed { allow, .. } => {
+            Self::MethodNotAllowed { allow } => {
                 response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             Self::RateLimited { retry_after: Some(after), .. }
@@ -167,14 +174,59 @@ impl GatewayError {
 
     /// Finds a `GatewayError` in the source chain of `error`.
     pub fn find<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a GatewayError> {
-        let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
-        while let Some(err) = cause {
-            if let Some(found) = err.downcast_ref::<GatewayError>() {
-                return Some(found);
-            }
-            cause = err.source();
+        find_cause(error)
+    }
+}
+
+/// The first `T` in the source chain of `error`.
+fn find_cause<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(err) = cause {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
         }
-        None
+        cause = err.source();
+    }
+    None
+}
+
+// === RouteRefusal ===
+
+/// A [`GatewayError`] refusing a request on a gateway route, kept with the route's kind so
+/// that it renders in the route's shape ([`RouteRefusal::to_response`]). Its source is the
+/// error, so [`GatewayError::find`] sees through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRefusal {
+    /// The route the request was refused on.
+    pub route: RouteKind,
+    /// Why.
+    pub error: GatewayError,
+}
+
+impl RouteRefusal {
+    /// `{"detail": "…"}` on the traces, logs and status routes, the OpenAI error elsewhere.
+    pub fn to_response(&self) -> Response<GatewayBody> {
+        match self.route.answers_detail() {
+            true => self.error.to_detail_response(),
+            false => self.error.to_response(),
+        }
+    }
+
+    /// Finds a `RouteRefusal` in the source chain of `error`.
+    pub fn find<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a RouteRefusal> {
+        find_cause(error)
+    }
+}
+
+impl fmt::Display for RouteRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl StdError for RouteRefusal {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.error)
     }
 }
 
@@ -192,7 +244,7 @@ impl fmt::Display for GatewayError {
                 write!(f, "Request body is larger than the limit of {limit} bytes")
             }
             Self::PayloadTooLarge { limit: None } => f.write_str("Request body is larger than the configured limit"),
-            Self::MethodNotAllowed { allow, .. } => {
+            Self::MethodNotAllowed { allow } => {
                 write!(f, "Method not allowed on this route; allowed: {allow}")
             }
             Self::ContextLengthExceeded { estimate, max, model } => write!(

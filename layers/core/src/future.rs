@@ -22,7 +22,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Future { #[pin] future: F },
-        Refused { error: Option<GatewayError> },
+        Refused { error: Option<BoxError> },
     }
 }
 
@@ -34,9 +34,10 @@ impl<F> ResponseFuture<F> {
         Self { kind: Kind::Future { future } }
     }
 
-    /// Fails with `error` without calling the inner service.
-    pub fn refused(error: GatewayError) -> Self {
-        Self { kind: Kind::Refused { error: Some(error) } }
+    /// Fails with `error` (a [`GatewayError`], or one wrapping it) without calling the inner
+    /// service.
+    pub fn refused(error: impl Into<BoxError>) -> Self {
+        Self { kind: Kind::Refused { error: Some(error.into()) } }
     }
 }
 
@@ -52,8 +53,7 @@ where
             KindProj::Future { future } => future.poll(cx).map_err(Into::into),
             KindProj::Refused { error } => Poll::Ready(Err(error
                 .take()
-                .unwrap_or_else(|| GatewayError::Internal("response future polled after completion".into()))
-                .into())),
+                .unwrap_or_else(|| GatewayError::Internal("response future polled after completion".into()).into()))),
         }
     }
 }

@@ -62,6 +62,6 @@ pub mod rescue;
 pub mod usage;
 
 pub use body::GatewayBody;
-pub use error::{BoxError, GatewayError};
+pub use error::{BoxError, GatewayError, RouteRefusal};
 pub use json::{DecodeJsonLayer, EncodeJsonLayer};
 pub use rescue::RescueLayer;

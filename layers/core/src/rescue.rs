@@ -1,7 +1,8 @@
 //! Turns errors into OpenAI-style JSON responses, and panics in response bodies into errors.
 //!
 //! [`RescueLayer`] sits above everything that can fail. It walks the error's source chain for a
-//! [`GatewayError`]; a body that outgrew its limit becomes 413, a timer that elapsed 504, and
+//! [`GatewayError`] (rendered in its route's shape where a [`RouteRefusal`] carries it:
+//! `{"detail": "…"}` on the traces, logs and status routes); a body that outgrew its limit becomes 413, a timer that elapsed 504, and
 //! anything else a 500 whose details are logged, not shown. The stack above it is infallible.
 //!
 //! A panic inside a response body happens on the host's connection task, after the service
@@ -45,10 +46,13 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{BoxError, GatewayBody, GatewayError};
+use crate::{BoxError, GatewayBody, GatewayError, RouteRefusal};
 
 /// Renders the error of a stack as the response the client gets.
 pub fn error_response(error: &BoxError) -> Response<GatewayBody> {
+    if let Some(refusal) = RouteRefusal::find(&**error) {
+        return refusal.to_response();
+    }
     if let Some(cause) = GatewayError::find(&**error) {
         return cause.to_response();
     }

@@ -22,11 +22,14 @@
 //!   `GatewayError::BadRequest` naming the segment (`project_id` is capped at 200 characters,
 //!   `encoded_base_url` at 4096). A `:` inside a value is fine: tags split on the first colon.
 //! - **Methods.** A chat route with a method other than `POST` is refused with
-//!   `GatewayError::MethodNotAllowed { allow: "POST", route: Some(ChatCompletions) }`, a trace
-//!   or status route with one other than `GET` with `allow: "GET"`, a logs route with one
-//!   other than `GET` or `POST` with `allow: "GET, POST"` (the rescue layer renders 405 and the
-//!   `Allow` header: an OpenAI error on a chat route, `{"detail": "Method Not Allowed"}` on the
-//!   others). Segment errors are checked first.
+//!   `GatewayError::MethodNotAllowed { allow: "POST" }`, a trace or status route with one other
+//!   than `GET` with `allow: "GET"`, a logs route with one other than `GET` or `POST` with
+//!   `allow: "GET, POST"` (the rescue layer renders 405 and the `Allow` header). Segment errors
+//!   are checked first.
+//! - **The shape of a refusal.** The layer returns its refusals as a `RouteRefusal` (the
+//!   `GatewayError` and the route's kind), so that the rescue layer answers an OpenAI error on
+//!   a chat route and `{"detail": "…"}` on a traces, logs or status route, the shape the
+//!   original gateway's clients parse there.
 //! - A request that already carries a `RouteMeta` passes through untouched.
 //!
 //! **Requires:** nothing. **Provides:** `RouteMeta` (routes only). Refusals are returned as
@@ -174,6 +177,17 @@ mod tests {
             assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
             assert_eq!(headers[header::ALLOW], allow);
             assert_eq!(&body[..], br#"{"detail":"Method Not Allowed"}"#);
+            assert_eq!(calls, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_segment_on_a_detail_route_is_a_detail_400() {
+        for path in ["/project_id/a%2Fb/traces", "/v1/project_id/%00/logs", "/project_id/./status"] {
+            let (status, _, body, calls) = send("GET", path).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(json["detail"].as_str().unwrap().contains("'project_id'"), "{path}: {json}");
             assert_eq!(calls, 0);
         }
     }

@@ -2,7 +2,7 @@
 
 use http::{Method, Request, Uri, uri::PathAndQuery};
 use llmgate_core::{
-    GatewayError,
+    GatewayError, RouteRefusal,
     ext::{RolloutIds, RouteKind, RouteMeta},
 };
 
@@ -170,6 +170,11 @@ fn last_literal(route: &Route) -> Option<&'static str> {
 /// assert!(llmgate_path_metadata::parse("/v1/models").unwrap().is_none());
 /// ```
 pub fn parse(path: &str) -> Result<Option<RouteMeta>, GatewayError> {
+    parse_route(path).map_err(|refusal| refusal.error)
+}
+
+/// [`parse`], its refusal kept with the route's kind.
+fn parse_route(path: &str) -> Result<Option<RouteMeta>, RouteRefusal> {
     let Some(path) = path.strip_prefix('/') else {
         return Ok(None);
     };
@@ -192,7 +197,7 @@ pub fn parse(path: &str) -> Result<Option<RouteMeta>, GatewayError> {
         }
         let mut caps: Captures<'_> = [None; 7];
         if matches(route.pattern, None, segs, &mut caps) {
-            return build(route.kind, &caps).map(Some);
+            return build(route.kind, &caps).map(Some).map_err(|error| RouteRefusal { route: route.kind, error });
         }
     }
     Ok(None)
@@ -298,27 +303,35 @@ fn hex(b: u8) -> Option<u8> {
 /// the query string. Anything else is left untouched. A request that already carries a
 /// [`RouteMeta`] is left untouched too, so applying it twice is harmless.
 pub fn apply<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
+    apply_route(req).map_err(|refusal| refusal.error)
+}
+
+/// [`apply`], its refusal kept with the route's kind: what the layer returns, so that the
+/// rescue layer answers in the route's shape (`{"detail"}` on traces, logs and status routes).
+pub(crate) fn apply_route<B>(req: &mut Request<B>) -> Result<(), RouteRefusal> {
     if req.extensions().get::<RouteMeta>().is_some() {
         return Ok(());
     }
-    let Some(meta) = parse(req.uri().path())? else {
+    let Some(meta) = parse_route(req.uri().path())? else {
         return Ok(());
     };
-    match meta.kind {
+    let route = meta.kind;
+    let refuse = |error| RouteRefusal { route, error };
+    match route {
         RouteKind::ChatCompletions => {
             if req.method() != Method::POST {
-                return Err(GatewayError::MethodNotAllowed { allow: "POST", route: Some(meta.kind) });
+                return Err(refuse(GatewayError::MethodNotAllowed { allow: "POST" }));
             }
-            *req.uri_mut() = rewrite_to_chat(req.uri())?;
+            *req.uri_mut() = rewrite_to_chat(req.uri()).map_err(refuse)?;
         }
         RouteKind::Traces | RouteKind::TracesPointwise | RouteKind::Status => {
             if req.method() != Method::GET {
-                return Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(meta.kind) });
+                return Err(refuse(GatewayError::MethodNotAllowed { allow: "GET" }));
             }
         }
         RouteKind::Logs => {
             if req.method() != Method::GET && req.method() != Method::POST {
-                return Err(GatewayError::MethodNotAllowed { allow: "GET, POST", route: Some(meta.kind) });
+                return Err(refuse(GatewayError::MethodNotAllowed { allow: "GET, POST" }));
             }
         }
     }
@@ -549,30 +562,15 @@ mod tests {
         assert_eq!(req.extensions().get::<RouteMeta>().and_then(|m| m.project.as_deref()), Some("p"));
 
         let mut req = Request::get("/project_id/p/chat/completions").body(()).unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "POST", route: Some(RouteKind::ChatCompletions) })
-        );
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "POST" }));
         let mut req = Request::put("/traces").body(()).unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(RouteKind::Traces) })
-        );
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
         let mut req = Request::head("/v1/traces/pointwise").body(()).unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(RouteKind::TracesPointwise) })
-        );
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
         let mut req = Request::post("/status").body(()).unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "GET", route: Some(RouteKind::Status) })
-        );
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET" }));
         let mut req = Request::delete("/v1/logs").body(()).unwrap_or_default();
-        assert_eq!(
-            apply(&mut req),
-            Err(GatewayError::MethodNotAllowed { allow: "GET, POST", route: Some(RouteKind::Logs) })
-        );
+        assert_eq!(apply(&mut req), Err(GatewayError::MethodNotAllowed { allow: "GET, POST" }));
         for mut req in [Request::get("/logs"), Request::post("/project_id/p/logs"), Request::get("/v1/status")]
             .map(|r| r.body(()).unwrap_or_default())
         {

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use llmgate_core::future::ResponseFuture;
 
-use crate::route::apply;
+use crate::route::apply_route;
 
 // === PathMetadataLayer ===
 
@@ -86,7 +86,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match apply(&mut req) {
+        match apply_route(&mut req) {
             Ok(()) => ResponseFuture::future(self.inner.call(req)),
             Err(error) => ResponseFuture::refused(error),
         }
