@@ -10,14 +10,13 @@
 //! ```
 //!
 //! The pipeline is not a transaction: `SADD` is idempotent and a write that fails is retried
-//! whole, so `MULTI`/`EXEC` would protect nothing and cost two commands per write (the
-//! commands of one pipeline arrive in one read and run back to back, so a set is not left
-//! without its TTL short of Redis itself failing between the two).
+//! whole (its `EXPIRE` too, so a set whose `SADD` got through before a failure gets its TTL
+//! with the retry), so `MULTI`/`EXEC` would protect nothing and cost two commands per write.
 //!
 //! A read is `SMEMBERS {prefix}{rollout_id}`. The prefix defaults to empty, so sets written
 //! by the original gateway stay readable, and the TTL to 86400 s. Each rollout is one key, so
-//! no hash tag is needed on Redis Cluster: there the batch is split by hash slot, one atomic
-//! pipeline per slot, sent concurrently (a transaction cannot span slots).
+//! no hash tag is needed on Redis Cluster: there the batch is split by hash slot, one pipeline
+//! per slot, sent concurrently.
 //!
 //! # Connections
 //!
